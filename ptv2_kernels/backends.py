@@ -1,0 +1,139 @@
+"""The backends behind :func:`ptv2_kernels.prefix_attention`: which exist here, which can serve a call, and why not.
+
+Every backend implements the same two functions on already-checked, normalized arguments (a 4-D prefix bank; the
+mask a 2-D key-padding mask or a dense mask expanded, as a view, to ``[B, Hq, Nq, Nk]``):
+
+* ``forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
+  dropout_p) -> (out, lse)``
+* ``backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
+  out, lse, causal, scale, dropout_p, deterministic) -> (dq, dk, dv, dprefix_k, dprefix_v)``
+
+``seed`` is a 0-d int64 tensor on the inputs' device when ``dropout_p > 0`` (else None): both passes regenerate
+the same dropout mask from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+NAMES = ("triton", "cuda", "reference")
+
+# Head dims the fused kernels serve; Triton pads other sizes to the next power of two internally.
+MAX_HEAD_DIM = 256
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1, read when triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None if backend ``name`` can run on this machine at all, else a sentence saying why it cannot."""
+    if name == "reference":
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "the triton package is not installed"
+        if not (torch.cuda.is_available() or triton_interpreting()):
+            return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run its CPU interpreter)"
+        return None
+    if name == "cuda":
+        return "the CUDA extension of csrc/ is not part of this build yet"
+    raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
+
+
+def unsupported_reason(name: str, q: Tensor, prefix_k: Tensor) -> Optional[str]:
+    """None if backend ``name`` can serve a call with these inputs, else why not (machine first, then the case)."""
+    reason = unavailable_reason(name)
+    if reason is not None or name == "reference":
+        return reason
+    head_dim = q.shape[-1]
+    if q.dtype not in KERNEL_DTYPES:
+        return f"it supports q/k/v of dtype float16, bfloat16 or float32, got {q.dtype}"
+    if prefix_k.dtype not in KERNEL_DTYPES:
+        return f"it supports prefix_k/prefix_v of dtype float16, bfloat16 or float32, got {prefix_k.dtype}"
+    if head_dim > MAX_HEAD_DIM:
+        return f"it supports head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+    if q.device.type == "cuda":
+        return None
+    if not triton_interpreting():
+        return f"it runs on CUDA tensors, got tensors on {q.device}"
+    if torch.bfloat16 in (q.dtype, prefix_k.dtype):
+        return "Triton's CPU interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 or a GPU"
+    return None
+
+
+def choose(requested: str, q: Tensor, prefix_k: Tensor) -> str:
+    """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
+    fastest one that supports the case; CPU tensors go to the reference (the interpreter is for tests)."""
+    if requested == "auto":
+        if q.device.type == "cuda" and unsupported_reason("triton", q, prefix_k) is None:
+            return "triton"
+        return "reference"
+    reason = unsupported_reason(requested, q, prefix_k)
+    if reason is not None:
+        raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
+    return requested
+
+
+def implementation(name: str):
+    """The object (a module or a class) whose ``forward`` and ``backward`` implement backend ``name``."""
+    if name == "triton":
+        from .triton import prefix_attention as triton_backend
+
+        return triton_backend
+    if name == "reference":
+        return ReferenceBackend
+    raise ValueError(f"no implementation of backend {name!r}")
+
+
+class ReferenceBackend:
+    """The oracle as a backend: forward through :func:`attention_ref`, backward by autograd through a recompute."""
+
+    @staticmethod
+    def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
+                dropout_p):
+        out, lse = _reference_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
+                                      causal, scale, dropout_p)
+        return _in_output_layout(out.to(q.dtype)), lse.float()
+
+    @staticmethod
+    def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
+                 out, lse, causal, scale, dropout_p, deterministic):
+        return reference.attention_ref_backward(
+            grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
+            prefix_lengths=prefix_lengths, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p,
+            generator=_generator(seed, q))
+
+
+def _reference_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
+                       dropout_p):
+    return reference.attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
+                                   prefix_lengths=prefix_lengths, attn_mask=attn_mask, causal=causal, scale=scale,
+                                   dropout_p=dropout_p, generator=_generator(seed, q))
+
+
+def _generator(seed, q):
+    """The generator the reference backend draws its dropout mask from, made again from the seed in backward."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=q.device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def _in_output_layout(out: Tensor) -> Tensor:
+    """``out`` [B, Hq, Nq, D] moved into [B, Nq, Hq, D] memory, the layout every backend returns."""
+    batch, heads, length, dim = out.shape
+    laid_out = out.new_empty(batch, length, heads, dim)
+    laid_out.copy_(out.transpose(1, 2))
+    return laid_out.transpose(1, 2)
+

@@ -1,0 +1,179 @@
+"""The oracle: prefix attention computed the obvious way.
+
+Everything the fused kernels avoid happens here on purpose: the prefix is gathered per sample, concatenated in
+front of the sequence keys/values, repeated over the query heads of each key/value head, and a full score matrix
+is masked and soft-maxed in float32 (or float64). It is short enough to check by eye against the contract in
+DESIGN.md section 4, and autograd gives its gradients for free, so every test and benchmark compares against it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["attention_ref", "attention_ref_backward"]
+
+
+def attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    *,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lengths: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_keep: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention of q over ``[prefix_k[prefix_index[b], :, :L] ; k]``, returned as ``(out, lse)``.
+
+    Takes the arguments of :func:`ptv2_kernels.prefix_attention` (checked by the caller), plus:
+
+    * ``dropout_keep``: a bool tensor ``[B, Hq, Nq, P + Nk]`` that says which probabilities survive dropout
+      (columns ``0..P-1`` are the prefix slots, the rest the sequence keys). Tests pass the mask a kernel used, so
+      that a kernel with dropout can be compared exactly; without it a mask is drawn from ``generator``.
+    * ``compute_dtype``: the precision of the whole computation; float32 by default (float64 for float64 inputs).
+      Pass ``q.dtype`` for the same-precision PyTorch computation that bounds a kernel's error in the tests.
+
+    ``out`` is ``[B, Hq, Nq, D]`` and ``lse`` (natural log, -inf for a query that sees no key) ``[B, Hq, Nq]``,
+    both in ``compute_dtype``.
+    """
+    keys, values, probs, lse, scale = _attention_probs(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale, compute_dtype)
+    keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
+    return torch.matmul(_dropped(probs, keep, dropout_p), values), lse
+
+
+def attention_ref_backward(
+    grad_out: Tensor,
+    grad_lse: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    *,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lengths: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_keep: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of :func:`attention_ref` for ``q, k, v, prefix_k, prefix_v``, each in its input's dtype.
+
+    Written out by hand (the reference backend runs inside a custom op, where autograd is off); the tests check
+    it against autograd through :func:`attention_ref`. ``generator`` must be in the state it had in the forward.
+    """
+    keys, values, probs, lse, scale = _attention_probs(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale, compute_dtype)
+    dtype = probs.dtype
+    grad_out = grad_out.to(dtype)
+    keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
+    grad_values = torch.matmul(_dropped(probs, keep, dropout_p).transpose(-1, -2), grad_out)
+    grad_probs = _dropped(torch.matmul(grad_out, values.transpose(-1, -2)), keep, dropout_p)
+    # softmax backward; lse's gradient adds to every probability of its row.
+    row_term = (grad_probs * probs).sum(-1, keepdim=True)
+    if grad_lse is not None:
+        row_term = row_term - grad_lse.to(dtype).masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)
+    grad_scores = probs * (grad_probs - row_term) * scale
+    grad_q = torch.matmul(grad_scores, keys)
+    grad_keys = torch.matmul(grad_scores.transpose(-1, -2), q.to(dtype))
+
+    # Undo the materialization: sum the query heads of each key/value head, split [prefix ; sequence], and sum
+    # each bank entry's gradient over the samples that used it.
+    batch, kv_heads = k.shape[0], k.shape[1]
+    bank_k = prefix_k if prefix_k.dim() == 4 else prefix_k.unsqueeze(0)
+    prefix_len = bank_k.shape[2]
+    index = _index_or_zeros(prefix_index, batch, q.device)
+    grads = []
+    for grad_full, seq, bank in ((grad_keys, k, prefix_k), (grad_values, v, prefix_v)):
+        grad_full = grad_full.unflatten(1, (kv_heads, -1)).sum(2)
+        grad_bank = torch.zeros(bank_k.shape, dtype=dtype, device=q.device)
+        grad_bank.index_add_(0, index, grad_full[:, :, :prefix_len])
+        grads.append((grad_full[:, :, prefix_len:].to(seq.dtype), grad_bank.view(bank.shape).to(bank.dtype)))
+    (grad_k, grad_prefix_k), (grad_v, grad_prefix_v) = grads
+    return grad_q.to(q.dtype), grad_k, grad_v, grad_prefix_k, grad_prefix_v
+
+
+def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale,
+                     compute_dtype):
+    """The materialized keys/values [B, Hq, P + Nk, D], the softmax probabilities and lse, and the scale."""
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads = k.shape[1]
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    prefix_index = _index_or_zeros(prefix_index, batch, q.device)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    # Materialize what the kernels never do: per-sample prefixes, [prefix ; sequence], one copy per query head.
+    group = q_heads // kv_heads
+    keys = torch.cat([prefix_k[prefix_index].to(compute_dtype), k.to(compute_dtype)], dim=2)
+    values = torch.cat([prefix_v[prefix_index].to(compute_dtype), v.to(compute_dtype)], dim=2)
+    keys = keys.repeat_interleave(group, dim=1)
+    values = values.repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
+    visible = _visibility(q, k, prefix_k.shape[2], prefix_index, prefix_lengths, attn_mask, causal)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # A query that sees nothing has lse = -inf; shifting by 0 instead keeps its probabilities at exp(-inf) = 0.
+    probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
+    return keys, values, probs, lse, scale
+
+
+def _dropout_keep(probs, dropout_p, dropout_keep, generator):
+    """The bool mask of kept probabilities: the one given, one drawn from ``generator``, or None without dropout."""
+    if dropout_keep is None and dropout_p > 0.0:
+        dropout_keep = torch.rand(probs.shape, generator=generator, device=probs.device) >= dropout_p
+    return dropout_keep
+
+
+def _dropped(x, keep, dropout_p):
+    """Dropout with a given mask; being linear in ``x``, it is its own backward."""
+    return x if keep is None else x * keep / (1.0 - dropout_p)
+
+
+def _index_or_zeros(prefix_index, batch, device):
+    if prefix_index is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return prefix_index.long()
+
+
+def _visibility(q, k, prefix_len, prefix_index, prefix_lengths, attn_mask, causal) -> Tensor:
+    """Bool ``[B, Hq|1, Nq, P + Nk]``: which of the concatenated keys each query may attend to."""
+    batch, _, q_len, _ = q.shape
+    k_len = k.shape[2]
+    device = q.device
+
+    slot = torch.arange(prefix_len, device=device)
+    if prefix_lengths is None:
+        prefix_visible = torch.ones(batch, prefix_len, dtype=torch.bool, device=device)
+    else:
+        prefix_visible = slot[None, :] < prefix_lengths.long()[prefix_index][:, None]
+    prefix_visible = prefix_visible[:, None, None, :].expand(batch, 1, q_len, prefix_len)
+
+    seq_visible = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if attn_mask is not None:
+        seq_visible = seq_visible & (attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask)
+    if causal:
+        rows = torch.arange(q_len, device=device)[:, None]
+        cols = torch.arange(k_len, device=device)[None, :]
+        seq_visible = seq_visible & (cols <= rows + (k_len - q_len))
+
+    heads = seq_visible.shape[1]
+    return torch.cat([prefix_visible.expand(batch, heads, q_len, prefix_len), seq_visible], dim=-1)
