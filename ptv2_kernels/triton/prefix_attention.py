@@ -1,0 +1,716 @@
+"""Prefix attention in Triton: the kernels, their launchers, and the backend's ``forward`` / ``backward``.
+
+Every kernel reads q, k, v and the prefix bank in place through strides: a shared prefix is read with batch stride
+0, a bank entry through ``prefix_index``; GQA maps query head h to key/value head ``h // group``. Nothing is
+concatenated, expanded or made contiguous.
+
+* Forward — one program per (query block, query head, sample): one pass over the sample's prefix keys, then over
+  its sequence keys, with an online softmax in the exp2 domain. Masks cost only where they can bite: the prefix
+  is never masked but for its last partial block, interior sequence blocks carry no bounds or causal work.
+* Backward, FlashAttention-2 style — a pre-pass computes Δ = rowsum(dO·O) − dlse; one kernel computes dK/dV per
+  key block (summing the query heads of a GQA group in the program), another dQ per query block. A prefix key
+  block's dK/dV is one sample's share: it is summed over the samples that use the bank entry with fp32 atomics,
+  or, in deterministic mode, stored per sample and summed in a fixed order. A last small kernel writes the prefix
+  gradients in the prefix's own dtype.
+* Dropout — a Philox counter per (sample·head stream, query, key column of [prefix slots ; sequence]) from one
+  seed, so backward regenerates exactly the forward's mask; :func:`dropout_keep_mask` exposes that mask.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreting
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load(ptrs, index_ok, dim_ok, CHECK_INDEX: tl.constexpr, CHECK_DIM: tl.constexpr):
+    """A tile load that pays for bounds masks only where the caller says they can fail."""
+    if CHECK_INDEX and CHECK_DIM:
+        tile = tl.load(ptrs, mask=index_ok & dim_ok, other=0.0)
+    elif CHECK_INDEX:
+        tile = tl.load(ptrs, mask=index_ok, other=0.0)
+    elif CHECK_DIM:
+        tile = tl.load(ptrs, mask=dim_ok, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
+                HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """Sample b's bank entry, how many of its keys it sees, and whether its index was in range.
+
+    The host checks the index; this guards the device anyway: an entry out of range reads no prefix (the forward
+    then writes NaN rows), and a length is clamped to [0, P]."""
+    entry = b * 0
+    if HAS_INDEX:
+        entry = tl.load(PrefixIndex + b).to(tl.int64)
+    in_range = (entry >= 0) & (entry < num_prefixes)
+    entry = tl.where(in_range, entry, 0)
+    keys = prefix_len + b.to(tl.int32) * 0
+    if HAS_LENGTHS:
+        keys = tl.minimum(tl.maximum(tl.load(PrefixLengths + entry).to(tl.int32), 0), prefix_len)
+    keys = tl.where(in_range, keys, 0)
+    return entry, keys, in_range
+
+
+@triton.jit
+def _visible(rows, cols, q_len, k_len, diag, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr):
+    """Which (query, key) pairs may attend. ``rows`` and ``cols`` broadcast to a 2-D block in either orientation,
+    so the forward's [queries, keys] tiles and the dK/dV kernel's [keys, queries] tiles share this one rule."""
+    visible = cols < k_len
+    if CAUSAL:
+        visible = visible & (cols <= rows + diag)
+    if HAS_KEY_PAD:
+        visible = visible & (tl.load(key_pad + cols * stride_kpn, mask=cols < k_len, other=0) != 0)
+    if HAS_DENSE:
+        in_bounds = (rows < q_len) & (cols < k_len)
+        visible = visible & (tl.load(dense + rows * stride_mm + cols * stride_mn, mask=in_bounds, other=0) != 0)
+    return visible
+
+
+@triton.jit
+def _dropout_keep(seed, stream, rows, cols, cols_total, dropout_p):
+    """Keep mask of dropout: Philox on (query · (P + Nk) + key column, sample·head stream) under ``seed``."""
+    counter = rows * cols_total + cols
+    zero = tl.zeros_like(counter)
+    bits, _, _, _ = tl.philox(seed, counter, zero + stream, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+            start, end, k_len, offs_m, offs_d, q_len, diag,
+            key_pad, stride_kpn, dense, stride_mm, stride_mn,
+            seed, stream, col_base, cols_total, dropout_p, qk_scale,
+            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) with key blocks [start, end) of one key/value source."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # 1. scores of the block, in log2 units; keys of another dtype (a float32 prefix) are converted on load
+        k_t = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, offs_n[None, :] < k_len,
+                    offs_d[:, None] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+            visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, diag, key_pad, stride_kpn, dense,
+                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+            scores = tl.where(visible, scores, float("-inf"))
+        # 2. new running max; a row that has seen nothing yet keeps -inf and is shifted by 0 instead
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        probs = tl.math.exp2(scores - shift[:, None])
+        alpha = tl.math.exp2(m_i - shift)
+        # 3. the normalizer sums the probabilities before dropout; the output accumulates the kept ones
+        l_i = l_i * alpha + tl.sum(probs, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, stream, offs_m[:, None], col_base + offs_n[None, :], cols_total, dropout_p)
+            probs = tl.where(keep, probs, 0.0)
+        v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
+                  offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Seed,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_ob, stride_oh, stride_om, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, dropout_p,
+    q_len_class, k_len_class,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hkv = h // group
+    entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
+                                               HAS_INDEX, HAS_LENGTHS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+              offs_m[:, None] < q_len, offs_d[None, :] < HEAD_DIM, True, PAD_D)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    stream = (b * q_heads + h).to(tl.int32)
+    cols_total = prefix_len + k_len
+    key_pad = KeyPad
+    if HAS_KEY_PAD:
+        key_pad = KeyPad + b * stride_kpb
+    dense = Dense
+    if HAS_DENSE:
+        dense = Dense + b * stride_mb + h * stride_mh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    # Stage 1: the prefix. Always visible, so only its last partial block is masked, and only for bounds.
+    PKb = PK + entry * stride_pkt + hkv * stride_pkh
+    PVb = PV + entry * stride_pvt + hkv * stride_pvh
+    prefix_full = prefix_keys // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                            0, prefix_full, prefix_keys, offs_m, offs_d, q_len, 0, key_pad, stride_kpn, dense,
+                            stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p, qk_scale,
+                            HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT, DOT_PRECISION)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                            prefix_full, prefix_keys, prefix_keys, offs_m, offs_d, q_len, 0, key_pad, stride_kpn,
+                            dense, stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p, qk_scale,
+                            HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT, DOT_PRECISION)
+
+    # Stage 2: the sequence. Blocks every query of this block sees whole go without bounds/causal masks; the
+    # rest (the causal diagonal, the ragged end) with them. Causal is aligned bottom-right: diag = Nk - Nq.
+    Kb = K + b * stride_kb + hkv * stride_kh
+    Vb = V + b * stride_vb + hkv * stride_vh
+    diag = k_len - q_len
+    if CAUSAL:
+        seq_end = tl.minimum(tl.maximum(pid_m * BLOCK_M + BLOCK_M + diag, 0), k_len)
+        seq_full = tl.maximum(tl.minimum(pid_m * BLOCK_M + diag + 1, k_len), 0) // BLOCK_N * BLOCK_N
+    else:
+        seq_end = k_len
+        seq_full = k_len // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
+                            0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                            HEAD_DIM, PAD_D, BLOCK_N, False, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
+                            DOT_PRECISION)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
+                            seq_full, seq_end, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                            HEAD_DIM, PAD_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
+                            DOT_PRECISION)
+
+    # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf. Dropout's 1/(1-p) is applied once here.
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    out = tl.where(index_ok, out, float("nan"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    row_ok = offs_m < q_len
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + (b * q_heads + h) * q_len + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _backward_preprocess_kernel(
+    Out, DOut, DLse, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_dod,
+    q_heads, q_len,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Δ = rowsum(dO · O) − dlse: the softmax backward's row term (an lse gradient adds to every probability)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    out = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask,
+                  other=0.0).to(tl.float32)
+    d_out = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(out * d_out, 1)
+    rows = (b * q_heads + h) * q_len + offs_m
+    if HAS_DLSE:
+        d_lse = tl.load(DLse + rows, mask=offs_m < q_len, other=0.0)
+        delta = delta - tl.where(d_lse == d_lse, d_lse, 0.0)  # NaN-free: lse = -inf rows pass no gradient
+    tl.store(Delta + rows, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _lse_log2(Lse, rows, row_ok):
+    """lse in log2 units for recomputing probabilities; +inf where a row is out of range or saw nothing, so that
+    its probabilities come out as exp2(-inf) = 0."""
+    lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
+                          start, end, offs_n, offs_d, q_len, diag,
+                          key_pad, stride_kpn, dense, stride_mm, stride_mn, k_len,
+                          seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                          HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr,
+                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK, dV of one key block from query blocks [start, end) of one query head; tiles are [keys, queries]."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        q = _load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], row_ok[:, None], offs_d[None, :] < HEAD_DIM,
+                  True, PAD_D)
+        d_out = _load(DOut + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, row_ok[:, None],
+                      offs_d[None, :] < HEAD_DIM, True, PAD_D).to(q.dtype)
+        lse = _lse_log2(Lse, row_base + offs_m, row_ok)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        probs_t = tl.math.exp2(scores_t - lse[None, :])
+        if CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+            visible = _visible(offs_m[None, :], offs_n[:, None], q_len, k_len, diag, key_pad, stride_kpn, dense,
+                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+            probs_t = tl.where(visible, probs_t, 0.0)
+        d_probs_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, stream, offs_m[None, :], col_base + offs_n[:, None], cols_total, dropout_p)
+            scale_kept = 1.0 / (1.0 - dropout_p)
+            dv += tl.dot(tl.where(keep, probs_t * scale_kept, 0.0).to(q.dtype), d_out,
+                         input_precision=DOT_PRECISION)
+            d_probs_t = tl.where(keep, d_probs_t * scale_kept, 0.0)
+        else:
+            dv += tl.dot(probs_t.to(q.dtype), d_out, input_precision=DOT_PRECISION)
+        delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+        d_scores_t = probs_t * (d_probs_t - delta[None, :])
+        dk += tl.dot(d_scores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _backward_key_kernel(
+    Q, K, V, PK, PV, DOut, Lse, Delta, DK, DV, PrefixGradK, PrefixGradV,
+    PrefixIndex, PrefixLengths, KeyPad, Dense, Seed,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_dob, stride_doh, stride_dom, stride_dod, stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
+    q_len_class, k_len_class,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK/dV of one key block (prefix blocks first, then sequence blocks) of one key/value head of one sample."""
+    pid_n = tl.program_id(0)
+    hkv = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    prefix_blocks = tl.cdiv(prefix_len, BLOCK_N)
+    is_prefix = pid_n < prefix_blocks
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    cols_total = prefix_len + k_len
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+
+    if is_prefix:
+        entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
+                                                   HAS_INDEX, HAS_LENGTHS)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = offs_n[:, None] < prefix_keys
+        if pid_n * BLOCK_N < prefix_keys:
+            k = _load(PK + entry * stride_pkt + hkv * stride_pkh + offs_n[:, None] * stride_pkn
+                      + offs_d[None, :] * stride_pkd, key_ok, d_ok, True, PAD_D).to(Q.dtype.element_ty)
+            v = _load(PV + entry * stride_pvt + hkv * stride_pvh + offs_n[:, None] * stride_pvn
+                      + offs_d[None, :] * stride_pvd, key_ok, d_ok, True, PAD_D).to(Q.dtype.element_ty)
+            for g in range(0, group):
+                h = hkv * group + g
+                dk, dv = _accumulate_key_grads(
+                    dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DOut + b * stride_dob + h * stride_doh, Lse,
+                    Delta, stride_qm, stride_dom, stride_dod, (b * q_heads + h) * q_len, 0, q_len, offs_n, offs_d,
+                    q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
+                    (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale,
+                    HEAD_DIM, PAD_D, BLOCK_M, False, False, False, HAS_DROPOUT, DOT_PRECISION)
+            # One sample's share of the bank entry's gradient: [S, Hkv, P, D] float32 buffers indexed by the
+            # entry (atomics) or by the sample (deterministic, summed in order by the finalize kernel).
+            slot = entry
+            if DETERMINISTIC:
+                slot = b
+            offsets = ((slot * tl.num_programs(1) + hkv) * prefix_len + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+            grad_ok = key_ok & d_ok
+            if DETERMINISTIC:
+                tl.store(PrefixGradK + offsets, dk * sm_scale, mask=grad_ok)
+                tl.store(PrefixGradV + offsets, dv, mask=grad_ok)
+            else:
+                tl.atomic_add(PrefixGradK + offsets, dk * sm_scale, mask=grad_ok, sem="relaxed")
+                tl.atomic_add(PrefixGradV + offsets, dv, mask=grad_ok, sem="relaxed")
+    else:
+        start_n = (pid_n - prefix_blocks) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n[:, None] < k_len
+        k = _load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], key_ok, d_ok,
+                  True, PAD_D)
+        v = _load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], key_ok, d_ok,
+                  True, PAD_D)
+        key_pad = KeyPad
+        if HAS_KEY_PAD:
+            key_pad = KeyPad + b * stride_kpb
+        diag = k_len - q_len
+        # Causal: queries before first_row see none of these keys; from full_row on, they see all of them.
+        if CAUSAL:
+            first_row = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+            full_row = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M,
+                                  first_row)
+        else:
+            first_row = 0
+            full_row = 0
+        for g in range(0, group):
+            h = hkv * group + g
+            dense = Dense
+            if HAS_DENSE:
+                dense = Dense + b * stride_mb + h * stride_mh
+            q_head = Q + b * stride_qb + h * stride_qh
+            do_head = DOut + b * stride_dob + h * stride_doh
+            row_base = (b * q_heads + h) * q_len
+            stream = (b * q_heads + h).to(tl.int32)
+            dk, dv = _accumulate_key_grads(
+                dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
+                first_row, tl.minimum(full_row, q_len), offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                HEAD_DIM, PAD_D, BLOCK_M, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT, DOT_PRECISION)
+            dk, dv = _accumulate_key_grads(
+                dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
+                full_row, q_len, offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                HEAD_DIM, PAD_D, BLOCK_M, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT, DOT_PRECISION)
+        grad_ok = key_ok & d_ok
+        tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=grad_ok)
+        tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=grad_ok)
+
+
+@triton.jit
+def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                           start, end, k_len, offs_m, offs_d, q_len, diag,
+                           key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                           seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                           HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           MASK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
+                           HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ of one query block from key blocks [start, end) of one key/value source."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n[:, None] < k_len,
+                  offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
+                  offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        probs = tl.math.exp2(scores - lse[:, None])
+        if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+            visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, diag, key_pad, stride_kpn, dense,
+                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+            probs = tl.where(visible, probs, 0.0)
+        d_probs = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, stream, offs_m[:, None], col_base + offs_n[None, :], cols_total, dropout_p)
+            d_probs = tl.where(keep, d_probs * (1.0 / (1.0 - dropout_p)), 0.0)
+        d_scores = probs * (d_probs - delta[:, None])
+        dq += tl.dot(d_scores.to(q.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _backward_query_kernel(
+    Q, K, V, PK, PV, DOut, Lse, Delta, DQ, PrefixIndex, PrefixLengths, KeyPad, Dense, Seed,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm,
+    stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
+    q_len_class, k_len_class,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query block of one head of one sample: the forward's two stages, replayed."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hkv = h // group
+    entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
+                                               HAS_INDEX, HAS_LENGTHS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < q_len
+    q = _load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], row_ok[:, None],
+              offs_d[None, :] < HEAD_DIM, True, PAD_D)
+    d_out = _load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                  + offs_d[None, :] * stride_dod, row_ok[:, None], offs_d[None, :] < HEAD_DIM, True,
+                  PAD_D).to(q.dtype)
+    rows = (b * q_heads + h) * q_len + offs_m
+    lse = _lse_log2(Lse, rows, row_ok)
+    delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    stream = (b * q_heads + h).to(tl.int32)
+    cols_total = prefix_len + k_len
+    key_pad = KeyPad
+    if HAS_KEY_PAD:
+        key_pad = KeyPad + b * stride_kpb
+    dense = Dense
+    if HAS_DENSE:
+        dense = Dense + b * stride_mb + h * stride_mh
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    PKb = PK + entry * stride_pkt + hkv * stride_pkh
+    PVb = PV + entry * stride_pvt + hkv * stride_pvh
+    prefix_full = prefix_keys // BLOCK_N * BLOCK_N
+    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                                0, prefix_full, prefix_keys, offs_m, offs_d, q_len, 0, key_pad, stride_kpn, dense,
+                                stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p, qk_scale,
+                                HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT, DOT_PRECISION)
+    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                                prefix_full, prefix_keys, prefix_keys, offs_m, offs_d, q_len, 0, key_pad,
+                                stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p,
+                                qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT,
+                                DOT_PRECISION)
+    Kb = K + b * stride_kb + hkv * stride_kh
+    Vb = V + b * stride_vb + hkv * stride_vh
+    diag = k_len - q_len
+    if CAUSAL:
+        seq_end = tl.minimum(tl.maximum(pid_m * BLOCK_M + BLOCK_M + diag, 0), k_len)
+        seq_full = tl.maximum(tl.minimum(pid_m * BLOCK_M + diag + 1, k_len), 0) // BLOCK_N * BLOCK_N
+    else:
+        seq_end = k_len
+        seq_full = k_len // BLOCK_N * BLOCK_N
+    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
+                                0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                                stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                                HEAD_DIM, PAD_D, BLOCK_N, False, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
+                                DOT_PRECISION)
+    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
+                                seq_full, seq_end, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                                stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                                HEAD_DIM, PAD_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
+                                DOT_PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _prefix_grad_finalize_kernel(
+    PartialK, PartialV, GradK, GradV, PrefixIndex,
+    stride_gkt, stride_gkh, stride_gkn, stride_gkd, stride_gvt, stride_gvh, stride_gvn, stride_gvd,
+    batch, kv_heads, prefix_len,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_INDEX: tl.constexpr, SUM_SAMPLES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The prefix gradients in their own dtype: the float32 per-entry sums, or (deterministic) the per-sample
+    partials summed over the samples that used the entry, in sample order."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hkv = tl.program_id(1)
+    t = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_n[:, None] < prefix_len) & (offs_d[None, :] < HEAD_DIM)
+    tile = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    if SUM_SAMPLES:
+        grad_k = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        grad_v = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        for s in range(0, batch):
+            used = True
+            if HAS_INDEX:
+                used = tl.load(PrefixIndex + s).to(tl.int64) == t
+            base = (s * kv_heads + hkv) * prefix_len * HEAD_DIM
+            grad_k += tl.load(PartialK + base + tile, mask=mask & used, other=0.0)
+            grad_v += tl.load(PartialV + base + tile, mask=mask & used, other=0.0)
+    else:
+        base = (t * kv_heads + hkv) * prefix_len * HEAD_DIM
+        grad_k = tl.load(PartialK + base + tile, mask=mask, other=0.0)
+        grad_v = tl.load(PartialV + base + tile, mask=mask, other=0.0)
+    tl.store(GradK + t * stride_gkt + hkv * stride_gkh + offs_n[:, None] * stride_gkn + offs_d[None, :] * stride_gkd,
+             grad_k.to(GradK.dtype.element_ty), mask=mask)
+    tl.store(GradV + t * stride_gvt + hkv * stride_gvh + offs_n[:, None] * stride_gvn + offs_d[None, :] * stride_gvd,
+             grad_v.to(GradV.dtype.element_ty), mask=mask)
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, q_heads: int, q_len: int, prefix_len: int, k_len: int,
+                      dropout_p: float) -> torch.Tensor:
+    """The bool keep mask ``[B, Hq, Nq, P + Nk]`` the kernels draw from ``seed`` (a debugging and testing aid:
+    pass it to :func:`ptv2_kernels.attention_ref` as ``dropout_keep`` to compare a dropout run exactly)."""
+    cols = prefix_len + k_len
+    keep = torch.empty(batch, q_heads, q_len, cols, dtype=torch.int8, device=seed.device)
+    if keep.numel():
+        grid = (triton.cdiv(q_len, 16), q_heads * batch)
+        _dropout_mask_kernel[grid](keep, seed, q_len, cols, dropout_p, BLOCK_M=16,
+                                   BLOCK_N=triton.next_power_of_2(cols))
+    return keep.bool()
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, Seed, q_len, cols, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    stream = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(Seed), stream, rows[:, None], offs_c[None, :], cols, dropout_p)
+    tl.store(Keep + (stream.to(tl.int64) * q_len + rows[:, None]) * cols + offs_c[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < q_len) & (offs_c[None, :] < cols))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------------------
+
+def _configs(shapes):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages). Large query blocks with 3-stage pipelines suit Ampere and Hopper alike at long
+# sequences; the small-BLOCK_M ones serve decode and short queries; head dim 256 keeps to what fits shared memory.
+_FORWARD_CONFIGS = _configs([
+    (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+    (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2),
+])
+_KEY_GRAD_CONFIGS = _configs([
+    (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2),
+])
+_QUERY_GRAD_CONFIGS = _configs([
+    (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+])
+# The interpreter cannot time configurations and runs each program in Python: one small block shape.
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+_AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE", "HAS_DROPOUT"]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop block shapes that overflow shared memory at large head dims or waste work on short queries."""
+    d_pad, q_len_class = kwargs.get("D_PAD", named_args.get("D_PAD")), named_args["q_len_class"]
+    kept = [c for c in configs
+            if (d_pad < 256 or (c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] <= 64 and c.num_stages <= 2))
+            and c.kwargs["BLOCK_M"] <= max(16, q_len_class)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))]
+
+
+class _Launcher:
+    """A kernel autotuned over ``configs`` on a GPU; in the interpreter, run with the interpreter's block shape."""
+
+    def __init__(self, kernel, configs, reset_to_zero=None):
+        if triton_interpreting():
+            self._kernel, self._meta = kernel, _INTERPRETER_CONFIG
+        else:
+            self._kernel = triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                                           reset_to_zero=reset_to_zero)(kernel)
+            self._meta = {}
+
+    def __getitem__(self, grid):
+        return functools.partial(self._kernel[grid], **self._meta)
+
+
+_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS)
+_backward_keys = _Launcher(_backward_key_kernel, _KEY_GRAD_CONFIGS, reset_to_zero=["PrefixGradK", "PrefixGradV"])
+_backward_queries = _Launcher(_backward_query_kernel, _QUERY_GRAD_CONFIGS)
+# Memory-bound helpers: one fixed block shape each.
+_ROW_BLOCK = 16 if triton_interpreting() else 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backend: forward and backward on checked, normalized arguments (see ptv2_kernels.backends)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal, dropout_p):
+    """Kernel arguments shared by every launch: sizes, autotuning classes and compile-time flags."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
+    d_pad = max(16, triton.next_power_of_2(head_dim))
+    use_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    sizes = (q_heads, q_len, k_len, num_prefixes, prefix_len, q_heads // kv_heads)
+    classes = (triton.next_power_of_2(q_len), triton.next_power_of_2(prefix_len + k_len))
+    flags = dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=prefix_index is not None,
+                 HAS_LENGTHS=prefix_lengths is not None, HAS_KEY_PAD=attn_mask is not None and attn_mask.dim() == 2,
+                 HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, CAUSAL=causal, HAS_DROPOUT=dropout_p > 0,
+                 DOT_PRECISION="tf32" if use_tf32 else "ieee")
+    return sizes, classes, flags
+
+
+def _mask_args(attn_mask):
+    """(key-padding mask, dense mask, their strides) as byte views of the bool mask: no copy."""
+    if attn_mask is None:
+        return None, None, (0, 0, 0, 0, 0, 0)
+    mask = attn_mask.view(torch.uint8)
+    if mask.dim() == 2:
+        return mask, None, (*mask.stride(), 0, 0, 0, 0)
+    return None, mask, (0, 0, *mask.stride())
+
+
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p):
+    batch, q_heads, q_len, head_dim = q.shape
+    out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
+    lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal,
+                                               dropout_p)
+    key_pad, dense, mask_strides = _mask_args(attn_mask)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
+    _forward[grid](
+        q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, key_pad, dense, seed,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
+        *out.stride()[:3], *mask_strides, *sizes, scale * LOG2E, dropout_p, *classes, **flags)
+    return out, lse
+
+
+def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
+             lse, causal, scale, dropout_p, deterministic):
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_(), d_prefix_k.zero_(), d_prefix_v.zero_()
+    sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal,
+                                               dropout_p)
+    key_pad, dense, mask_strides = _mask_args(attn_mask)
+    if grad_lse is not None and not grad_lse.is_contiguous():
+        grad_lse = grad_lse.contiguous()
+
+    delta = torch.empty_like(lse)
+    _backward_preprocess_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
+        out, grad_out, grad_lse, delta, *out.stride()[:3], *grad_out.stride(), q_heads, q_len,
+        HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_DLSE=grad_lse is not None, BLOCK_M=_ROW_BLOCK)
+
+    # One float32 partial per bank entry (atomics) or per sample (deterministic); never-written slots stay 0.
+    slots = batch if deterministic else num_prefixes
+    partial_k = torch.zeros(slots, kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
+    partial_v = torch.zeros_like(partial_k)
+    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
+              *grad_out.stride())
+    if prefix_len + k_len > 0:
+        grid = lambda meta: (triton.cdiv(prefix_len, meta["BLOCK_N"]) + triton.cdiv(k_len, meta["BLOCK_N"]),  # noqa: E731
+                             kv_heads, batch)
+        _backward_keys[grid](
+            q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dk, dv, partial_k, partial_v, prefix_index,
+            prefix_lengths, key_pad, dense, seed, *common, *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
+            *sizes, scale * LOG2E, scale, dropout_p, *classes, DETERMINISTIC=deterministic, **flags)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
+    _backward_queries[grid](
+        q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, prefix_index, prefix_lengths, key_pad, dense, seed,
+        *common, *dq.stride()[:3], *mask_strides, *sizes, scale * LOG2E, scale, dropout_p, *classes, **flags)
+    if prefix_len > 0:
+        _prefix_grad_finalize_kernel[(triton.cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
+            partial_k, partial_v, d_prefix_k, d_prefix_v, prefix_index, *d_prefix_k.stride(), *d_prefix_v.stride(),
+            batch, kv_heads, prefix_len, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"],
+            HAS_INDEX=prefix_index is not None, SUM_SAMPLES=deterministic, BLOCK_N=_ROW_BLOCK)
+    return dq, dk, dv, d_prefix_k, d_prefix_v
