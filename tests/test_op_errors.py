@@ -1,0 +1,493 @@
+"""Bad arguments to ``prefix_attention`` raise TypeError/ValueError/IndexError naming the argument (DESIGN.md s. 4).
+
+Every test starts from a valid call (checked to succeed by ``test_valid_call_succeeds``) and breaks one thing.
+"""
+
+import gc
+import re
+import weakref
+
+import pytest
+import torch
+
+from ptv2_kernels import backends, prefix_attention
+
+B, HQ, HKV, NQ, NK, D, P, T = 2, 4, 2, 3, 5, 8, 3, 3
+
+
+def _valid(dtype=torch.float32, head_dim=D):
+    """The arguments of a valid call with a bank of T prefixes, as a dict the tests edit."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    return dict(
+        q=randn(B, HQ, NQ, head_dim), k=randn(B, HKV, NK, head_dim), v=randn(B, HKV, NK, head_dim),
+        prefix_k=randn(T, HKV, P, head_dim), prefix_v=randn(T, HKV, P, head_dim),
+        prefix_index=torch.tensor([2, 0]), backend="reference")
+
+
+def _call(args):
+    args = dict(args)
+    positional = [args.pop(name) for name in ("q", "k", "v", "prefix_k", "prefix_v")]
+    return prefix_attention(*positional, **args)
+
+
+def _raises(args, exc, *words):
+    """The call raises exactly ``exc`` and its message contains every one of ``words`` (as whole words)."""
+    with pytest.raises(exc) as info:
+        _call(args)
+    assert type(info.value) is exc, f"expected {exc.__name__}, got {type(info.value).__name__}: {info.value}"
+    message = str(info.value)
+    for word in words:
+        assert re.search(rf"(?<![\w]){re.escape(word)}(?![\w])", message), f"{word!r} not named in: {message}"
+    return message
+
+
+def _not_contiguous_last_dim(t):
+    """The same values as ``t`` in a tensor whose last dim has stride 2."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+def test_valid_call_succeeds():
+    out = _call(_valid())
+    assert out.shape == (B, HQ, NQ, D) and torch.isfinite(out).all()
+
+
+def test_any_strides_with_contiguous_last_dim_are_accepted():
+    args = _valid()
+    args["q"] = args["q"].transpose(1, 2).contiguous().transpose(1, 2)  # [B, Nq, Hq, D] memory
+    args["k"] = args["k"][:, :, :, :]  # a view
+    args["prefix_k"] = args["prefix_k"].permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    args["prefix_v"] = torch.randn(HKV, T, P, D).transpose(0, 1)
+    assert not args["q"].is_contiguous() and not args["prefix_k"].is_contiguous()
+    out = _call(args)
+    assert torch.isfinite(out).all()
+    # A head dim of 1 is contiguous whatever its stride.
+    args = _valid(head_dim=1)
+    args["q"] = torch.randn(B, HQ, NQ, 2)[..., ::2]
+    assert args["q"].shape[-1] == 1 and args["q"].stride(-1) == 2
+    assert torch.isfinite(_call(args)).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Types, ranks, shapes
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "prefix_k", "prefix_v"])
+@pytest.mark.parametrize("bad", [None, 1.0, [[1.0]]], ids=["None", "float", "list"])
+def test_non_tensor_input(name, bad):
+    args = _valid()
+    args[name] = bad
+    _raises(args, TypeError, name)
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("rank", [3, 5])
+def test_wrong_rank_qkv(name, rank):
+    args = _valid()
+    t = args[name]
+    args[name] = t[0] if rank == 3 else t.unsqueeze(0)
+    _raises(args, ValueError, name)
+
+
+@pytest.mark.parametrize("rank", [2, 5])
+def test_wrong_rank_prefix(rank):
+    args = _valid()
+    for name in ("prefix_k", "prefix_v"):
+        args[name] = args[name][0, 0] if rank == 2 else args[name].unsqueeze(0)
+    _raises(args, ValueError, "prefix_k")
+
+
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_batch_mismatch(name):
+    args = _valid()
+    for n in ("k", "v"):
+        args[n] = args[n][:1]
+    _raises(args, ValueError, name, "batch")
+
+
+def test_head_dim_mismatch():
+    args = _valid()
+    args["k"], args["v"] = args["k"][..., :D - 1], args["v"][..., :D - 1]
+    _raises(args, ValueError, "k", "head dim")
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, 3])
+def test_k_v_shape_mismatch(dim):
+    args = _valid()
+    index = [slice(None)] * 4
+    index[dim] = slice(0, args["v"].shape[dim] - 1)
+    args["v"] = args["v"][tuple(index)]
+    _raises(args, ValueError, "k", "v")
+
+
+@pytest.mark.parametrize("what", ["heads", "head_dim"])
+@pytest.mark.parametrize("rank", [3, 4])
+def test_prefix_heads_or_head_dim_mismatch(what, rank):
+    args = _valid()
+    for name in ("prefix_k", "prefix_v"):
+        t = args[name] if rank == 4 else args[name][0]
+        args[name] = t[..., :1, :, :] if what == "heads" else t[..., :D // 2]
+    _raises(args, ValueError, "prefix_k")
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, 3])
+def test_prefix_k_v_shape_mismatch(dim):
+    args = _valid()
+    index = [slice(None)] * 4
+    index[dim] = slice(0, args["prefix_v"].shape[dim] - 1)
+    args["prefix_v"] = args["prefix_v"][tuple(index)]
+    _raises(args, ValueError, "prefix_k", "prefix_v")
+
+
+def test_empty_bank():
+    args = _valid()
+    args["prefix_k"], args["prefix_v"] = args["prefix_k"][:0], args["prefix_v"][:0]
+    args["prefix_index"] = None
+    _raises(args, ValueError, "prefix_k")
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 3), (3, 2), (2, 4)])
+def test_head_ratio(q_heads, kv_heads):
+    args = _valid()
+    args["q"] = torch.randn(B, q_heads, NQ, D)
+    for name in ("k", "v"):
+        args[name] = torch.randn(B, kv_heads, NK, D)
+    for name in ("prefix_k", "prefix_v"):
+        args[name] = torch.randn(T, kv_heads, P, D)
+    message = _raises(args, ValueError, "q")
+    assert str(q_heads) in message and str(kv_heads) in message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dtypes, devices, memory layout
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_qkv_dtype_mismatch(name):
+    args = _valid()
+    args[name] = args[name].double()
+    _raises(args, TypeError, name, "q")
+
+
+def test_prefix_k_v_dtype_mismatch():
+    args = _valid()
+    args["prefix_v"] = args["prefix_v"].double()
+    _raises(args, TypeError, "prefix_k", "prefix_v")
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "prefix_k", "prefix_v"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_non_floating_input(name, dtype):
+    args = _valid()
+    args[name] = args[name].to(dtype)
+    _raises(args, TypeError, name)
+
+
+def test_prefix_dtype_may_differ_from_q():
+    args = _valid(dtype=torch.float16)
+    args["prefix_k"], args["prefix_v"] = args["prefix_k"].float(), args["prefix_v"].float()
+    assert _call(args).dtype == torch.float16
+
+
+def _other_device():
+    """A device other than the inputs' own where tensors can be created: "meta" (or cpu when testing on cuda)."""
+    try:
+        torch.empty(1, device="meta")
+    except Exception as error:  # pragma: no cover - depends on the build
+        pytest.skip(f"cannot create tensors on the meta device: {error}")
+    return torch.device("meta")
+
+
+@pytest.mark.parametrize("name", ["k", "v", "prefix_k", "prefix_v", "prefix_index", "prefix_lengths", "attn_mask"])
+def test_device_mismatch(name):
+    other = _other_device()
+    args = _valid()
+    args["prefix_lengths"] = torch.tensor([P, 1, 0])
+    args["attn_mask"] = torch.ones(B, NK, dtype=torch.bool)
+    args[name] = args[name].to(other)
+    assert args[name].device != args["q"].device
+    _raises(args, ValueError, name, str(other))
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_non_contiguous_last_dim(name):
+    args = _valid()
+    args[name] = _not_contiguous_last_dim(args[name])
+    assert args[name].stride(-1) == 2
+    _raises(args, ValueError, name, "contiguous")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prefix_index, prefix_lengths, and the cache of checked index tensors
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_prefix_index_required_for_a_bank():
+    args = _valid()
+    args["prefix_index"] = None
+    _raises(args, ValueError, "prefix_index")
+
+
+def test_prefix_index_optional_for_a_bank_of_one():
+    args = _valid()
+    args["prefix_k"], args["prefix_v"] = args["prefix_k"][:1], args["prefix_v"][:1]
+    args["prefix_index"] = None
+    _call(args)
+
+
+@pytest.mark.parametrize("name", ["prefix_index", "prefix_lengths"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.complex64])
+def test_index_tensors_wrong_dtype(name, dtype):
+    args = _valid()
+    args[name] = torch.zeros(B if name == "prefix_index" else T, dtype=dtype)
+    _raises(args, TypeError, name)
+
+
+@pytest.mark.parametrize("name", ["prefix_index", "prefix_lengths"])
+def test_index_tensors_not_tensors(name):
+    args = _valid()
+    args[name] = [0] * (B if name == "prefix_index" else T)
+    _raises(args, TypeError, name)
+
+
+@pytest.mark.parametrize("shape", [(B + 1,), (B - 1,), (B, 1), ()], ids=str)
+def test_prefix_index_wrong_shape(shape):
+    args = _valid()
+    args["prefix_index"] = torch.zeros(shape, dtype=torch.long)
+    _raises(args, ValueError, "prefix_index")
+
+
+@pytest.mark.parametrize("shape", [(T + 1,), (T - 1,), (T, 1), ()], ids=str)
+def test_prefix_lengths_wrong_shape(shape):
+    args = _valid()
+    args["prefix_lengths"] = torch.zeros(shape, dtype=torch.long)
+    _raises(args, ValueError, "prefix_lengths")
+
+
+@pytest.mark.parametrize("bad", [-1, T, T + 7, -T - 1])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_prefix_index_out_of_range(bad, dtype):
+    args = _valid()
+    args["prefix_index"] = torch.tensor([0, bad], dtype=dtype)
+    message = _raises(args, IndexError, "prefix_index")
+    assert str(bad) in message
+
+
+@pytest.mark.parametrize("bad", [-1, P + 1])
+def test_prefix_lengths_out_of_range(bad):
+    args = _valid()
+    args["prefix_lengths"] = torch.tensor([0, bad, P])
+    message = _raises(args, ValueError, "prefix_lengths")
+    assert str(bad) in message
+
+
+def test_prefix_lengths_zero_and_full_are_valid():
+    args = _valid()
+    args["prefix_lengths"] = torch.tensor([0, P, 1], dtype=torch.int32)
+    _call(args)
+
+
+def test_index_fixed_in_place_is_checked_again():
+    args = _valid()
+    index = torch.tensor([0, T])
+    args["prefix_index"] = index
+    _raises(args, IndexError, "prefix_index")
+    index[1] = T - 1  # bumps index._version
+    _call(args)
+    # The accepted tensor is now remembered; breaking it in place must be caught all the same.
+    index[0] = -1
+    _raises(args, IndexError, "prefix_index")
+    index[0] = 0
+    _call(args)
+    index.add_(T)
+    _raises(args, IndexError, "prefix_index")
+
+
+def test_index_written_through_a_view_is_checked_again():
+    args = _valid()
+    base = torch.tensor([0, 1, 0, 1])
+    args["prefix_index"] = base[:B]
+    _call(args)
+    base[1] = T  # the view shares the base's version counter
+    _raises(args, IndexError, "prefix_index")
+
+
+def test_lengths_broken_in_place_are_checked_again():
+    args = _valid()
+    lengths = torch.tensor([P, 0, 1])
+    args["prefix_lengths"] = lengths
+    _call(args)
+    lengths[2] = P + 1
+    _raises(args, ValueError, "prefix_lengths")
+    lengths[2] = -1
+    _raises(args, ValueError, "prefix_lengths")
+
+
+def test_accepted_index_is_checked_again_against_a_smaller_bank():
+    args = _valid()
+    args["prefix_index"] = index = torch.tensor([T - 1, 0])
+    args["prefix_lengths"] = lengths = torch.tensor([P, P, P])
+    _call(args)
+    smaller = _valid()
+    smaller["prefix_index"], smaller["prefix_lengths"] = index, lengths[: T - 1]
+    smaller["prefix_k"], smaller["prefix_v"] = smaller["prefix_k"][: T - 1], smaller["prefix_v"][: T - 1]
+    _raises(smaller, IndexError, "prefix_index")
+    # The same lengths tensor against a shorter prefix.
+    shorter = _valid()
+    shorter["prefix_index"], shorter["prefix_lengths"] = index, lengths
+    shorter["prefix_k"], shorter["prefix_v"] = shorter["prefix_k"][:, :, :P - 1], shorter["prefix_v"][:, :, :P - 1]
+    _raises(shorter, ValueError, "prefix_lengths")
+
+
+def test_checked_index_tensors_are_not_kept_alive():
+    args = _valid()
+    args["prefix_index"], args["prefix_lengths"] = torch.tensor([0, 1]), torch.tensor([1, 2, 3])
+    refs = [weakref.ref(args["prefix_index"]), weakref.ref(args["prefix_lengths"])]
+    _call(args)
+    del args
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+
+
+@pytest.mark.xfail(strict=True, reason="ops._check_index_values reads Tensor._version, which inference tensors "
+                                       "do not have: RuntimeError 'Inference tensors do not track version counter'")
+def test_index_tensors_made_in_inference_mode():
+    args = _valid()
+    with torch.inference_mode():
+        args["prefix_index"] = torch.tensor([2, 0])
+        args["prefix_lengths"] = torch.tensor([P, 1, 0])
+        out = _call(args)
+        args["prefix_index"][0] = T  # in-place writes to an inference tensor bump no version counter
+        _raises(args, IndexError, "prefix_index")
+    expected = _call(dict(args, prefix_index=torch.tensor([2, 0]), prefix_lengths=torch.tensor([P, 1, 0])))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attn_mask
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.int64])
+@pytest.mark.parametrize("rank", [2, 4])
+def test_mask_wrong_dtype(dtype, rank):
+    args = _valid()
+    shape = (B, NK) if rank == 2 else (B, 1, NQ, NK)
+    args["attn_mask"] = torch.ones(shape, dtype=dtype)
+    _raises(args, TypeError, "attn_mask")
+
+
+def test_mask_not_a_tensor():
+    args = _valid()
+    args["attn_mask"] = [[True] * NK] * B
+    _raises(args, TypeError, "attn_mask")
+
+
+@pytest.mark.parametrize("shape", [(B, NK + 1), (B + 1, NK), (1, NK), (B, 1), (NK, B)], ids=str)
+def test_mask_2d_wrong_shape(shape):
+    args = _valid()
+    args["attn_mask"] = torch.ones(shape, dtype=torch.bool)
+    _raises(args, ValueError, "attn_mask")
+
+
+@pytest.mark.parametrize("shape", [(B, HQ + 1, NQ, NK), (B, HKV, NQ, NK), (B + 1, 1, NQ, NK),
+                                   (B, 1, NQ + 1, NK), (B, 1, NQ, NK - 1), (B, 1, NK, NQ)], ids=str)
+def test_mask_4d_wrong_shape(shape):
+    args = _valid()
+    args["attn_mask"] = torch.ones(shape, dtype=torch.bool)
+    _raises(args, ValueError, "attn_mask")
+
+
+@pytest.mark.parametrize("shape", [(B, NQ, NK), (NK,), (B, 1, 1, NQ, NK), ()], ids=str)
+def test_mask_wrong_rank(shape):
+    args = _valid()
+    args["attn_mask"] = torch.ones(shape, dtype=torch.bool)
+    _raises(args, ValueError, "attn_mask")
+
+
+@pytest.mark.parametrize("shape", [(B, NK), (B, 1, NQ, NK), (B, HQ, NQ, NK), (1, 1, NQ, NK), (B, 1, 1, NK)], ids=str)
+def test_mask_valid_shapes(shape):
+    args = _valid()
+    args["attn_mask"] = torch.ones(shape, dtype=torch.bool)
+    _call(args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scalars and the backend
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), True, False, "0.1", None])
+def test_dropout_p_outside_unit_interval(bad):
+    args = _valid()
+    args["dropout_p"] = bad
+    _raises(args, ValueError, "dropout_p")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), True, "0.5"])
+def test_scale_not_finite(bad):
+    args = _valid()
+    args["scale"] = bad
+    _raises(args, ValueError, "scale")
+
+
+@pytest.mark.parametrize("bad", [1, 0, None, "yes", torch.tensor(True)])
+def test_causal_not_bool(bad):
+    args = _valid()
+    args["causal"] = bad
+    _raises(args, TypeError, "causal")
+
+
+@pytest.mark.parametrize("bad", ["Triton", "flash", "", None])
+def test_unknown_backend(bad):
+    args = _valid()
+    args["backend"] = bad
+    _raises(args, ValueError, "backend")
+
+
+def test_cuda_backend_not_built():
+    reason = backends.unsupported_reason("cuda", torch.empty(1, 1, 1, D), torch.empty(1, 1, 1, D))
+    if reason is None:
+        pytest.skip("the CUDA backend can serve calls on this machine")
+    args = _valid()
+    args["backend"] = "cuda"
+    message = _raises(args, ValueError, "backend")
+    assert "cuda" in message and reason in message
+
+
+def _triton_or_skip():
+    reason = backends.unavailable_reason("triton")
+    if reason is not None:
+        pytest.skip(f"backend='triton' cannot run here at all: {reason}")
+
+
+def test_triton_backend_rejects_float64():
+    _triton_or_skip()
+    args = _valid(dtype=torch.float64)
+    args["backend"] = "triton"
+    _raises(args, ValueError, "backend", "torch.float64")
+
+
+def test_triton_backend_rejects_float64_prefix():
+    _triton_or_skip()
+    args = _valid()
+    args["prefix_k"], args["prefix_v"] = args["prefix_k"].double(), args["prefix_v"].double()
+    args["backend"] = "triton"
+    _raises(args, ValueError, "backend", "prefix_k", "torch.float64")
+
+
+def test_triton_backend_rejects_large_head_dim():
+    _triton_or_skip()
+    args = _valid(head_dim=300)
+    args["backend"] = "triton"
+    _raises(args, ValueError, "backend", "300", str(backends.MAX_HEAD_DIM))
+
+
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float64, D), (torch.float32, 300)])
+def test_auto_serves_what_the_reference_serves(dtype, head_dim):
+    args = _valid(dtype=dtype, head_dim=head_dim)
+    expected = _call(args)
+    args["backend"] = "auto"
+    torch.testing.assert_close(_call(args), expected, rtol=0, atol=0)
