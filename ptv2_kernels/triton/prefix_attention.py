@@ -225,7 +225,7 @@ def _forward_kernel(
 @triton.jit
 def _backward_preprocess_kernel(
     Out, DOut, DLse, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_dod,
-    q_heads, q_len,
+    stride_dlb, stride_dlh, stride_dlm, q_heads, q_len,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Δ = rowsum(dO · O) − dlse: the softmax backward's row term (an lse gradient adds to every probability)."""
@@ -242,8 +242,8 @@ def _backward_preprocess_kernel(
     delta = tl.sum(out * d_out, 1)
     rows = (b * q_heads + h) * q_len + offs_m
     if HAS_DLSE:
-        d_lse = tl.load(DLse + rows, mask=offs_m < q_len, other=0.0)
-        delta = delta - tl.where(d_lse == d_lse, d_lse, 0.0)  # NaN-free: lse = -inf rows pass no gradient
+        delta -= tl.load(DLse + b * stride_dlb + h * stride_dlh + offs_m * stride_dlm, mask=offs_m < q_len,
+                         other=0.0)
     tl.store(Delta + rows, delta, mask=offs_m < q_len)
 
 
@@ -683,12 +683,11 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal,
                                                dropout_p)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
-    if grad_lse is not None and not grad_lse.is_contiguous():
-        grad_lse = grad_lse.contiguous()
 
     delta = torch.empty_like(lse)
     _backward_preprocess_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
-        out, grad_out, grad_lse, delta, *out.stride()[:3], *grad_out.stride(), q_heads, q_len,
+        out, grad_out, grad_lse, delta, *out.stride()[:3], *grad_out.stride(),
+        *(grad_lse.stride() if grad_lse is not None else (0, 0, 0)), q_heads, q_len,
         HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_DLSE=grad_lse is not None, BLOCK_M=_ROW_BLOCK)
 
     # One float32 partial per bank entry (atomics) or per sample (deterministic); never-written slots stay 0.

@@ -1,0 +1,458 @@
+"""The Triton backend against the float64 reference: forward, lse and all five gradients.
+
+Bounds follow FlashAttention's tests: a kernel's error against the float64 oracle must stay within a small multiple
+of the error the same-precision PyTorch computation makes (``attention_ref(..., compute_dtype=q.dtype)``), plus an
+absolute floor of a few units in the last place of the dtype scaled by the values' magnitude. Without a GPU the
+kernels run in Triton's CPU interpreter (tests/conftest.py), where bfloat16 is not tested (see DESIGN.md).
+
+Every run happens with ``torch.use_deterministic_algorithms`` on, which fills memory from ``torch.empty`` with NaN:
+an element a kernel forgets to write shows up as NaN. The backward's reduction mode is chosen explicitly per test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import ptv2_kernels
+from ptv2_kernels import backends
+from ptv2_kernels.reference import attention_ref, attention_ref_backward
+
+from .conftest import DEVICE
+
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton") is not None,
+                                reason=f"Triton backend unavailable: {backends.unavailable_reason('triton')}")
+
+ON_GPU = DEVICE == "cuda"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if ON_GPU else [torch.float16, torch.float32]
+# Error multiple of the same-precision PyTorch computation, and the absolute floor in units of the dtype's epsilon.
+# The kernel rounds probabilities to the input dtype before the P·V product exactly like the PyTorch computation
+# does, but sums in a different order (blocked online softmax): a factor of a few covers that.
+ERROR_MULTIPLE = 3.0
+FLOOR_ULPS = 8.0
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """torch.empty returns NaN-filled memory while deterministic algorithms are on: unwritten outputs show."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@dataclasses.dataclass
+class Case:
+    batch: int = 2
+    q_heads: int = 4
+    kv_heads: int = 2
+    q_len: int = 19
+    k_len: int = 37
+    head_dim: int = 32
+    num_prefixes: int = 1
+    prefix_len: int = 7
+    lengths: bool = False  # per-entry prefix lengths
+    mask: str = "none"  # "none" | "padding" | "dense" | "dense_heads"
+    causal: bool = False
+    layout: str = "bhnd"  # memory layout of q/k/v: "bhnd", "bnhd" (transformers), "packed" (slices of one buffer)
+    prefix_layout: str = "bank"  # "bank" [T, Hkv, P, D] contiguous, "shared3d" [Hkv, P, D], "strided" permuted
+    prefix_dtype: Optional[torch.dtype] = None  # None: q's dtype
+    scale: Optional[float] = None
+
+
+def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+    """Random inputs with the requested memory layouts, and the op's keyword arguments."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B, Hq, Hkv, Nq, Nk, D = case.batch, case.q_heads, case.kv_heads, case.q_len, case.k_len, case.head_dim
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    if case.layout == "bhnd":
+        q, k, v = rand(B, Hq, Nq, D), rand(B, Hkv, Nk, D), rand(B, Hkv, Nk, D)
+    elif case.layout == "bnhd":
+        q = rand(B, Nq, Hq, D).transpose(1, 2)
+        k, v = rand(B, Nk, Hkv, D).transpose(1, 2), rand(B, Nk, Hkv, D).transpose(1, 2)
+    else:  # one fused projection output [B, N, Hq + 2 Hkv, D] with Nq == Nk, sliced without copies
+        assert Nq == Nk
+        packed = rand(B, Nq, Hq + 2 * Hkv, D)
+        q, k, v = packed[:, :, :Hq].transpose(1, 2), packed[:, :, Hq:Hq + Hkv].transpose(1, 2), \
+            packed[:, :, Hq + Hkv:].transpose(1, 2)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+
+    T, P = case.num_prefixes, case.prefix_len
+    prefix_dtype = case.prefix_dtype or dtype
+    if case.prefix_layout == "strided":  # e.g. per-layer views of a [P, T, 2, Hkv, D] encoder output
+        store = rand(P, T, 2, Hkv, D).to(prefix_dtype)
+        prefix_k, prefix_v = store[:, :, 0].permute(1, 2, 0, 3), store[:, :, 1].permute(1, 2, 0, 3)
+    else:
+        prefix_k, prefix_v = rand(T, Hkv, P, D).to(prefix_dtype), rand(T, Hkv, P, D).to(prefix_dtype)
+        if case.prefix_layout == "shared3d":
+            assert T == 1
+            prefix_k, prefix_v = prefix_k[0], prefix_v[0]
+
+    kwargs = dict(causal=case.causal, scale=case.scale)
+    if T > 1:
+        kwargs["prefix_index"] = torch.randint(0, T, (B,), generator=gen).to(DEVICE)
+    if case.lengths:
+        kwargs["prefix_lengths"] = torch.randint(0, P + 1, (T,), generator=gen).to(DEVICE)
+    if case.mask == "padding":
+        keep = torch.rand(B, Nk, generator=gen) > 0.3
+        keep[0] = False  # a sample whose sequence keys are all padding: it sees only its prefix
+        kwargs["attn_mask"] = keep.to(DEVICE)
+    elif case.mask in ("dense", "dense_heads"):
+        heads = Hq if case.mask == "dense_heads" else 1
+        kwargs["attn_mask"] = (torch.rand(B, heads, Nq, Nk, generator=gen) > 0.3).to(DEVICE)
+    return [q, k, v, prefix_k, prefix_v], kwargs
+
+
+def run_triton(inputs, kwargs, deterministic=False, seed=1):
+    """Forward with lse, then backward with random dO and dlse. Returns (out, lse, grads, (dO, dlse))."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    out, lse = ptv2_kernels.prefix_attention(*leaves, **kwargs, return_lse=True, backend="triton",
+                                             deterministic=deterministic)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, out.dtype)
+    grad_lse = torch.randn(lse.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad([out, lse], leaves, [grad_out, grad_lse])
+    return out, lse, grads, (grad_out, grad_lse)
+
+
+def reference_results(inputs, kwargs, upstream, compute_dtype, dropout_keep=None, dropout_p=0.0):
+    """(out, lse, grads) of the reference, on inputs cast to float64 for the oracle or as-is for the same-precision
+    PyTorch computation."""
+    if compute_dtype == torch.float64:
+        inputs = [t.double() for t in inputs]
+    extra = dict(kwargs, dropout_keep=dropout_keep, dropout_p=dropout_p, compute_dtype=compute_dtype)
+    out, lse = attention_ref(*inputs, **extra)
+    grads = attention_ref_backward(upstream[0], upstream[1], *inputs, **extra)
+    return out, lse, grads
+
+
+def assert_close_to_reference(name, got, oracle, same_precision, dtype):
+    assert got.shape == oracle.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten element?)"
+    got, oracle, same_precision = got.double(), oracle.double(), same_precision.double()
+    error = (got - oracle).abs().max().item() if got.numel() else 0.0
+    pt_error = (same_precision - oracle).abs().max().item() if got.numel() else 0.0
+    magnitude = max(1.0, oracle.abs().max().item() if got.numel() else 0.0)
+    bound = ERROR_MULTIPLE * pt_error + FLOOR_ULPS * torch.finfo(dtype).eps * magnitude
+    assert error <= bound, f"{name}: max error {error:.3e} > bound {bound:.3e} (PyTorch {dtype}: {pt_error:.3e})"
+
+
+def check_against_reference(case: Case, dtype: torch.dtype, deterministic=False, seed=0):
+    inputs, kwargs = make_inputs(case, dtype, seed)
+    out, lse, grads, upstream = run_triton(inputs, kwargs, deterministic=deterministic)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.transpose(1, 2).is_contiguous(), "out must be laid out as [B, Nq, Hq, D]"
+    for grad, leaf in zip(grads, inputs):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    oracle = reference_results(inputs, kwargs, upstream, torch.float64)
+    same_precision = reference_results(inputs, kwargs, upstream, dtype)
+
+    seen = torch.isfinite(oracle[1])
+    assert torch.equal(torch.isfinite(lse), seen), "lse must be -inf exactly where a query sees no key"
+    assert (lse[~seen] == float("-inf")).all()
+    assert (out[~seen] == 0).all(), "a query that sees no key outputs 0"
+    assert_close_to_reference("out", out, oracle[0], same_precision[0], dtype)
+    assert_close_to_reference("lse", lse[seen], oracle[1][seen], same_precision[1][seen].float(), torch.float32)
+    for name, grad, want, pt in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, oracle[2],
+                                    same_precision[2]):
+        assert_close_to_reference(name, grad, want, pt, min(dtype, grad.dtype, key=lambda d: torch.finfo(d).bits))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grid: every (mask, causal, bank) combination, with the other axes cycling so that each value of each axis
+# meets several combinations. A full product would take hours in the interpreter.
+# ---------------------------------------------------------------------------------------------------------------
+
+MASKS = ["none", "padding", "dense", "dense_heads"]
+BANKS = [dict(num_prefixes=1, prefix_layout="shared3d"), dict(num_prefixes=3, lengths=True)]
+SHAPES = [(19, 37), (37, 19), (1, 33), (24, 24)]  # (Nq, Nk): longer keys, longer queries (causal: some see none),
+#                                                    decode, square
+PREFIX_LENS = [0, 1, 7, 64]
+GQA = [(4, 4), (4, 2), (4, 1)]
+HEAD_DIMS = [32, 64, 80, 16]
+LAYOUTS = ["bhnd", "bnhd"]
+
+GRID = []
+for i, (mask, causal, bank) in enumerate(itertools.product(MASKS, [False, True], BANKS)):
+    (q_len, k_len) = SHAPES[i % len(SHAPES)]
+    q_heads, kv_heads = GQA[i % len(GQA)]
+    case = Case(q_len=q_len, k_len=k_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=HEAD_DIMS[i % len(HEAD_DIMS)],
+                prefix_len=PREFIX_LENS[(i // 2) % len(PREFIX_LENS)], mask=mask, causal=causal,
+                layout=LAYOUTS[(i // 3) % len(LAYOUTS)], **bank)
+    GRID.append(pytest.param(case, DTYPES[i % len(DTYPES)], id=f"{mask}-{'causal' if causal else 'full'}-"
+                             f"T{case.num_prefixes}-P{case.prefix_len}-{q_len}x{k_len}-h{q_heads}/{kv_heads}-"
+                             f"d{case.head_dim}-{str(DTYPES[i % len(DTYPES)])[6:]}"))
+
+
+@pytest.mark.parametrize("case, dtype", GRID)
+def test_matches_reference(case, dtype):
+    check_against_reference(case, dtype, deterministic=bool(len(case.mask) % 2))
+
+
+@pytest.mark.parametrize("prefix_len", PREFIX_LENS)
+@pytest.mark.parametrize("num_prefixes", [1, 3])
+def test_prefix_lengths(prefix_len, num_prefixes):
+    case = Case(num_prefixes=num_prefixes, prefix_len=prefix_len, lengths=num_prefixes > 1, causal=True,
+                mask="padding", q_len=21, k_len=30)
+    check_against_reference(case, torch.float16 if num_prefixes > 1 else torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 96, 128, 256, 8])
+def test_head_dims(head_dim):
+    case = Case(head_dim=head_dim, q_len=17, k_len=20, prefix_len=5, batch=1, q_heads=2, kv_heads=1)
+    check_against_reference(case, torch.float16)
+
+
+@pytest.mark.parametrize("layout", ["packed", "bnhd"])
+@pytest.mark.parametrize("prefix_layout", ["strided", "bank"])
+def test_strided_inputs(layout, prefix_layout):
+    case = Case(q_len=23, k_len=23, num_prefixes=2, lengths=True, layout=layout, prefix_layout=prefix_layout,
+                causal=True)
+    check_against_reference(case, torch.float32)
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_float32_prefix_with_half_inputs(q_dtype):
+    """A float32 prefix parameter under half-precision activations: converted on load, gradient in float32."""
+    case = Case(num_prefixes=3, lengths=True, prefix_dtype=torch.float32, mask="padding")
+    check_against_reference(case, q_dtype)
+
+
+def test_custom_scale_and_single_query_heads():
+    check_against_reference(Case(scale=0.3, q_heads=3, kv_heads=1, q_len=9, k_len=40, prefix_len=16), torch.float32)
+
+
+@pytest.mark.parametrize("q_len, k_len, prefix_len", [(0, 5, 3), (4, 0, 3), (4, 0, 0), (3, 5, 0)])
+def test_empty_dimensions(q_len, k_len, prefix_len):
+    """No queries, no sequence keys, no prefix, or nothing to see at all (out 0, lse -inf, zero gradients)."""
+    case = Case(q_len=q_len, k_len=k_len, prefix_len=prefix_len, causal=k_len > 0)
+    check_against_reference(case, torch.float32)
+
+
+def test_empty_batch():
+    inputs, kwargs = make_inputs(Case(batch=0), torch.float32)
+    out, lse, grads, _ = run_triton(inputs, kwargs)
+    assert out.shape == (0, 4, 19, 32) and lse.shape == (0, 4, 19)
+    assert all(g.shape == t.shape for g, t in zip(grads, inputs))
+    assert (grads[3] == 0).all() and (grads[4] == 0).all()
+
+
+def test_unused_bank_entries_get_zero_gradient():
+    inputs, kwargs = make_inputs(Case(num_prefixes=4, batch=3), torch.float32)
+    kwargs["prefix_index"] = torch.tensor([2, 0, 2], device=DEVICE)
+    _, _, grads, _ = run_triton(inputs, kwargs)
+    for grad in grads[3:]:
+        assert (grad[[1, 3]] == 0).all() and (grad[[0, 2]] != 0).any()
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
+    q_len=st.integers(1, 40), k_len=st.integers(0, 40), head_dim=st.sampled_from([16, 24, 32, 48, 64]),
+    num_prefixes=st.integers(1, 3), prefix_len=st.integers(0, 20), lengths=st.booleans(),
+    mask=st.sampled_from(MASKS), causal=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_fuzz_shapes(batch, kv_heads, group, q_len, k_len, head_dim, num_prefixes, prefix_len, lengths, mask,
+                     causal, seed):
+    case = Case(batch=batch, q_heads=kv_heads * group, kv_heads=kv_heads, q_len=q_len, k_len=k_len,
+                head_dim=head_dim, num_prefixes=num_prefixes, prefix_len=prefix_len, lengths=lengths,
+                mask=mask if k_len else "none", causal=causal,
+                prefix_layout="shared3d" if num_prefixes == 1 else "bank")
+    check_against_reference(case, torch.float32, deterministic=bool(seed % 2), seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deterministic mode
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_deterministic_mode_is_bitwise_reproducible():
+    case = Case(batch=4, num_prefixes=2, lengths=True, prefix_len=40, mask="padding", causal=True)
+    inputs, kwargs = make_inputs(case, torch.float32)
+    first = run_triton(inputs, kwargs, deterministic=True)[2]
+    second = run_triton(inputs, kwargs, deterministic=True)[2]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    atomic = run_triton(inputs, kwargs, deterministic=False)[2]
+    for a, b in zip(first, atomic):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_deterministic_default_follows_torch_setting():
+    """With torch's deterministic algorithms on (as in this module), deterministic=None picks the ordered sum."""
+    case = Case(batch=3, prefix_len=20)
+    inputs, kwargs = make_inputs(case, torch.float32)
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    runs = []
+    for _ in range(2):
+        out = ptv2_kernels.prefix_attention(*leaves, **kwargs, backend="triton")
+        runs.append(torch.autograd.grad(out.sum(), leaves[3:]))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+def _dropout_run(case, dropout_p, seed_value, dtype=torch.float32):
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    inputs, kwargs = make_inputs(case, dtype)
+    seed = torch.tensor(seed_value, dtype=torch.int64, device=DEVICE)
+    args = [t.detach() for t in inputs]
+    if args[3].dim() == 3:
+        args[3], args[4] = args[3].unsqueeze(0), args[4].unsqueeze(0)
+    mask = kwargs.get("attn_mask")
+    scale = 1.0 / math.sqrt(case.head_dim)
+    out, lse = triton_backend.forward(*args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, seed,
+                                      case.causal, scale, dropout_p)
+    keep = triton_backend.dropout_keep_mask(seed, case.batch, case.q_heads, case.q_len, case.prefix_len,
+                                            case.k_len, dropout_p)
+    return inputs, kwargs, args, seed, (out, lse), keep, scale
+
+
+@pytest.mark.parametrize("case", [Case(num_prefixes=3, lengths=True, mask="padding", causal=True),
+                                  Case(q_len=1, k_len=30, prefix_len=16, q_heads=4, kv_heads=1)],
+                         ids=["bank-padding-causal", "decode-mqa"])
+def test_dropout_matches_reference_given_the_kernel_mask(case):
+    """Forward and all gradients equal the reference run with the keep mask the kernels drew."""
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    dropout_p = 0.25
+    inputs, kwargs, args, seed, (out, lse), keep, scale = _dropout_run(case, dropout_p, 1234)
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
+    grads = triton_backend.backward(grad_out, None, *args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"),
+                                    kwargs.get("attn_mask"), seed, out, lse, case.causal, scale, dropout_p, False)
+    upstream = (grad_out, None)
+    oracle = reference_results(args, kwargs, upstream, torch.float64, keep, dropout_p)
+    same_precision = reference_results(args, kwargs, upstream, torch.float32, keep, dropout_p)
+    assert_close_to_reference("out", out, oracle[0], same_precision[0], torch.float32)
+    for name, grad, want, pt in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, oracle[2],
+                                    same_precision[2]):
+        assert_close_to_reference(name, grad, want, pt, torch.float32)
+
+
+def test_dropout_keep_rate():
+    """The kept fraction is within 5 standard deviations of 1 - p, and masks of different seeds differ."""
+    dropout_p = 0.3
+    seed = torch.tensor(99, dtype=torch.int64, device=DEVICE)
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    keep = triton_backend.dropout_keep_mask(seed, 2, 3, 40, 24, 40, dropout_p)
+    n = keep.numel()
+    sigma = math.sqrt(n * dropout_p * (1 - dropout_p))
+    assert abs(keep.sum().item() - n * (1 - dropout_p)) < 5 * sigma
+    other = triton_backend.dropout_keep_mask(seed + 1, 2, 3, 40, 24, 40, dropout_p)
+    assert not torch.equal(keep, other)
+    # streams of different (sample, head) pairs are not copies of each other
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+def test_dropout_follows_torch_seed():
+    case = Case(num_prefixes=2, lengths=True)
+    inputs, kwargs = make_inputs(case, torch.float32)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return ptv2_kernels.prefix_attention(*inputs, **kwargs, dropout_p=0.2, backend="triton")
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.equal(run(5), run(6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No copies, and no out-of-bounds reads
+# ---------------------------------------------------------------------------------------------------------------
+
+# Ops that would materialize K/V or the prefix: concatenation, copies, expansion to the batch, GQA repetition,
+# gathering bank entries.
+MATERIALIZING_OPS = {
+    "cat", "stack", "clone", "contiguous", "_to_copy", "copy_", "expand_copy", "repeat", "repeat_interleave",
+    "index_select", "index", "gather", "take", "masked_select", "_unsafe_index",
+}
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records aten ops. A copy of a buffer onto itself moves no data and is not counted: the Triton interpreter
+    does that to write kernel results "back" to CPU tensors it ran on in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.materializing = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in MATERIALIZING_OPS:
+            self_copy = (name == "copy_" and all(isinstance(a, torch.Tensor) for a in args[:2])
+                         and args[0].data_ptr() == args[1].data_ptr())
+            if not self_copy:
+                self.materializing.append(f"{func} on {[tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_path_makes_no_copies(dropout_p, deterministic):
+    """The op layer (checks, normalization, autograd glue) and the Triton backend's forward and backward together
+    call no op that materializes K/V or the prefix. The backend is recorded by calling it directly, since a
+    dispatch mode sees the custom op as one call."""
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    case = Case(num_prefixes=3, lengths=True, mask="dense", causal=True, q_heads=4, kv_heads=2, layout="bnhd",
+                prefix_layout="strided", prefix_dtype=torch.float32)
+    inputs, kwargs = make_inputs(case, torch.float16)
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    with _RecordOps() as outer:
+        out, lse = ptv2_kernels.prefix_attention(*leaves, **kwargs, dropout_p=dropout_p, return_lse=True,
+                                                 backend="triton", deterministic=deterministic)
+        torch.autograd.grad([out, lse], leaves, [torch.ones_like(out), torch.ones_like(lse)])
+    assert outer.materializing == []
+
+    mask = kwargs["attn_mask"].expand(case.batch, case.q_heads, case.q_len, case.k_len)
+    seed = torch.tensor(3, dtype=torch.int64, device=DEVICE) if dropout_p else None
+    scale = 1.0 / math.sqrt(case.head_dim)
+    with _RecordOps() as inner:
+        out, lse = triton_backend.forward(*inputs, kwargs["prefix_index"], kwargs["prefix_lengths"], mask, seed,
+                                          True, scale, dropout_p)
+        triton_backend.backward(torch.ones_like(out), torch.ones_like(lse), *inputs, kwargs["prefix_index"],
+                                kwargs["prefix_lengths"], mask, seed, out, lse, True, scale, dropout_p,
+                                deterministic)
+    assert inner.materializing == []
+
+
+def test_out_of_range_index_never_reads_out_of_bounds():
+    """The host check raises; should a bad index reach the kernels anyway, they read no prefix for that sample and
+    write NaN rows for it, leaving the other samples right."""
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    case = Case(num_prefixes=2, batch=3, lengths=True)
+    inputs, kwargs = make_inputs(case, torch.float32)
+    with pytest.raises(IndexError, match="prefix_index"):
+        ptv2_kernels.prefix_attention(*inputs, **dict(kwargs, prefix_index=torch.tensor([0, 5, 1], device=DEVICE)),
+                                      backend="triton")
+    bad_index = torch.tensor([0, 1 << 30, -7], device=DEVICE)
+    out, _ = triton_backend.forward(*inputs, bad_index, kwargs["prefix_lengths"], None, None, False,
+                                    1.0 / math.sqrt(case.head_dim), 0.0)
+    assert torch.isnan(out[1:]).all()
+    good = dict(kwargs, prefix_index=torch.tensor([0, 0, 0], device=DEVICE))
+    want = ptv2_kernels.prefix_attention(*inputs, **good, backend="reference")
+    torch.testing.assert_close(out[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_choice():
+    inputs, kwargs = make_inputs(Case(), torch.float32)
+    assert backends.choose("auto", inputs[0], inputs[3]) == ("triton" if ON_GPU else "reference")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="bfloat16"):
+            backends.choose("triton", inputs[0].bfloat16(), inputs[3])
