@@ -149,7 +149,6 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mas
         _check_index_tensor("prefix_index", prefix_index, (batch,), q.device)
     if prefix_lengths is not None:
         _check_index_tensor("prefix_lengths", prefix_lengths, (num_prefixes,), q.device)
-    _check_index_values(prefix_index, num_prefixes, prefix_lengths, prefix_len)
 
     if attn_mask is not None:
         attn_mask = _checked_mask(attn_mask, batch, q_heads, q_len, k_len, q.device)
@@ -174,18 +173,23 @@ def _check_index_tensor(name, t, shape, device):
         raise ValueError(f"{name} is on {t.device} but q is on {device}; all inputs must share a device")
 
 
-# The values of prefix_index/prefix_lengths live on the device: reading them costs a synchronization. A model
-# passes the same task-id tensor to every layer, so the last tensors checked (and their versions, which in-place
-# writes bump) are remembered and not read again. The kernels never read out of bounds either way: an index out of
-# range gives NaN rows, a length is clamped to [0, P].
+# The values of prefix_index/prefix_lengths live on the device: reading them costs a synchronization. They are
+# checked inside the custom op, which runs eagerly under torch.compile too. A model passes the same task-id tensor to
+# every layer, so the last tensors checked (and their versions, which in-place writes bump) are remembered and not
+# read again. While a CUDA graph is being captured nothing can be read; the kernels never read out of bounds
+# regardless: an index out of range gives NaN rows, a length is clamped to [0, P].
 _last_checked: list = [None, None, None]  # (weakref to prefix_index, weakref to prefix_lengths, bounds+versions)
 
 
 def _check_index_values(prefix_index, num_prefixes, prefix_lengths, prefix_len):
-    if torch.compiler.is_compiling() or (prefix_index is None and prefix_lengths is None):
+    if prefix_index is None and prefix_lengths is None:
         return
-    key = (num_prefixes, prefix_len, _version(prefix_index), _version(prefix_lengths))
-    if (_deref(_last_checked[0]) is prefix_index and _deref(_last_checked[1]) is prefix_lengths
+    if prefix_index is not None and prefix_index.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    # Inference tensors have no version counter: they are checked every time, never remembered.
+    cacheable = not any(t is not None and t.is_inference() for t in (prefix_index, prefix_lengths))
+    key = (num_prefixes, prefix_len, _version(prefix_index), _version(prefix_lengths)) if cacheable else None
+    if (cacheable and _deref(_last_checked[0]) is prefix_index and _deref(_last_checked[1]) is prefix_lengths
             and _last_checked[2] == key):
         return
     if prefix_index is not None and prefix_index.numel():
@@ -199,7 +203,8 @@ def _check_index_values(prefix_index, num_prefixes, prefix_lengths, prefix_len):
         if low < 0 or high > prefix_len:
             raise ValueError(f"prefix_lengths entries must be in [0, P] with P = {prefix_len}, got "
                              f"{low if low < 0 else high}")
-    _last_checked[:] = [_weak(prefix_index), _weak(prefix_lengths), key]
+    if cacheable:
+        _last_checked[:] = [_weak(prefix_index), _weak(prefix_lengths), key]
 
 
 def _version(t):
@@ -246,6 +251,7 @@ def _prefix_attention_op(
     prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor], seed: Optional[Tensor], causal: bool,
     scale: float, dropout_p: float, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
+    _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
     return backends.implementation(backend).forward(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p)
 
@@ -268,8 +274,18 @@ def _prefix_attention_backward_op(
     grads = backends.implementation(backend).backward(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse,
         causal, scale, dropout_p, deterministic)
-    # A custom op's outputs may not alias its inputs; an unused gradient comes back as zeros.
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, (q, k, v, prefix_k, prefix_v)))
+    return tuple(_laid_out_like(g, x) for g, x in zip(grads, (q, k, v, prefix_k, prefix_v)))
+
+
+def _laid_out_like(grad: Optional[Tensor], x: Tensor) -> Tensor:
+    """``grad`` in the layout of ``torch.empty_like(x)``, which the fake implementation promises (the kernels
+    allocate it that way; the reference returns slices). An unused gradient comes back as zeros."""
+    out = torch.empty_like(x)
+    if grad is None:
+        return out.zero_()
+    if grad.stride() == out.stride() and grad.storage_offset() == 0:
+        return grad
+    return out.copy_(grad)
 
 
 @_prefix_attention_backward_op.register_fake

@@ -353,8 +353,6 @@ def test_checked_index_tensors_are_not_kept_alive():
     assert [ref() for ref in refs] == [None, None]
 
 
-@pytest.mark.xfail(strict=True, reason="ops._check_index_values reads Tensor._version, which inference tensors "
-                                       "do not have: RuntimeError 'Inference tensors do not track version counter'")
 def test_index_tensors_made_in_inference_mode():
     args = _valid()
     with torch.inference_mode():
