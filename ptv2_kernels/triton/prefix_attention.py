@@ -26,8 +26,9 @@ import triton.language as tl
 
 from ..backends import triton_interpreting
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals a kernel reads must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -667,7 +668,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
     _forward[grid](
         q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, key_pad, dense, seed,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
-        *out.stride()[:3], *mask_strides, *sizes, scale * LOG2E, dropout_p, *classes, **flags)
+        *out.stride()[:3], *mask_strides, *sizes, scale * LOG2E.value, dropout_p, *classes, **flags)
     return out, lse
 
 
@@ -702,11 +703,11 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
         _backward_keys[grid](
             q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dk, dv, partial_k, partial_v, prefix_index,
             prefix_lengths, key_pad, dense, seed, *common, *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
-            *sizes, scale * LOG2E, scale, dropout_p, *classes, DETERMINISTIC=deterministic, **flags)
+            *sizes, scale * LOG2E.value, scale, dropout_p, *classes, DETERMINISTIC=deterministic, **flags)
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
     _backward_queries[grid](
         q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, prefix_index, prefix_lengths, key_pad, dense, seed,
-        *common, *dq.stride()[:3], *mask_strides, *sizes, scale * LOG2E, scale, dropout_p, *classes, **flags)
+        *common, *dq.stride()[:3], *mask_strides, *sizes, scale * LOG2E.value, scale, dropout_p, *classes, **flags)
     if prefix_len > 0:
         _prefix_grad_finalize_kernel[(triton.cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
             partial_k, partial_v, d_prefix_k, d_prefix_v, prefix_index, *d_prefix_k.stride(), *d_prefix_v.stride(),
