@@ -1,0 +1,339 @@
+"""P-Tuning v2 modules: the prefix producer (:class:`PrefixEncoder`) and a bank of task prefixes (:class:`PrefixBank`).
+
+Both hand per-layer prefix keys/values to the op in its ``[T, Hkv, P, D]`` layout as **views** of one flat tensor
+``[T, P, F]`` (``F`` = the sum over attention slots of ``2 * Hkv * D``, ordered slot by slot, key before value, head
+by head — the layout of P-Tuning v2's and PEFT's prefix encoders). One ``split`` cuts all slots at once, so the
+backward of the views is a single concatenation of the slots' gradients, not a full-size copy per layer.
+
+This module knows nothing of kernels or of transformers: :meth:`PrefixBank.for_model` and
+:meth:`PrefixBank.from_peft` import the integration that reads a model's shapes only when they are called.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PrefixSlot", "PrefixEncoder", "PrefixBank"]
+
+_FORMAT = "ptv2_kernels.prefix_bank"
+_FORMAT_VERSION = 1
+
+
+class PrefixSlot(NamedTuple):
+    """One attention that receives a prefix: its name (``"layer.3"``, ``"encoder.0"``, ``"decoder.1"``,
+    ``"cross.1"``), and the key/value head count and head dim of that attention."""
+
+    name: str
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def width(self) -> int:
+        """Elements of one prefix token in this slot, keys and values together: ``2 * Hkv * D``."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _checked_slots(slots) -> tuple[PrefixSlot, ...]:
+    if isinstance(slots, (str, bytes)) or not isinstance(slots, Iterable):
+        raise TypeError(f"slots must be a sequence of (name, num_kv_heads, head_dim), got {type(slots).__name__}")
+    checked = []
+    for slot in slots:
+        if not isinstance(slot, (tuple, list)) or len(slot) != 3:
+            raise ValueError(f"each slot must be (name, num_kv_heads, head_dim), got {slot!r}")
+        name, heads, dim = slot
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a slot name must be a non-empty str, got {name!r}")
+        checked.append(PrefixSlot(name, _positive_int(f"num_kv_heads of slot {name!r}", heads),
+                                  _positive_int(f"head_dim of slot {name!r}", dim)))
+    if not checked:
+        raise ValueError("a prefix needs at least one slot (attention layer), got none")
+    names = [slot.name for slot in checked]
+    if len(set(names)) != len(names):
+        raise ValueError(f"slot names must be unique, got {names}")
+    return tuple(checked)
+
+
+class PrefixEncoder(nn.Module):
+    """P-Tuning v2's prefix producer for ``num_tasks`` tasks of ``prefix_len`` virtual tokens each.
+
+    Without reparameterization it is one embedding ``[T * P, F]`` holding the prefix keys/values themselves. With
+    ``projection_hidden=H`` (P-Tuning v2's ``prefix_projection``) the embedding is ``[T * P, embed_dim]`` and an MLP
+    ``Linear(embed_dim, H) -> tanh -> Linear(H, F)``, shared by the tasks, produces the keys/values; :meth:`fold`
+    replaces the MLP by its output for inference. ``dropout`` applies to the produced prefix while training.
+
+    Args:
+        prefix_len: P, virtual tokens per task.
+        slots: the attentions that receive a prefix, each ``(name, num_kv_heads, head_dim)``; or give
+            ``num_layers``, ``num_kv_heads`` and ``head_dim`` for ``num_layers`` identical slots ``"layer.i"``.
+        num_tasks: T, prefixes held side by side.
+        projection_hidden: None (no reparameterization) or the MLP's hidden size (P-Tuning v2 uses 512).
+        embed_dim: input width of the MLP (default: the first slot's ``Hkv * D``; for a model, its hidden size).
+        dropout: dropout probability on the prefix keys/values.
+
+    Calling the module returns one ``(key, value)`` pair per slot, each ``[T, Hkv, P, D]``: views of the flat
+    ``[T, P, F]`` output (of the embedding weight itself when there is no MLP and no dropout).
+    """
+
+    def __init__(self, prefix_len: int, slots=None, *, num_layers: Optional[int] = None,
+                 num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None, num_tasks: int = 1,
+                 projection_hidden: Optional[int] = None, embed_dim: Optional[int] = None, dropout: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        if slots is None:
+            if None in (num_layers, num_kv_heads, head_dim):
+                raise ValueError("give either slots, or num_layers, num_kv_heads and head_dim")
+            slots = [(f"layer.{i}", num_kv_heads, head_dim) for i in range(_positive_int("num_layers", num_layers))]
+        elif (num_layers, num_kv_heads, head_dim) != (None, None, None):
+            raise ValueError("give either slots, or num_layers, num_kv_heads and head_dim, not both")
+        self.slots = _checked_slots(slots)
+        self.prefix_len = _positive_int("prefix_len", prefix_len)
+        self.num_tasks = _positive_int("num_tasks", num_tasks)
+        if projection_hidden is not None:
+            projection_hidden = _positive_int("projection_hidden", projection_hidden)
+        if embed_dim is not None:
+            embed_dim = _positive_int("embed_dim", embed_dim)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.width = sum(slot.width for slot in self.slots)
+        self.projection_hidden = projection_hidden
+        self.embed_dim = embed_dim or (self.slots[0].num_kv_heads * self.slots[0].head_dim)
+        factory = dict(device=device, dtype=dtype)
+        rows = self.num_tasks * self.prefix_len
+        if projection_hidden is None:
+            self.embedding = nn.Embedding(rows, self.width, **factory)
+            self.transform = None
+        else:
+            self.embedding = nn.Embedding(rows, self.embed_dim, **factory)
+            self.transform = nn.Sequential(nn.Linear(self.embed_dim, projection_hidden, **factory), nn.Tanh(),
+                                           nn.Linear(projection_hidden, self.width, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0.0 else None
+
+    @property
+    def reparameterized(self) -> bool:
+        return self.transform is not None
+
+    def flat(self) -> Tensor:
+        """The prefix keys/values of all tasks and slots as one ``[T, P, F]`` tensor."""
+        values = self.embedding.weight
+        if self.transform is not None:
+            values = self.transform(values)
+        if self.dropout is not None:
+            values = self.dropout(values)
+        return values.view(self.num_tasks, self.prefix_len, self.width)
+
+    def forward(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        """One ``(key, value)`` pair ``[T, Hkv, P, D]`` per slot, views of :meth:`flat` made by a single split."""
+        sizes = [size for slot in self.slots for size in (slot.width // 2,) * 2]
+        parts = self.flat().split(sizes, dim=-1)
+        kv = []
+        for i, slot in enumerate(self.slots):
+            shape = (self.num_tasks, self.prefix_len, slot.num_kv_heads, slot.head_dim)
+            key, value = (part.view(shape).transpose(1, 2) for part in parts[2 * i:2 * i + 2])
+            kv.append((key, value))
+        return tuple(kv)
+
+    @torch.no_grad()
+    def fold(self) -> "PrefixEncoder":
+        """Replace the MLP by its output (for inference): afterwards the embedding holds the keys/values. In place."""
+        if self.transform is None:
+            return self
+        weight = self.transform(self.embedding.weight)
+        embedding = nn.Embedding(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+        embedding.weight.copy_(weight)
+        self.embedding, self.transform, self.projection_hidden = embedding, None, None
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"prefix_len={self.prefix_len}, num_tasks={self.num_tasks}, slots={len(self.slots)}, "
+                f"width={self.width}, projection_hidden={self.projection_hidden}")
+
+
+TaskIds = Union[int, str, Sequence[Union[int, str]], Tensor]
+
+
+class PrefixBank(nn.Module):
+    """T task prefixes for one model: a :class:`PrefixEncoder` plus each task's own prefix length.
+
+    Storage is padded to ``P = max(prefix_len)``; ``prefix_lengths[t]`` says how many of task t's virtual tokens
+    are real (the op ignores the rest). Build one for a model with :meth:`for_model`, save it with :meth:`save`
+    (safetensors, with the configuration needed to rebuild it), load it with :meth:`load`, import a PEFT prefix
+    with :meth:`from_peft`, and hand it to :func:`ptv2_kernels.patch`.
+
+    Args:
+        slots: the attentions that receive a prefix, each ``(name, num_kv_heads, head_dim)``.
+        num_tasks: T.
+        prefix_len: one length for every task, or T lengths.
+        projection_hidden, embed_dim, dropout: see :class:`PrefixEncoder`.
+        task_names: optional T names, so that ``task_ids`` may be given by name.
+        model_type: the ``config.model_type`` of the model the bank was built for (checked by ``patch``).
+    """
+
+    def __init__(self, slots, num_tasks: int = 1, prefix_len: Union[int, Sequence[int]] = 16, *,
+                 projection_hidden: Optional[int] = None, embed_dim: Optional[int] = None, dropout: float = 0.0,
+                 task_names: Optional[Sequence[str]] = None, model_type: Optional[str] = None, device=None,
+                 dtype=None):
+        super().__init__()
+        num_tasks = _positive_int("num_tasks", num_tasks)
+        if isinstance(prefix_len, int) and not isinstance(prefix_len, bool):
+            lengths = [_positive_int("prefix_len", prefix_len)] * num_tasks
+        else:
+            lengths = list(prefix_len)
+            if len(lengths) != num_tasks:
+                raise ValueError(f"prefix_len must be an int or {num_tasks} ints (one per task), got {len(lengths)}")
+            lengths = [_positive_int("each prefix_len", length) for length in lengths]
+        if task_names is not None:
+            task_names = [str(name) for name in task_names]
+            if len(task_names) != num_tasks or len(set(task_names)) != num_tasks:
+                raise ValueError(f"task_names must be {num_tasks} distinct names, got {task_names}")
+        self.task_names = task_names
+        self.model_type = model_type
+        self.encoder = PrefixEncoder(max(lengths), slots, num_tasks=num_tasks, projection_hidden=projection_hidden,
+                                     embed_dim=embed_dim, dropout=dropout, device=device, dtype=dtype)
+        self.register_buffer("prefix_lengths", torch.tensor(lengths, dtype=torch.long, device=device))
+        self.uniform_length = len(set(lengths)) == 1
+
+    # --- shape -----------------------------------------------------------------------------------------------
+
+    @property
+    def slots(self) -> tuple[PrefixSlot, ...]:
+        return self.encoder.slots
+
+    @property
+    def num_tasks(self) -> int:
+        return self.encoder.num_tasks
+
+    @property
+    def prefix_len(self) -> int:
+        """P, the padded length (the longest task's)."""
+        return self.encoder.prefix_len
+
+    def lengths(self) -> list[int]:
+        return [int(x) for x in self.prefix_lengths.tolist()]
+
+    def forward(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        """One ``(key, value)`` pair ``[T, Hkv, P, D]`` per slot (views; see :class:`PrefixEncoder`)."""
+        return self.encoder()
+
+    def fold(self) -> "PrefixBank":
+        """Replace the reparameterization MLP by its output (inference). In place; returns self."""
+        self.encoder.fold()
+        return self
+
+    def task_index(self, task_ids: TaskIds, device=None) -> Tensor:
+        """``task_ids`` (an int, a name, a sequence of them, or an integer tensor) as a long tensor on ``device``."""
+        if isinstance(task_ids, Tensor):
+            if task_ids.is_floating_point() or task_ids.is_complex() or task_ids.dtype == torch.bool:
+                raise TypeError(f"task_ids must be an integer tensor, got {task_ids.dtype}")
+            ids = task_ids.to(device=device if device is not None else task_ids.device, dtype=torch.long)
+            return ids.reshape(-1) if ids.dim() == 0 else ids
+        items = [task_ids] if isinstance(task_ids, (int, str)) else list(task_ids)
+        ids = []
+        for item in items:
+            if isinstance(item, str):
+                if self.task_names is None or item not in self.task_names:
+                    raise KeyError(f"unknown task name {item!r}; the bank's tasks are {self.task_names}")
+                ids.append(self.task_names.index(item))
+            elif isinstance(item, int) and not isinstance(item, bool):
+                if not 0 <= item < self.num_tasks:
+                    raise IndexError(f"task id {item} is out of range for a bank of {self.num_tasks} tasks")
+                ids.append(item)
+            else:
+                raise TypeError(f"task ids must be ints or task names, got {item!r}")
+        return torch.tensor(ids, dtype=torch.long, device=device if device is not None else self.prefix_lengths.device)
+
+    # --- construction ----------------------------------------------------------------------------------------
+
+    def config_dict(self) -> dict:
+        """Everything needed to rebuild this bank (its tensors aside)."""
+        encoder = self.encoder
+        return {
+            "format": _FORMAT, "version": _FORMAT_VERSION,
+            "slots": [list(slot) for slot in self.slots],
+            "num_tasks": self.num_tasks,
+            "prefix_len": self.lengths(),
+            "projection_hidden": encoder.projection_hidden,
+            "embed_dim": encoder.embed_dim,
+            "dropout": encoder.dropout.p if encoder.dropout is not None else 0.0,
+            "task_names": self.task_names,
+            "model_type": self.model_type,
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict, device=None, dtype=None) -> "PrefixBank":
+        if config.get("format") != _FORMAT:
+            raise ValueError(f"not a saved PrefixBank (format {config.get('format')!r}, expected {_FORMAT!r})")
+        if config.get("version", 0) > _FORMAT_VERSION:
+            raise ValueError(f"this PrefixBank was saved by a newer ptv2_kernels (format version "
+                             f"{config['version']} > {_FORMAT_VERSION})")
+        return cls([tuple(slot) for slot in config["slots"]], config["num_tasks"], config["prefix_len"],
+                   projection_hidden=config["projection_hidden"], embed_dim=config["embed_dim"],
+                   dropout=config["dropout"], task_names=config["task_names"], model_type=config["model_type"],
+                   device=device, dtype=dtype)
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write the bank to ``path`` as one safetensors file (tensors plus the configuration as metadata)."""
+        from safetensors.torch import save_file
+
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(tensors, os.fspath(path), metadata={_FORMAT: json.dumps(self.config_dict())})
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device=None, dtype=None) -> "PrefixBank":
+        """Read a bank written by :meth:`save`; ``dtype`` converts its floating-point tensors."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if _FORMAT not in metadata:
+            raise ValueError(f"{os.fspath(path)!r} is not a saved PrefixBank (no {_FORMAT!r} metadata)")
+        bank = cls.from_config_dict(json.loads(metadata[_FORMAT]), device=device, dtype=dtype)
+        state = load_file(os.fspath(path), device=str(device) if device is not None else "cpu")
+        if dtype is not None:
+            state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+        bank.load_state_dict(state)
+        return bank
+
+    @classmethod
+    def for_model(cls, model, num_tasks: int = 1, prefix_len: Union[int, Sequence[int]] = 16, *,
+                  projection_hidden: Optional[int] = None, attentions: Optional[Sequence[str]] = None,
+                  dropout: float = 0.0, task_names: Optional[Sequence[str]] = None, device=None,
+                  dtype=None) -> "PrefixBank":
+        """A bank shaped for a Hugging Face transformers model: one slot per attention, read from its config.
+
+        Layers, key/value heads (GQA) and head dims come from the config. Encoder-decoder models get encoder,
+        decoder and cross-attention slots (Li & Liang); ``attentions`` picks a subset of ``("encoder", "decoder",
+        "cross")``. The MLP's input width (with ``projection_hidden``) is the model's hidden size. Parameters are
+        created on the model's device unless ``device`` is given, in float32 unless ``dtype`` is given.
+        """
+        from .integrations.hf_transformers import prefix_layout
+
+        slots, hidden = prefix_layout(model, attentions)
+        if device is None:
+            device = next(iter(model.parameters())).device
+        return cls(slots, num_tasks, prefix_len, projection_hidden=projection_hidden,
+                   embed_dim=hidden if projection_hidden is not None else None, dropout=dropout,
+                   task_names=task_names, model_type=getattr(model.config, "model_type", None), device=device,
+                   dtype=dtype)
+
+    @classmethod
+    def from_peft(cls, peft_model, adapter_name: Optional[str] = None) -> "PrefixBank":
+        """Import the prefix of a PEFT ``PrefixTuningConfig`` model (its MLP, or the folded form) as a one-task bank
+        that, given to :func:`ptv2_kernels.patch` with ``positions="shifted"``, reproduces that model."""
+        from .integrations.hf_peft import bank_from_peft
+
+        return bank_from_peft(cls, peft_model, adapter_name)
+
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, prefix_lengths={self.lengths()}, model_type={self.model_type!r}"
