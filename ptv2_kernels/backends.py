@@ -28,6 +28,8 @@ NAMES = ("triton", "cuda", "reference")
 # Head dims the fused kernels serve; Triton pads other sizes to the next power of two internally.
 MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# CUDA grids allow 65535 programs along their second and third dims (query heads and samples).
+MAX_GRID_DIM = 65535
 
 
 def triton_interpreting() -> bool:
@@ -50,18 +52,23 @@ def unavailable_reason(name: str) -> Optional[str]:
     raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
 
 
-def unsupported_reason(name: str, q: Tensor, prefix_k: Tensor) -> Optional[str]:
+def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0) -> Optional[str]:
     """None if backend ``name`` can serve a call with these inputs, else why not (machine first, then the case)."""
     reason = unavailable_reason(name)
     if reason is not None or name == "reference":
         return reason
-    head_dim = q.shape[-1]
+    batch, q_heads, q_len, head_dim = q.shape
     if q.dtype not in KERNEL_DTYPES:
         return f"it supports q/k/v of dtype float16, bfloat16 or float32, got {q.dtype}"
     if prefix_k.dtype not in KERNEL_DTYPES:
         return f"it supports prefix_k/prefix_v of dtype float16, bfloat16 or float32, got {prefix_k.dtype}"
     if head_dim > MAX_HEAD_DIM:
         return f"it supports head dims up to {MAX_HEAD_DIM}, got {head_dim}"
+    if max(batch, q_heads) > MAX_GRID_DIM:
+        return f"it launches a grid row per sample and head, at most {MAX_GRID_DIM} each, got B={batch}, Hq={q_heads}"
+    if dropout_p > 0.0 and q_len * (prefix_k.shape[-2] + k.shape[2]) >= 2**31:
+        # Dropout numbers each (query, key) pair of a (sample, head) with one 32-bit counter.
+        return f"with dropout it needs Nq * (P + Nk) < 2**31, got Nq={q_len}, P={prefix_k.shape[-2]}, Nk={k.shape[2]}"
     if q.device.type == "cuda":
         return None
     if not triton_interpreting():
@@ -71,14 +78,14 @@ def unsupported_reason(name: str, q: Tensor, prefix_k: Tensor) -> Optional[str]:
     return None
 
 
-def choose(requested: str, q: Tensor, prefix_k: Tensor) -> str:
+def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0) -> str:
     """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
     fastest one that supports the case; CPU tensors go to the reference (the interpreter is for tests)."""
     if requested == "auto":
-        if q.device.type == "cuda" and unsupported_reason("triton", q, prefix_k) is None:
+        if q.device.type == "cuda" and unsupported_reason("triton", q, k, prefix_k, dropout_p) is None:
             return "triton"
         return "reference"
-    reason = unsupported_reason(requested, q, prefix_k)
+    reason = unsupported_reason(requested, q, k, prefix_k, dropout_p)
     if reason is not None:
         raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
     return requested

@@ -70,12 +70,7 @@ def prefix_attention(
         raise ValueError(f"backend must be one of {_BACKEND_CHOICES}, got {backend!r}")
     q, k, v, prefix_k, prefix_v, attn_mask = _checked(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale, dropout_p)
-    name = backends.choose(backend, q, prefix_k)
-    if dropout_p > 0.0 and name != "reference":
-        # The kernels number each (query, key) pair of a (sample, head) with one 32-bit counter.
-        if q.shape[2] * (prefix_k.shape[2] + k.shape[2]) >= 2**31:
-            raise ValueError("dropout_p > 0 needs Nq * (P + Nk) < 2**31, got "
-                             f"Nq={q.shape[2]}, P={prefix_k.shape[2]}, Nk={k.shape[2]}")
+    name = backends.choose(backend, q, k, prefix_k, dropout_p)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))

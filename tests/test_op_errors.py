@@ -446,7 +446,8 @@ def test_unknown_backend(bad):
 
 
 def test_cuda_backend_not_built():
-    reason = backends.unsupported_reason("cuda", torch.empty(1, 1, 1, D), torch.empty(1, 1, 1, D))
+    x = torch.empty(1, 1, 1, D)
+    reason = backends.unsupported_reason("cuda", x, x, x)
     if reason is None:
         pytest.skip("the CUDA backend can serve calls on this machine")
     args = _valid()

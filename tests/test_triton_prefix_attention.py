@@ -452,7 +452,18 @@ def test_out_of_range_index_never_reads_out_of_bounds():
 
 def test_auto_backend_choice():
     inputs, kwargs = make_inputs(Case(), torch.float32)
-    assert backends.choose("auto", inputs[0], inputs[3]) == ("triton" if ON_GPU else "reference")
+    assert backends.choose("auto", inputs[0], inputs[1], inputs[3]) == ("triton" if ON_GPU else "reference")
     if not ON_GPU:
         with pytest.raises(ValueError, match="bfloat16"):
-            backends.choose("triton", inputs[0].bfloat16(), inputs[3])
+            backends.choose("triton", inputs[0].bfloat16(), inputs[1].bfloat16(), inputs[3])
+
+
+def test_cases_beyond_the_kernels_fall_back_under_auto_and_raise_when_named():
+    """Dropout counters are 32-bit per (sample, head): a longer attention goes to the reference under "auto"."""
+    q = torch.empty(1, 1, 2**16, 16, device=DEVICE)
+    k = torch.empty(1, 1, 2**15, 16, device=DEVICE)
+    prefix = torch.empty(1, 8, 16, device=DEVICE)
+    assert backends.choose("auto", q, k, prefix, dropout_p=0.1) == "reference"
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        backends.choose("triton", q, k, prefix, dropout_p=0.1)
+    assert backends.choose("triton", q, k, prefix, dropout_p=0.0) == "triton"

@@ -93,6 +93,19 @@ def _dropout_keep(seed, stream, rows, cols, cols_total, dropout_p):
     return tl.uint_to_uniform_float(bits) >= dropout_p
 
 
+@triton.jit
+def _sequence_key_range(start_m, diag, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For query rows [start_m, start_m + BLOCK_M): the end of the sequence key blocks all of them see whole (no
+    bounds or causal mask needed), and the end of the keys any of them sees (causal: key j <= row + diag)."""
+    if CAUSAL:
+        seq_full = tl.maximum(tl.minimum(start_m + diag + 1, k_len), 0) // BLOCK_N * BLOCK_N
+        seq_end = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), k_len)
+    else:
+        seq_full = start_m * 0 + k_len // BLOCK_N * BLOCK_N
+        seq_end = start_m * 0 + k_len
+    return seq_full, seq_end
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -185,16 +198,11 @@ def _forward_kernel(
                             HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT, DOT_PRECISION)
 
     # Stage 2: the sequence. Blocks every query of this block sees whole go without bounds/causal masks; the
-    # rest (the causal diagonal, the ragged end) with them. Causal is aligned bottom-right: diag = Nk - Nq.
+    # rest (the causal diagonal, the ragged end) with them.
     Kb = K + b * stride_kb + hkv * stride_kh
     Vb = V + b * stride_vb + hkv * stride_vh
     diag = k_len - q_len
-    if CAUSAL:
-        seq_end = tl.minimum(tl.maximum(pid_m * BLOCK_M + BLOCK_M + diag, 0), k_len)
-        seq_full = tl.maximum(tl.minimum(pid_m * BLOCK_M + diag + 1, k_len), 0) // BLOCK_N * BLOCK_N
-    else:
-        seq_end = k_len
-        seq_full = k_len // BLOCK_N * BLOCK_N
+    seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, diag, k_len, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
                             0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                             stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
@@ -490,12 +498,7 @@ def _backward_query_kernel(
     Kb = K + b * stride_kb + hkv * stride_kh
     Vb = V + b * stride_vb + hkv * stride_vh
     diag = k_len - q_len
-    if CAUSAL:
-        seq_end = tl.minimum(tl.maximum(pid_m * BLOCK_M + BLOCK_M + diag, 0), k_len)
-        seq_full = tl.maximum(tl.minimum(pid_m * BLOCK_M + diag + 1, k_len), 0) // BLOCK_N * BLOCK_N
-    else:
-        seq_end = k_len
-        seq_full = k_len // BLOCK_N * BLOCK_N
+    seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, diag, k_len, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
                                 0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                                 stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
@@ -553,7 +556,7 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, q_heads: int, q_len: int, 
     cols = prefix_len + k_len
     keep = torch.empty(batch, q_heads, q_len, cols, dtype=torch.int8, device=seed.device)
     if keep.numel():
-        grid = (triton.cdiv(q_len, 16), q_heads * batch)
+        grid = (q_heads * batch, triton.cdiv(q_len, 16))
         _dropout_mask_kernel[grid](keep, seed, q_len, cols, dropout_p, BLOCK_M=16,
                                    BLOCK_N=triton.next_power_of_2(cols))
     return keep.bool()
@@ -561,8 +564,8 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, q_heads: int, q_len: int, 
 
 @triton.jit
 def _dropout_mask_kernel(Keep, Seed, q_len, cols, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    stream = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    stream = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_N)
     keep = _dropout_keep(tl.load(Seed), stream, rows[:, None], offs_c[None, :], cols, dropout_p)
     tl.store(Keep + (stream.to(tl.int64) * q_len + rows[:, None]) * cols + offs_c[None, :], keep.to(tl.int8),
@@ -655,6 +658,16 @@ def _mask_args(attn_mask):
     return None, mask, (0, 0, *mask.stride())
 
 
+def _query_block_grid(q_len, q_heads, batch):
+    return lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)
+
+
+def _key_block_grid(prefix_len, k_len, kv_heads, batch):
+    """Prefix key blocks first, then sequence key blocks: the key kernel tells them apart by program id."""
+    return lambda meta: (triton.cdiv(prefix_len, meta["BLOCK_N"]) + triton.cdiv(k_len, meta["BLOCK_N"]), kv_heads,
+                         batch)
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p):
     batch, q_heads, q_len, head_dim = q.shape
     out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
@@ -664,8 +677,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal,
                                                dropout_p)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
-    _forward[grid](
+    _forward[_query_block_grid(q_len, q_heads, batch)](
         q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, key_pad, dense, seed,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
         *out.stride()[:3], *mask_strides, *sizes, scale * LOG2E.value, dropout_p, *classes, **flags)
@@ -698,14 +710,11 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
     common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
               *grad_out.stride())
     if prefix_len + k_len > 0:
-        grid = lambda meta: (triton.cdiv(prefix_len, meta["BLOCK_N"]) + triton.cdiv(k_len, meta["BLOCK_N"]),  # noqa: E731
-                             kv_heads, batch)
-        _backward_keys[grid](
+        _backward_keys[_key_block_grid(prefix_len, k_len, kv_heads, batch)](
             q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dk, dv, partial_k, partial_v, prefix_index,
             prefix_lengths, key_pad, dense, seed, *common, *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
             *sizes, scale * LOG2E.value, scale, dropout_p, *classes, DETERMINISTIC=deterministic, **flags)
-    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)  # noqa: E731
-    _backward_queries[grid](
+    _backward_queries[_query_block_grid(q_len, q_heads, batch)](
         q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, prefix_index, prefix_lengths, key_pad, dense, seed,
         *common, *dq.stride()[:3], *mask_strides, *sizes, scale * LOG2E.value, scale, dropout_p, *classes, **flags)
     if prefix_len > 0:
