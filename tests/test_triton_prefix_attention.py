@@ -114,10 +114,10 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     return [q, k, v, prefix_k, prefix_v], kwargs
 
 
-def run_triton(inputs, kwargs, deterministic=False, seed=1):
+def run_backend(inputs, kwargs, deterministic=False, seed=1, backend="triton"):
     """Forward with lse, then backward with random dO and dlse. Returns (out, lse, grads, (dO, dlse))."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    out, lse = ptv2_kernels.prefix_attention(*leaves, **kwargs, return_lse=True, backend="triton",
+    out, lse = ptv2_kernels.prefix_attention(*leaves, **kwargs, return_lse=True, backend=backend,
                                              deterministic=deterministic)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, out.dtype)
@@ -148,9 +148,9 @@ def assert_close_to_reference(name, got, oracle, same_precision, dtype):
     assert error <= bound, f"{name}: max error {error:.3e} > bound {bound:.3e} (PyTorch {dtype}: {pt_error:.3e})"
 
 
-def check_against_reference(case: Case, dtype: torch.dtype, deterministic=False, seed=0):
+def check_against_reference(case: Case, dtype: torch.dtype, deterministic=False, seed=0, backend="triton"):
     inputs, kwargs = make_inputs(case, dtype, seed)
-    out, lse, grads, upstream = run_triton(inputs, kwargs, deterministic=deterministic)
+    out, lse, grads, upstream = run_backend(inputs, kwargs, deterministic=deterministic, backend=backend)
     assert out.dtype == dtype and lse.dtype == torch.float32
     assert out.transpose(1, 2).is_contiguous(), "out must be laid out as [B, Nq, Hq, D]"
     for grad, leaf in zip(grads, inputs):
@@ -242,7 +242,7 @@ def test_empty_dimensions(q_len, k_len, prefix_len):
 
 def test_empty_batch():
     inputs, kwargs = make_inputs(Case(batch=0), torch.float32)
-    out, lse, grads, _ = run_triton(inputs, kwargs)
+    out, lse, grads, _ = run_backend(inputs, kwargs)
     assert out.shape == (0, 4, 19, 32) and lse.shape == (0, 4, 19)
     assert all(g.shape == t.shape for g, t in zip(grads, inputs))
     assert (grads[3] == 0).all() and (grads[4] == 0).all()
@@ -251,7 +251,7 @@ def test_empty_batch():
 def test_unused_bank_entries_get_zero_gradient():
     inputs, kwargs = make_inputs(Case(num_prefixes=4, batch=3), torch.float32)
     kwargs["prefix_index"] = torch.tensor([2, 0, 2], device=DEVICE)
-    _, _, grads, _ = run_triton(inputs, kwargs)
+    _, _, grads, _ = run_backend(inputs, kwargs)
     for grad in grads[3:]:
         assert (grad[[1, 3]] == 0).all() and (grad[[0, 2]] != 0).any()
 
@@ -279,11 +279,11 @@ def test_fuzz_shapes(batch, kv_heads, group, q_len, k_len, head_dim, num_prefixe
 def test_deterministic_mode_is_bitwise_reproducible():
     case = Case(batch=4, num_prefixes=2, lengths=True, prefix_len=40, mask="padding", causal=True)
     inputs, kwargs = make_inputs(case, torch.float32)
-    first = run_triton(inputs, kwargs, deterministic=True)[2]
-    second = run_triton(inputs, kwargs, deterministic=True)[2]
+    first = run_backend(inputs, kwargs, deterministic=True)[2]
+    second = run_backend(inputs, kwargs, deterministic=True)[2]
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    atomic = run_triton(inputs, kwargs, deterministic=False)[2]
+    atomic = run_backend(inputs, kwargs, deterministic=False)[2]
     for a, b in zip(first, atomic):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
