@@ -1,0 +1,610 @@
+"""P-Tuning v2 on a Hugging Face transformers model: ``patch(model, bank)`` and ``unpatch(model)``.
+
+How a model is patched, on the instance only (no class is modified):
+
+* An attention function and a mask function are registered under one name with ``transformers.AttentionInterface``
+  and ``transformers.AttentionMaskInterface`` (a custom attention name without a mask function would silently get
+  no padding mask), and the model is switched to that name with ``set_attn_implementation``.
+* Each attention module is bound explicitly to its bank slot (``"layer.i"``, or ``"encoder.i"``, ``"decoder.i"``
+  and ``"cross.i"`` for encoder-decoder models, which reuse ``layer_idx`` across the three).
+* A forward pre-hook on the model (and on its sub-models, which ``generate`` calls directly) computes the bank's
+  per-slot key/value views once per forward and passes them, with the samples' task ids, down to the attention
+  function as a keyword argument (transformers forwards such keyword arguments to every attention call, also under
+  gradient checkpointing). ``model(**batch, task_ids=ids)`` selects each sample's task.
+* ``generate`` gets an instance-level wrapper that accepts ``task_ids``; the cache holds real tokens only.
+
+The mask function hands the op its cheap mask forms whenever they are exact: no mask, or a ``[B, Nk]`` key-padding
+mask, with causality given by a flag (the op's causal mask is aligned bottom-right, which is exact when the queries
+are the last ``Nq`` of the ``Nk`` keys). Anything else (sliding windows, static caches, packed sequences, user 4-D
+masks) becomes a dense boolean mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import weakref
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import prefix_attention
+from ..prefix import PrefixBank, PrefixSlot
+
+__all__ = ["patch", "unpatch", "PatchHandle", "freeze_backbone", "prefix_layout", "ATTENTION_NAME"]
+
+ATTENTION_NAME = "ptv2_prefix"
+CONTEXT_KWARG = "ptv2_prefix_context"
+POSITIONS = ("shifted", "unshifted")
+BACKENDS = ("auto", "triton", "cuda", "reference")
+_BINDING_ATTR = "_ptv2_prefix_slot"
+_STATE_ATTR = "_ptv2_patch_state"
+_BANK_MODULE = "ptv2_prefix"
+_ROLES = ("encoder", "decoder", "cross")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finding the attention modules of a model
+# ----------------------------------------------------------------------------------------------------------------
+
+_INTERFACE_CLASSES: dict = {}
+
+
+def _calls_attention_interface(cls) -> bool:
+    """Whether ``cls.forward`` dispatches through transformers' AttentionInterface (read from its source)."""
+    if cls not in _INTERFACE_CLASSES:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _INTERFACE_CLASSES[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _INTERFACE_CLASSES[cls]
+
+
+def _is_encoder_decoder(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _attention_modules(model) -> list[tuple[str, str, nn.Module]]:
+    """``(slot name, module path, module)`` for every attention module of ``model``, in model order."""
+    found = [(path, module) for path, module in model.named_modules()
+             if path.split(".")[-1] != _BANK_MODULE and _calls_attention_interface(type(module))]
+    counters = {}
+    result = []
+    if _is_encoder_decoder(model):
+        encoder = model.get_encoder()
+        encoder_ids = {id(m) for m in encoder.modules()} if encoder is not model else set()
+        for path, module in found:
+            if id(module) in encoder_ids:
+                role = "encoder"
+            else:
+                role = "decoder" if getattr(module, "is_causal", False) else "cross"
+            index = counters.get(role, 0)
+            counters[role] = index + 1
+            result.append((f"{role}.{index}", path, module))
+    else:
+        for path, module in found:
+            if "cross" in type(module).__name__.lower() or "crossattention" in path.lower():
+                continue  # cross-attention of a decoder-configured encoder model: served without a prefix
+            index = counters.get("layer", 0)
+            counters["layer"] = index + 1
+            result.append((f"layer.{index}", path, module))
+    return result
+
+
+def _first_attr(objects, names):
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _module_kv_shape(module, config) -> tuple[int, int]:
+    """(key/value heads, head dim) of one attention module, from its attributes or its config."""
+    head_dim = _first_attr([module], ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size"))
+    heads = _first_attr([module], ("num_heads", "num_attention_heads", "n_heads", "n_head"))
+    if heads is None:
+        heads = _first_attr([config], ("num_attention_heads", "num_heads"))
+    kv_heads = _first_attr([module], ("num_key_value_heads", "num_kv_heads"))
+    if kv_heads is None:
+        groups = _first_attr([module], ("num_key_value_groups",))
+        if groups is not None and heads is not None:
+            kv_heads = heads // groups
+        else:
+            kv_heads = _first_attr([config], ("num_key_value_heads",)) or heads
+    if head_dim is None:
+        head_dim = _first_attr([config], ("head_dim",))
+        if head_dim is None and heads:
+            head_dim = _first_attr([config], ("hidden_size", "d_model")) // heads
+    if not kv_heads or not head_dim:
+        raise NotImplementedError(f"cannot read the key/value head count and head dim of {type(module).__name__}")
+    return kv_heads, head_dim
+
+
+def _model_type(model) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def _unsupported(model, why: str) -> NotImplementedError:
+    return NotImplementedError(f"ptv2_kernels.patch does not support model type {_model_type(model)!r} "
+                               f"({type(model).__name__}): {why}")
+
+
+def _check_model(model):
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as error:  # pragma: no cover - transformers is a requirement of this integration
+        raise ImportError("ptv2_kernels.patch needs the transformers package") from error
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model must be a transformers PreTrainedModel instance, got {type(model).__name__}")
+
+
+def prefix_layout(model, attentions: Optional[Sequence[str]] = None) -> tuple[list[PrefixSlot], int]:
+    """The bank slots a model's attentions need, and its hidden size (the input width of a prefix MLP).
+
+    ``attentions`` picks the roles of an encoder-decoder model (``"encoder"``, ``"decoder"``, ``"cross"``; all by
+    default); decoder-only and encoder-only models have one role, ``"layer"``.
+    """
+    _check_model(model)
+    modules = _attention_modules(model)
+    if not modules:
+        raise _unsupported(model, "its attention does not go through transformers' AttentionInterface")
+    if attentions is not None:
+        if not _is_encoder_decoder(model):
+            raise ValueError("attentions selects the encoder/decoder/cross attentions of an encoder-decoder model; "
+                             f"{_model_type(model)!r} is not one")
+        attentions = tuple(attentions)
+        bad = [role for role in attentions if role not in _ROLES]
+        if bad or not attentions:
+            raise ValueError(f"attentions must be a non-empty subset of {_ROLES}, got {attentions}")
+    slots = []
+    for name, _, module in modules:
+        if attentions is not None and name.split(".")[0] not in attentions:
+            continue
+        config = getattr(module, "config", None) or model.config
+        slots.append(PrefixSlot(name, *_module_kv_shape(module, config)))
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "d_model", None)
+    return slots, int(hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-forward context: the bank's views and the samples' task ids
+# ----------------------------------------------------------------------------------------------------------------
+
+class PrefixContext:
+    """What one forward of a patched model hands every attention call: the bank's per-slot (key, value) views
+    (computed once), each sample's bank entry, and the entries' lengths."""
+
+    __slots__ = ("state", "kv", "index", "lengths", "shift")
+
+    def __init__(self, state, kv, index, lengths, shift):
+        self.state, self.kv, self.index, self.lengths, self.shift = state, kv, index, lengths, shift
+
+    def index_for(self, batch: int) -> Optional[Tensor]:
+        """The samples' bank entries for an attention batch of ``batch`` rows (a multiple of the task ids' batch
+        when the model repeats samples, as multiple-choice heads and beam search do)."""
+        index = self.index
+        if index is None or index.shape[0] == batch:
+            return index
+        if index.shape[0] == 1:
+            return index.expand(batch)
+        if batch % index.shape[0] != 0:
+            raise ValueError(f"task_ids has {index.shape[0]} entries, which does not divide the batch of {batch} "
+                             "samples the model runs")
+        return index.repeat_interleave(batch // index.shape[0])
+
+    def shift_for(self, batch: int):
+        """Each sample's position shift (its prefix length): a python int when all are equal, else ``[B, 1]``."""
+        if self.shift is not None:
+            return self.shift
+        return self.state.bank.prefix_lengths[self.index_for(batch)].unsqueeze(-1)
+
+
+class _PatchState:
+    def __init__(self, model, bank: PrefixBank, positions: str, backend: str):
+        self.model_ref = weakref.ref(model)
+        self.bank = bank
+        self.positions = positions
+        self.backend = backend
+        self.bindings: list[nn.Module] = []
+        self.hooks = []
+        self.previous_implementations: list = []  # (sub-model, implementation before patching)
+        self.ambient_task_ids: list = []  # task ids given to generate, innermost last
+        self.wrapped_generate = False
+
+    def context(self, task_ids) -> PrefixContext:
+        bank = self.bank
+        if task_ids is None and self.ambient_task_ids:
+            task_ids = self.ambient_task_ids[-1]
+        device = bank.prefix_lengths.device
+        if task_ids is None:
+            if bank.num_tasks != 1:
+                raise ValueError(f"the patched model's PrefixBank holds {bank.num_tasks} task prefixes: pass "
+                                 "task_ids=... (one per sample, or one for the batch) to the model or to generate")
+            index = None
+        else:
+            index = bank.task_index(task_ids, device=device)
+            if index.dim() != 1:
+                raise ValueError(f"task_ids must be one id per sample ([B]), got shape {list(index.shape)}")
+            if bank.num_tasks == 1 and not torch.compiler.is_compiling():
+                if index.numel() and int(index.max()) != 0:
+                    raise IndexError(f"task id {int(index.max())} is out of range for a bank of 1 task")
+                index = None
+        lengths = None if bank.uniform_length else bank.prefix_lengths
+        shift = bank.prefix_len if bank.uniform_length else None  # None: each sample's own length
+        return PrefixContext(self, bank(), index, lengths, shift)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The attention and mask functions registered with transformers
+# ----------------------------------------------------------------------------------------------------------------
+
+_EMPTY_PREFIXES: dict = {}
+
+
+def _empty_prefix(key: Tensor) -> Tensor:
+    shape = (key.shape[1], 0, key.shape[3])
+    cache_key = (shape, key.dtype, key.device)
+    if cache_key not in _EMPTY_PREFIXES:
+        _EMPTY_PREFIXES[cache_key] = key.new_empty(shape)
+    return _EMPTY_PREFIXES[cache_key]
+
+
+def _op_mask(attention_mask, is_causal: bool, key: Tensor):
+    """The op's (attn_mask, causal) for the mask a model hands the attention function.
+
+    Masks this module's mask function makes: None (causality from the module, as transformers' SDPA path does),
+    ``[B, Nk]`` bool (key padding, not causal), ``[B, 1, Nk]`` bool (key padding, causal), or a dense 4-D bool
+    mask. A 4-D mask given by the user may also be an additive float mask (0 = attend, very negative = not).
+    """
+    if attention_mask is None:
+        return None, is_causal
+    if attention_mask.dim() == 2:
+        return attention_mask.to(torch.bool), False
+    if attention_mask.dim() == 3:
+        return attention_mask[:, 0].to(torch.bool), True
+    if attention_mask.dim() != 4:
+        raise ValueError(f"a patched model's attention got a {attention_mask.dim()}-D attention mask of shape "
+                         f"{list(attention_mask.shape)}; expected a 2-D padding mask or a 4-D mask")
+    if attention_mask.shape[-1] > key.shape[-2]:
+        attention_mask = attention_mask[..., :key.shape[-2]]  # a static cache's mask may be longer than the keys
+    if attention_mask.dtype != torch.bool:
+        if not attention_mask.is_floating_point():
+            return attention_mask != 0, False
+        visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        if not torch.compiler.is_compiling() and bool(((attention_mask != 0) & visible).any()):
+            raise ValueError("a float attention mask given to a patched model must hold only 0 (attend) and large "
+                             "negative values (do not attend); additive biases are not supported")
+        attention_mask = visible
+    return attention_mask, False
+
+
+def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                             attention_mask: Optional[Tensor], scaling: Optional[float] = None,
+                             dropout: float = 0.0, **kwargs):
+    """The attention function registered as ``"ptv2_prefix"``: attention over the module's bank slot + K/V."""
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"a patched model's attention does not support {name!r} "
+                                      f"({type(module).__name__})")
+    if kwargs.get("position_bias") is not None:
+        return _biased_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", False))
+    mask, causal = _op_mask(attention_mask, is_causal, key)
+    prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs)
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
+                           attn_mask=mask, causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend)
+    return out.transpose(1, 2), None
+
+
+def _module_prefix(module, query, key, kwargs):
+    """(prefix_k, prefix_v, prefix_index, prefix_lengths, backend) for one attention call."""
+    binding = module.__dict__.get(_BINDING_ATTR)
+    if binding is None:  # an attention without a bank slot: no prefix
+        empty = _empty_prefix(key)
+        return empty, empty, None, None, "auto"
+    state, slot = binding
+    context = kwargs.get(CONTEXT_KWARG)
+    if context is None or context.state is not state:
+        context = state.context(None)  # called outside a hooked forward: views made here
+    prefix_k, prefix_v = context.kv[slot]
+    return prefix_k, prefix_v, context.index_for(query.shape[0]), context.lengths, state.backend
+
+
+def _biased_attention(module, query, key, value, attention_mask, scaling, dropout, position_bias=None, **kwargs):
+    raise NotImplementedError(f"{type(module).__name__} adds a position bias to its attention scores, which "
+                              "ptv2_kernels.prefix_attention does not take")
+
+
+def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                          mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs):
+    """The mask function registered as ``"ptv2_prefix"`` (see :func:`_op_mask` for the forms it returns)."""
+    from transformers import masking_utils
+
+    if mask_function is None:
+        mask_function = masking_utils.causal_mask_function
+    bidirectional = mask_function is masking_utils.bidirectional_mask_function
+    causal = (mask_function is masking_utils.causal_mask_function and isinstance(q_offset, int)
+              and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length)
+    if bidirectional or causal:
+        if attention_mask is None:
+            return None
+        padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        padding = padding[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+        return padding if bidirectional else padding.unsqueeze(1)
+    for name in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "allow_torch_fix", "dtype"):
+        kwargs.pop(name, None)
+    return masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                   q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                                   attention_mask=attention_mask, allow_is_causal_skip=False,
+                                   allow_is_bidirectional_skip=False, **kwargs)
+
+
+def _register():
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, prefix_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, prefix_attention_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hooks: the per-forward context, task ids and shifted positions
+# ----------------------------------------------------------------------------------------------------------------
+
+def _forward_parameters(module) -> tuple[list[str], bool]:
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names, any(p.kind == p.VAR_KEYWORD for p in parameters)
+
+
+def _argument(name, names, args, kwargs):
+    if name in kwargs:
+        return kwargs[name]
+    if name in names and names.index(name) < len(args):
+        return args[names.index(name)]
+    return None
+
+
+def _padding_idx_embeddings(model):
+    """RoBERTa-style embeddings (positions count from padding_idx + 1, padding keeps padding_idx), if any."""
+    for module in model.modules():
+        if hasattr(module, "create_position_ids_from_input_ids") and hasattr(module, "padding_idx"):
+            return module
+    return None
+
+
+def _make_pre_hook(state: _PatchState, names: list[str], shift_positions: bool, roberta):
+    def hook(module, args, kwargs):
+        context = kwargs.get(CONTEXT_KWARG)
+        if context is not None and context.state is state:
+            return None
+        context = state.context(kwargs.pop("task_ids", None))
+        kwargs[CONTEXT_KWARG] = context
+        if shift_positions:
+            _shift_positions(context, names, args, kwargs, roberta)
+        return args, kwargs
+
+    return hook
+
+
+def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
+    """Real tokens at positions L..L+N-1 (L the sample's prefix length), as when the prefix sits in the cache."""
+    input_ids = _argument("input_ids", names, args, kwargs)
+    embeds = _argument("inputs_embeds", names, args, kwargs)
+    if input_ids is not None:
+        lead, length, device = tuple(input_ids.shape[:-1]), input_ids.shape[-1], input_ids.device
+    elif embeds is not None:
+        lead, length, device = tuple(embeds.shape[:-2]), embeds.shape[-2], embeds.device
+    else:
+        return
+    if "position_ids" in names and names.index("position_ids") < len(args):
+        raise ValueError("give position_ids by keyword to a patched model with positions='shifted'")
+    shift = context.shift_for(lead[0])
+    if not isinstance(shift, int):  # [B, 1] -> [B, 1, ..., 1] for inputs like multiple choice's [B, C, N]
+        shift = shift.view(lead[0], *([1] * len(lead)))
+    position_ids = _argument("position_ids", names, args, kwargs)
+    if position_ids is None:
+        cache = _argument("past_key_values", names, args, kwargs)
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if roberta is not None and input_ids is not None:
+            # RoBERTa counts positions from padding_idx + 1 and leaves padding at padding_idx.
+            real = input_ids.ne(roberta.padding_idx).long()
+            position_ids = (torch.cumsum(real, dim=-1) + past + shift) * real + roberta.padding_idx
+        else:
+            start = roberta.padding_idx + 1 if roberta is not None else 0
+            position_ids = torch.arange(length, device=device) + (start + past)
+            position_ids = (position_ids + shift).expand(*lead, length).contiguous()
+    else:
+        position_ids = position_ids + shift
+    kwargs["position_ids"] = position_ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# patch / unpatch
+# ----------------------------------------------------------------------------------------------------------------
+
+class PatchHandle:
+    """Returned by :func:`patch`; ``handle.unpatch()`` or leaving ``with patch(...) as model:`` restores the model."""
+
+    def __init__(self, model):
+        self._model = weakref.ref(model)
+
+    @property
+    def model(self):
+        return self._model()
+
+    def unpatch(self):
+        model = self._model()
+        if model is not None and getattr(model, _STATE_ATTR, None) is not None:
+            unpatch(model)
+
+    def __enter__(self):
+        return self._model()
+
+    def __exit__(self, *exc):
+        self.unpatch()
+        return False
+
+
+def _sub_models(model):
+    from transformers import PreTrainedModel
+
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
+
+def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str = "auto") -> PatchHandle:
+    """Make ``model`` attend over ``prefix``'s per-layer keys/values in every attention, with the fused op.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` instance (the instance is changed; its class is not).
+        prefix: a :class:`~ptv2_kernels.PrefixBank` shaped for the model (``PrefixBank.for_model``). It becomes
+            the submodule ``model.ptv2_prefix`` (so ``model.parameters()``, ``.to()``, DDP and optimizers see it).
+        positions: ``"shifted"`` puts the real tokens at positions ``L..L+N-1`` (L = the sample's prefix length),
+            which is what PEFT and P-Tuning v2 do (the prefix sits in their cache); ``"unshifted"`` keeps 0..N-1.
+        backend: the op's backend (``"auto"``, ``"triton"``, ``"cuda"``, ``"reference"``).
+
+    Afterwards ``model(**batch, task_ids=ids)`` and ``model.generate(..., task_ids=ids)`` pick each sample's task
+    (ids, names, or one for the whole batch; may be omitted for a one-task bank). Returns a handle that is also a
+    context manager; :func:`unpatch` restores the model.
+    """
+    _check_model(model)
+    if not isinstance(prefix, PrefixBank):
+        raise TypeError(f"prefix must be a ptv2_kernels.PrefixBank, got {type(prefix).__name__}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise RuntimeError(f"this {type(model).__name__} is already patched; call ptv2_kernels.unpatch(model) first")
+    if hasattr(model, _BANK_MODULE):
+        raise RuntimeError(f"the model already has an attribute {_BANK_MODULE!r}")
+    if prefix.model_type is not None and prefix.model_type != _model_type(model):
+        raise ValueError(f"the PrefixBank was built for model type {prefix.model_type!r}, not "
+                         f"{_model_type(model)!r}")
+    modules = _attention_modules(model)
+    if not modules:
+        raise _unsupported(model, "its attention does not go through transformers' AttentionInterface")
+    names, var_kwargs = _forward_parameters(model)
+    if not var_kwargs:
+        raise _unsupported(model, "its forward takes no **kwargs to pass the prefix to its attention")
+    by_name = {name: (path, module) for name, path, module in modules}
+    slot_index = {}
+    for i, slot in enumerate(prefix.slots):
+        if slot.name not in by_name:
+            raise ValueError(f"the PrefixBank has a slot {slot.name!r} that {type(model).__name__} does not have "
+                             f"(its attentions: {', '.join(by_name)})")
+        path, module = by_name[slot.name]
+        config = getattr(module, "config", None) or model.config
+        shape = _module_kv_shape(module, config)
+        if shape != (slot.num_kv_heads, slot.head_dim):
+            raise ValueError(f"slot {slot.name!r} of the PrefixBank has (num_kv_heads, head_dim) = "
+                             f"{(slot.num_kv_heads, slot.head_dim)}, but {path} has {shape}")
+        slot_index[slot.name] = i
+    try:
+        parameter = next(iter(model.parameters()))
+    except StopIteration:
+        parameter = None
+    if parameter is not None and parameter.device != prefix.prefix_lengths.device:
+        raise ValueError(f"the PrefixBank is on {prefix.prefix_lengths.device} but the model is on "
+                         f"{parameter.device}; move one of them first")
+
+    _register()
+    state = _PatchState(model, prefix, positions, backend)
+    previous = [(sub, sub.config._attn_implementation) for sub in _sub_models(model)]
+    try:
+        model.set_attn_implementation(ATTENTION_NAME)
+        for sub in _sub_models(model):  # sub-models sharing the top config class are skipped by some versions
+            if sub.config._attn_implementation != ATTENTION_NAME:
+                sub.set_attn_implementation(ATTENTION_NAME)
+        for name, path, module in modules:
+            config = getattr(module, "config", None) or model.config
+            if config._attn_implementation != ATTENTION_NAME:
+                raise _unsupported(model, f"{path} did not switch to the attention implementation "
+                                          f"{ATTENTION_NAME!r}")
+    except BaseException:
+        _restore_implementations(previous)
+        raise
+    state.previous_implementations = previous
+
+    for name, path, module in modules:
+        if name in slot_index:
+            setattr(module, _BINDING_ATTR, (state, slot_index[name]))
+            state.bindings.append(module)
+    roberta = _padding_idx_embeddings(model)
+    for sub in _sub_models(model):
+        sub_names, sub_var_kwargs = _forward_parameters(sub)
+        if not sub_var_kwargs:
+            continue
+        shift = positions == "shifted" and "position_ids" in sub_names and not _is_encoder_decoder(model)
+        handle = sub.register_forward_pre_hook(_make_pre_hook(state, sub_names, shift, roberta), with_kwargs=True)
+        state.hooks.append(handle)
+    if hasattr(model, "generate") and "generate" not in model.__dict__:
+        model.generate = _make_generate(state, model.generate)
+        state.wrapped_generate = True
+    model.add_module(_BANK_MODULE, prefix)
+    object.__setattr__(model, _STATE_ATTR, state)
+    return PatchHandle(model)
+
+
+def _make_generate(state: _PatchState, generate):
+    def generate_with_tasks(*args, task_ids=None, **kwargs):
+        state.ambient_task_ids.append(task_ids)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            state.ambient_task_ids.pop()
+
+    generate_with_tasks.__doc__ = generate.__doc__
+    generate_with_tasks.__wrapped__ = generate
+    return generate_with_tasks
+
+
+def _restore_implementations(previous):
+    for sub, implementation in previous:
+        if sub.config._attn_implementation != implementation:
+            sub.set_attn_implementation(implementation)
+
+
+def unpatch(model) -> None:
+    """Undo :func:`patch`: the original attention implementation, no hooks, no bindings, no ``ptv2_prefix``."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError(f"this {type(model).__name__} is not patched by ptv2_kernels")
+    for handle in state.hooks:
+        handle.remove()
+    for module in state.bindings:
+        module.__dict__.pop(_BINDING_ATTR, None)
+    if state.wrapped_generate:
+        model.__dict__.pop("generate", None)
+    _restore_implementations(state.previous_implementations)
+    if _BANK_MODULE in model._modules:
+        del model._modules[_BANK_MODULE]
+    object.__delattr__(model, _STATE_ATTR)
+
+
+def freeze_backbone(model, *, train_head: bool = True) -> list[str]:
+    """Freeze everything but the prefix (and, with ``train_head``, the task head), as P-Tuning v2 trains.
+
+    The task head is what the model holds outside its base model (``model.base_model``), less parameters shared
+    with the base model (a language-model head tied to the input embeddings stays frozen). Returns the names of
+    the parameters left trainable.
+    """
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("freeze_backbone expects a model patched with ptv2_kernels.patch")
+    base = model.base_model
+    base_params = {id(p) for p in base.parameters()} if base is not model else set()
+    bank_params = {id(p) for p in state.bank.parameters()}
+    trainable = []
+    for name, param in model.named_parameters(remove_duplicate=False):
+        keep = id(param) in bank_params or (train_head and base is not model and id(param) not in base_params)
+        param.requires_grad_(keep)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            trainable.append(name)
+    return trainable
