@@ -1,0 +1,397 @@
+"""The attention implementations compared at the kernel level, on the same inputs.
+
+Each :class:`Provider` turns one set of :class:`~benchmarks.workloads.KernelInputs` into a :class:`Prepared`: a
+zero-argument ``call`` that does exactly the work that is timed, and a ``finish`` that turns what ``call`` returned
+into the quantities the correctness check compares (``out`` and, for fwd+bwd, the gradients of q, k, v and the
+prefix in the inputs' shapes). Work that a provider's users do once, outside the step (concatenating K/V
+beforehand for ``sdpa-precat``, building a block mask), happens in ``prepare`` and is not timed.
+
+* ``ptv2-triton``, ``ptv2-cuda``, ``reference`` — :func:`ptv2_kernels.prefix_attention` with that backend.
+* ``peft-path`` — what HF PEFT and the P-Tuning v2 code do on every forward: expand the prefix to the batch (or
+  gather each sample's bank entry), ``cat`` it in front of K/V, build nothing else, and run SDPA the way
+  transformers' ``sdpa_attention_forward`` calls it (``repeat_kv`` for GQA when a mask is passed); in backward
+  autograd sums the prefix gradient over the batch. The masks (the prefix columns always visible) are made once.
+* ``sdpa-precat`` — SDPA on K/V concatenated beforehand (the cat not timed): the "two sources cost nothing" bar.
+  Causal uses torch's bottom-right causal bias, which is exactly the op's causal rule over ``[prefix ; sequence]``.
+* ``flash-attn`` — ``flash_attn_func`` on the concatenated K/V (bottom-right causal is its native alignment).
+* ``flex-attention`` — ``torch.nn.attention.flex_attention`` (compiled on a GPU) on the concatenated K/V.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import warnings
+from typing import Callable, Optional
+
+from . import env  # first: sets TRITON_INTERPRET before anything imports triton
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from .harness import Unavailable  # noqa: E402
+from .workloads import KERNEL_KINDS, KernelInputs, Workload
+
+BASELINES = ("peft-path", "sdpa-precat")
+GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+@dataclasses.dataclass
+class Prepared:
+    call: Callable[[], object]
+    finish: Callable[[object], dict]
+    note: str = ""
+
+
+class Provider:
+    name = ""
+    kinds = KERNEL_KINDS
+    description = ""
+
+    def unavailable(self, w: Workload, x: Optional[KernelInputs] = None) -> Optional[str]:
+        """None if this provider can run workload ``w`` here, else a sentence saying why not."""
+        if w.kind not in self.kinds:
+            return f"{self.name} does not serve {w.kind} workloads"
+        return None
+
+    def prepare(self, w: Workload, x: KernelInputs) -> Prepared:
+        raise NotImplementedError
+
+
+def _leaves(tensors, requires_grad: bool):
+    return [t.detach().requires_grad_(requires_grad) for t in tensors]
+
+
+def _standard_finish(w: Workload, leaves):
+    """``finish`` for a provider whose call returns ``out`` (fwd, decode) or ``(out, grads of the leaves)``."""
+    def finish(result):
+        if w.kind != "fwdbwd":
+            return {"out": result}
+        out, grads = result
+        return {"out": out, **dict(zip(GRAD_NAMES, grads))}
+    return finish
+
+
+def _timed_body(w: Workload, forward: Callable[[], torch.Tensor], leaves, grad_out):
+    """The timed call: forward alone, or forward then the gradients of ``leaves`` (no .grad accumulation)."""
+    if w.kind != "fwdbwd":
+        def call():
+            with torch.no_grad():
+                return forward()
+        return call
+
+    def call():
+        out = forward()
+        return out, torch.autograd.grad(out, leaves, grad_out)
+    return call
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ptv2_kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+class Ptv2(Provider):
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.name = "reference" if backend == "reference" else f"ptv2-{backend}"
+        self.description = f"ptv2_kernels.prefix_attention(backend={backend!r})"
+
+    def unavailable(self, w, x=None):
+        reason = super().unavailable(w, x)
+        if reason:
+            return reason
+        from ptv2_kernels import backends
+
+        reason = backends.unavailable_reason(self.backend)
+        if reason is None and self.backend == "reference":
+            reason = _reference_memory_reason(w, x)
+        return reason
+
+    def prepare(self, w, x):
+        import ptv2_kernels
+
+        leaves = _leaves(x.tensors, w.kind == "fwdbwd")
+        kwargs = dict(x.op_kwargs(), backend=self.backend)
+
+        def forward():
+            try:
+                return ptv2_kernels.prefix_attention(*leaves, **kwargs)
+            except ValueError as error:  # a backend named explicitly that cannot serve this case says why
+                if "cannot serve this call" in str(error):
+                    raise Unavailable(str(error)) from None
+                raise
+        return Prepared(_timed_body(w, forward, leaves, x.grad_out), _standard_finish(w, leaves))
+
+
+def _reference_memory_reason(w: Workload, x: Optional[KernelInputs]) -> Optional[str]:
+    """The reference materializes float32 scores, probabilities and masks of [B, Hq, Nq, P + N]: skip it where that
+    cannot fit (a long-sequence GPU shape) rather than fail the run with an out-of-memory error."""
+    if x is None or x.q.device.type != "cuda":
+        return None
+    scores = w.batch * w.q_heads * w.q_len * (w.prefix_len + w.seq_len) * 4
+    need = scores * (8 if w.kind == "fwdbwd" else 4)
+    free, _ = torch.cuda.mem_get_info()
+    if need > 0.8 * free:
+        return (f"the reference materializes [B, Hq, Nq, P + N] float32 scores: ~{need / 2**30:.0f} GiB needed, "
+                f"{free / 2**30:.0f} GiB free")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Baselines on the concatenated K/V
+# ----------------------------------------------------------------------------------------------------------------
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """transformers' repeat_kv: [B, Hkv, N, D] -> [B, Hkv·groups, N, D] (a copy)."""
+    if groups == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def concat_mask(w: Workload, x: KernelInputs) -> Optional[torch.Tensor]:
+    """The bool mask over ``[prefix ; sequence]`` keys that transformers builds with a PEFT prefix in the cache:
+    prefix columns always visible, then key padding and/or bottom-right causal over the sequence. None when all
+    keys are visible."""
+    batch, q_len, k_len, p = w.batch, w.q_len, w.seq_len, w.prefix_len
+    device = x.q.device
+    if x.attn_mask is None and not (w.causal and q_len > 1):
+        return None
+    visible = torch.ones(batch, 1, q_len, p + k_len, dtype=torch.bool, device=device)
+    if x.attn_mask is not None:
+        visible[:, :, :, p:] &= x.attn_mask[:, None, None, :]
+    if w.causal and q_len > 1:
+        rows = torch.arange(q_len, device=device)[:, None]
+        cols = torch.arange(k_len, device=device)[None, :]
+        visible[:, :, :, p:] &= cols <= rows + (k_len - q_len)
+    if x.attn_mask is not None and not (w.causal and q_len > 1):
+        return visible[:, :, :1]  # [B, 1, 1, P + N]: key padding broadcasts over the queries
+    return visible
+
+
+def split_concat_grads(x: KernelInputs, grad_kc: torch.Tensor, grad_vc: torch.Tensor) -> dict:
+    """Gradients of concatenated per-sample K/V back into the sequence part and the prefix bank (summed over the
+    samples that used each entry) — outside any timing, for the check only."""
+    p = x.prefix_k.shape[-2]
+    out = {}
+    for name, grad, prefix in (("k", grad_kc, x.prefix_k), ("v", grad_vc, x.prefix_v)):
+        out[name] = grad[:, :, p:]
+        bank_shape = prefix.shape if prefix.dim() == 4 else (1, *prefix.shape)
+        index = x.prefix_index if x.prefix_index is not None else torch.zeros(
+            grad.shape[0], dtype=torch.long, device=grad.device)
+        bank = torch.zeros(bank_shape, dtype=torch.float32, device=grad.device)
+        bank.index_add_(0, index, grad[:, :, :p].float())
+        out[f"prefix_{name}"] = bank.view(prefix.shape).to(prefix.dtype)
+    return out
+
+
+class PeftPath(Provider):
+    name = "peft-path"
+    description = "expand/gather the prefix + cat into K/V + SDPA (as HF PEFT / P-Tuning v2); autograd sums dprefix"
+
+    def prepare(self, w, x):
+        groups = w.q_heads // w.kv_heads
+        fwdbwd = w.kind == "fwdbwd"
+        q, k, v, prefix_k, prefix_v = _leaves(x.tensors, fwdbwd)
+        mask = concat_mask(w, x)
+        index = x.prefix_index
+        batch = w.batch
+        gqa = {}
+        if groups > 1 and mask is None:
+            gqa = {"enable_gqa": True}
+        elif groups > 1 and w.q_len == 1:
+            gqa = {"pack": True}
+
+        def forward():
+            if index is None:  # PEFT: past_key_values expanded to the batch
+                pk = prefix_k.unsqueeze(0).expand(batch, *prefix_k.shape)
+                pv = prefix_v.unsqueeze(0).expand(batch, *prefix_v.shape)
+            else:  # the multi-task form: each sample's bank entry gathered
+                pk, pv = prefix_k[index], prefix_v[index]
+            keys = torch.cat([pk, k], dim=2)
+            values = torch.cat([pv, v], dim=2)
+            if "pack" in gqa:  # transformers' pack_gqa for one query: [B, Hq, 1, D] -> [B, Hkv, groups, D]
+                out = F.scaled_dot_product_attention(q.reshape(batch, w.kv_heads, groups, w.head_dim), keys, values,
+                                                     attn_mask=mask)
+                return out.reshape(batch, w.q_heads, 1, w.head_dim)
+            if groups > 1 and not gqa:
+                keys, values = repeat_kv(keys, groups), repeat_kv(values, groups)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, **gqa)
+
+        leaves = [q, k, v, prefix_k, prefix_v]
+        return Prepared(_timed_body(w, forward, leaves, x.grad_out), _standard_finish(w, leaves))
+
+
+class SdpaPrecat(Provider):
+    name = "sdpa-precat"
+    description = "SDPA on K/V concatenated beforehand (the cat not timed)"
+
+    def prepare(self, w, x):
+        fwdbwd = w.kind == "fwdbwd"
+        pk, pv = x.per_sample_prefix()
+        kc = torch.cat([pk, x.k], dim=2).detach()
+        vc = torch.cat([pv, x.v], dim=2).detach()
+        q, kc, vc = _leaves((x.q, kc, vc), fwdbwd)
+        mask = _precat_mask(w, x)
+        gqa = {"enable_gqa": True} if w.q_heads != w.kv_heads else {}
+
+        def forward():
+            return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, **gqa)
+
+        return Prepared(_timed_body(w, forward, [q, kc, vc], x.grad_out), _concat_finish(w, x))
+
+
+def _precat_mask(w, x):
+    if w.causal and w.q_len > 1 and x.attn_mask is None:
+        from torch.nn.attention.bias import causal_lower_right
+
+        return causal_lower_right(w.q_len, w.prefix_len + w.seq_len)
+    return concat_mask(w, x)
+
+
+def _concat_finish(w, x):
+    """``finish`` for providers timed on concatenated K/V (leaves q, kc, vc)."""
+    def finish(result):
+        if w.kind != "fwdbwd":
+            return {"out": _as_bhnd(result, w)}
+        out, (grad_q, grad_kc, grad_vc) = result
+        return {"out": _as_bhnd(out, w), "q": _as_bhnd(grad_q, w),
+                **split_concat_grads(x, _as_bhnd(grad_kc, w, kv=True), _as_bhnd(grad_vc, w, kv=True))}
+    return finish
+
+
+def _as_bhnd(t, w, kv=False):
+    """Outputs of providers that work in [B, N, H, D] (flash-attn) come back as [B, H, N, D] views."""
+    heads = w.kv_heads if kv else w.q_heads
+    if t.dim() == 4 and t.shape[1] != heads and t.shape[2] == heads:
+        return t.transpose(1, 2)
+    return t
+
+
+class FlashAttn(Provider):
+    name = "flash-attn"
+    description = "flash_attn_func on the concatenated K/V"
+
+    def unavailable(self, w, x=None):
+        reason = super().unavailable(w, x)
+        if reason:
+            return reason
+        if importlib.util.find_spec("flash_attn") is None:
+            return "the flash_attn package is not installed"
+        if not env.ON_GPU:
+            return "flash-attn runs on CUDA devices only"
+        if w.padding:
+            return "key padding needs flash-attn's varlen packing, which changes the work; not compared"
+        if w.dtype not in ("float16", "bfloat16"):
+            return f"flash-attn supports float16/bfloat16, not {w.dtype}"
+        return None
+
+    def prepare(self, w, x):
+        from flash_attn import flash_attn_func
+
+        fwdbwd = w.kind == "fwdbwd"
+        pk, pv = x.per_sample_prefix()
+        # [B, N, H, D] layout, which flash-attn takes; q already is one underneath.
+        q = x.q.transpose(1, 2)
+        kc = torch.cat([pk, x.k], dim=2).transpose(1, 2).contiguous()
+        vc = torch.cat([pv, x.v], dim=2).transpose(1, 2).contiguous()
+        q, kc, vc = _leaves((q, kc, vc), fwdbwd)
+        grad_out = None if x.grad_out is None else x.grad_out.transpose(1, 2)
+        causal = w.causal and w.q_len > 1
+
+        def forward():
+            return flash_attn_func(q, kc, vc, causal=causal)
+
+        return Prepared(_timed_body(w, forward, [q, kc, vc], grad_out), _concat_finish(w, x))
+
+
+class FlexAttention(Provider):
+    name = "flex-attention"
+    description = "torch flex_attention (compiled on a GPU) on the concatenated K/V with a block mask"
+
+    def unavailable(self, w, x=None):
+        reason = super().unavailable(w, x)
+        if reason:
+            return reason
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401
+        except ImportError:
+            return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
+        if not env.ON_GPU and w.kind == "fwdbwd":
+            return "flex_attention has no backward on the CPU"
+        return None
+
+    def prepare(self, w, x):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        fwdbwd = w.kind == "fwdbwd"
+        pk, pv = x.per_sample_prefix()
+        kc = torch.cat([pk, x.k], dim=2).detach()
+        vc = torch.cat([pv, x.v], dim=2).detach()
+        q, kc, vc = _leaves((x.q, kc, vc), fwdbwd)
+        p, q_len, k_len = w.prefix_len, w.q_len, w.seq_len
+        keep = None
+        if x.attn_mask is not None:
+            keep = torch.cat([torch.ones(w.batch, p, dtype=torch.bool, device=x.q.device), x.attn_mask], dim=1)
+        causal = w.causal and q_len > 1
+        offset = p + k_len - q_len
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            visible = kv_idx >= 0
+            if keep is not None:
+                visible = visible & keep[b, kv_idx]
+            if causal:
+                visible = visible & (kv_idx <= q_idx + offset)
+            return visible
+
+        block_mask = None
+        if keep is not None or causal:
+            block_mask = create_block_mask(mask_mod, B=w.batch if keep is not None else None, H=None, Q_LEN=q_len,
+                                           KV_LEN=p + k_len, device=x.q.device.type)
+        attend = _flex_function()
+        gqa = {"enable_gqa": True} if w.q_heads != w.kv_heads else {}
+
+        def forward():
+            return attend(q, kc, vc, block_mask=block_mask, **gqa)
+
+        return Prepared(_timed_body(w, forward, [q, kc, vc], x.grad_out), _concat_finish(w, x))
+
+
+@functools.lru_cache(maxsize=None)
+def _flex_function():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not env.ON_GPU:  # eager (it warns that it is slow): the CPU run is functional only
+        def eager(*args, **kwargs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return flex_attention(*args, **kwargs)
+        return eager
+    import torch._dynamo
+
+    # One compiled graph per shape: allow the suite's shapes without falling back to the (slow) eager path.
+    config = torch._dynamo.config
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, knob):
+            setattr(config, knob, max(getattr(config, knob), 256))
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------------------
+
+def kernel_providers() -> list[Provider]:
+    """Every kernel-level provider, in the order the reports list them."""
+    return [Ptv2("triton"), Ptv2("cuda"), Ptv2("reference"), PeftPath(), SdpaPrecat(), FlashAttn(), FlexAttention()]
+
+
+KERNEL_PROVIDER_NAMES = tuple(p.name for p in kernel_providers())
+
+
+def by_name(name: str) -> Provider:
+    for provider in kernel_providers():
+        if provider.name == name:
+            return provider
+    raise KeyError(f"no kernel provider named {name!r} (known: {', '.join(KERNEL_PROVIDER_NAMES)})")

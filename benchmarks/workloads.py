@@ -1,0 +1,322 @@
+"""The workloads: shapes from DESIGN.md section 6, the suites that group them, their inputs and work counts.
+
+A :class:`Workload` is one shape of one kind of work:
+
+* ``fwd`` / ``fwdbwd`` — prefix attention forward, or forward plus backward (gradients for q, k, v and the prefix);
+* ``decode`` — one new query per sample over a cache of ``seq_len`` keys plus the prefix;
+* ``train`` — one P-Tuning v2 training step of a model (forward, loss, backward, optimizer step);
+* ``generate`` — one decode step of a model whose cache holds ``seq_len`` tokens;
+* ``ceiling`` — what the device can do at all (copy bandwidth, matmul throughput), for the targets' fractions.
+
+Suites: ``quick`` holds the shapes of targets P1–P6 (one per group), ``full`` adds the sweeps over N, P and B and
+the mixed-task batches. Without a GPU both are replaced by small shapes of the same groups (a functional run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from typing import Optional, Sequence
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+KERNEL_KINDS = ("fwd", "fwdbwd", "decode")
+MODEL_KINDS = ("train", "generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    group: str
+    kind: str
+    batch: int = 1
+    q_heads: int = 1
+    kv_heads: int = 1
+    seq_len: int = 0  # N: the sequence's own keys (decode: tokens in the cache, the new one included)
+    prefix_len: int = 0  # P
+    head_dim: int = 64  # D
+    num_tasks: int = 1  # T: bank entries drawn by the samples; 1 = one prefix shared by the batch
+    causal: bool = False
+    padding: bool = False  # key padding: sample lengths drawn in [N/2, N]
+    dtype: str = "bfloat16"
+    model: Optional[str] = None  # model-level workloads: "bert" or "llama", with ``size`` "large"/"1b"/"tiny"
+    size: str = ""
+    targets: tuple = ()  # DESIGN.md targets this shape is the measurement of
+    note: str = ""
+
+    @property
+    def q_len(self) -> int:
+        return 1 if self.kind in ("decode", "generate") else self.seq_len
+
+    @property
+    def name(self) -> str:
+        if self.kind == "ceiling":
+            return f"{self.group}/{self.note}"
+        if self.model is not None:
+            parts = [f"{self.model}-{self.size}", f"B{self.batch}", f"N{self.seq_len}", f"P{self.prefix_len}"]
+        else:
+            heads = f"H{self.q_heads}" if self.q_heads == self.kv_heads else f"H{self.q_heads}/{self.kv_heads}"
+            parts = [f"B{self.batch}", heads, f"N{self.seq_len}", f"P{self.prefix_len}", f"D{self.head_dim}"]
+        if self.num_tasks > 1 or self.group.startswith("mixed"):
+            parts.append(f"T{self.num_tasks}")
+        parts.append({"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[self.dtype])
+        return f"{self.group}/" + "-".join(parts)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def tokens(self) -> int:
+        """Tokens processed per call: B·N for a training step, B for a decode step."""
+        return self.batch * self.q_len
+
+    def matches(self, patterns: Sequence[str]) -> bool:
+        """True if any pattern is a glob matching the name or the group, or a substring of the name."""
+        return any(fnmatch.fnmatchcase(self.name, p) or fnmatch.fnmatchcase(self.group, p) or p in self.name
+                   for p in patterns)
+
+    def params(self) -> dict:
+        """The shape columns of a result row."""
+        return {"group": self.group, "kind": self.kind, "batch": self.batch, "q_heads": self.q_heads,
+                "kv_heads": self.kv_heads, "q_len": self.q_len, "seq_len": self.seq_len,
+                "prefix_len": self.prefix_len, "head_dim": self.head_dim, "num_tasks": self.num_tasks,
+                "causal": self.causal, "padding": self.padding, "dtype": self.dtype,
+                "targets": " ".join(self.targets)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Work counts (DESIGN.md section 6)
+# ----------------------------------------------------------------------------------------------------------------
+
+def visible_pairs(w: Workload) -> float:
+    """(query, key) pairs attended per (sample, head): Nq·P for the prefix plus the sequence part, which DESIGN.md
+    halves when causal (exactly: the bottom-right-aligned visible count when Nq != N, e.g. a decode step)."""
+    q_len, k_len = w.q_len, w.seq_len
+    if not w.causal:
+        seq = q_len * k_len
+    elif q_len == k_len:
+        seq = q_len * k_len / 2
+    else:
+        offset = k_len - q_len
+        seq = sum(min(k_len, max(0, i + offset + 1)) for i in range(q_len))
+    return q_len * w.prefix_len + seq
+
+
+def flops(w: Workload) -> float:
+    """Attention FLOPs: forward ``4·B·Hq·Nq·(P + Nk)·D`` (sequence part halved when causal), backward 2.5× forward.
+    NaN for model-level and ceiling workloads (their rate is tokens/s, or set by the ceiling itself)."""
+    if w.kind not in KERNEL_KINDS:
+        return math.nan
+    forward = 4.0 * w.batch * w.q_heads * visible_pairs(w) * w.head_dim
+    return forward * (3.5 if w.kind == "fwdbwd" else 1.0)
+
+
+def bytes_moved(w: Workload) -> float:
+    """Bytes that must move between memory and the chip at the least: each input read once and each output written
+    once. Forward: q, k, v, the prefixes in use (read once, however many samples share them), out. Backward adds
+    q, k, v, prefixes, out and dO read, and dq, dk, dv, dprefix written. A decode step's count is P4's "bytes that
+    must be read" (the cache dominates)."""
+    if w.kind not in KERNEL_KINDS:
+        return math.nan
+    element = torch.finfo(w.torch_dtype).bits // 8
+    q = w.batch * w.q_heads * w.q_len * w.head_dim
+    kv = 2 * w.batch * w.kv_heads * w.seq_len * w.head_dim
+    prefix = 2 * min(w.num_tasks, w.batch) * w.kv_heads * w.prefix_len * w.head_dim
+    forward = q + kv + prefix + q  # out has q's shape
+    if w.kind != "fwdbwd":
+        return float(forward * element)
+    backward = (q + kv + prefix + 2 * q) + (q + kv + prefix)
+    return float((forward + backward) * element)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Suites
+# ----------------------------------------------------------------------------------------------------------------
+
+def _bert(kind, n, p, batch=32, **kw) -> Workload:
+    group = kw.pop("group", f"bert-{kind}")
+    kw.setdefault("padding", True)
+    return Workload(group, kind, batch=batch, q_heads=16, kv_heads=16, seq_len=n, prefix_len=p, head_dim=64, **kw)
+
+
+def _llm(kind, n, p=128, batch=4, **kw) -> Workload:
+    group = kw.pop("group", f"llm-{kind}")
+    kw.setdefault("causal", True)
+    return Workload(group, kind, batch=batch, q_heads=32, kv_heads=8, seq_len=n, prefix_len=p, head_dim=128, **kw)
+
+
+def _gpu_suite(full: bool) -> list[Workload]:
+    w: list[Workload] = []
+    headline_bert = dict(n=256, p=64)
+    # P-Tuning v2, BERT-large shapes: N x P grid (full) or the P1/P2 shape (quick), forward and fwd+bwd.
+    grid = [(n, p) for n in (128, 256, 512) for p in (16, 64, 128)] if full else [(256, 64)]
+    for kind in ("fwd", "fwdbwd"):
+        for n, p in grid:
+            tags = ("P1", "P2") if kind == "fwdbwd" and (n, p) == (256, 64) else ()
+            w.append(_bert(kind, n, p, targets=tags))
+    if full:  # batch sweep at the headline shape
+        w += [_bert("fwdbwd", batch=b, **headline_bert) for b in (1, 8, 64, 128)]
+    # LLM shapes: GQA 32/8, D=128, P=128, causal; sweep N (and P at N=4096).
+    lengths = (1024, 2048, 4096, 8192) if full else (4096,)
+    for kind in ("fwd", "fwdbwd"):
+        w += [_llm(kind, n, targets=("P3",) if n == 4096 else ()) for n in lengths]
+        if full:
+            w += [_llm(kind, 4096, p) for p in (32, 512)]
+    # Decode: B=64 over 2048 cached tokens (P4); sweeps over N, B and P.
+    w.append(_llm("decode", 2048, batch=64, causal=False, targets=("P4",)))
+    if full:
+        w += [_llm("decode", n, batch=64, causal=False) for n in (512, 8192)]
+        w += [_llm("decode", 2048, batch=b, causal=False) for b in (1, 16)]
+        w += [_llm("decode", 2048, p, batch=64, causal=False) for p in (32, 512)]
+    # Mixed-task batches: T tasks drawn per sample from a bank (T = 1: one shared prefix). P5: T=8 vs T=1.
+    tasks = (1, 2, 8) if full else (1, 8)
+    w += [_bert("fwdbwd", num_tasks=t, group="mixed-fwdbwd", targets=("P5",) if t in (1, 8) else (),
+                **headline_bert) for t in tasks]
+    if full:
+        w += [_llm("decode", 2048, batch=64, causal=False, num_tasks=t, group="mixed-decode") for t in (1, 8)]
+    # Model level: a P-Tuning v2 training step, decode steps of a patched decoder with a shared prefix.
+    w.append(Workload("model-train", "train", batch=32, seq_len=256, prefix_len=64, padding=True, model="bert",
+                      size="large", targets=("P6",)))
+    w.append(Workload("model-train", "train", batch=4, seq_len=1024, prefix_len=128, causal=True, model="llama",
+                      size="1b"))
+    w.append(Workload("model-decode", "generate", batch=16, seq_len=1024, prefix_len=128, causal=True,
+                      model="llama", size="1b"))
+    # What the device can do at all, measured in the same run: P3's and P4's fractions are relative to these.
+    w.append(Workload("ceiling", "ceiling", note="copy-1GiB", dtype="bfloat16"))
+    w.append(Workload("ceiling", "ceiling", note="matmul-8192", dtype="bfloat16"))
+    return w
+
+
+def _cpu_suite(full: bool) -> list[Workload]:
+    """Small shapes of the same groups, float32 (Triton's interpreter is exact for it): a functional run."""
+    f32 = dict(dtype="float32")
+    w: list[Workload] = []
+
+    def bert(kind, n, p, batch=2, **kw):
+        group = kw.pop("group", f"bert-{kind}")
+        return Workload(group, kind, batch=batch, q_heads=2, kv_heads=2, seq_len=n, prefix_len=p, head_dim=16,
+                        padding=True, **f32, **kw)
+
+    def llm(kind, n, p=8, batch=1, causal=True, **kw):
+        group = kw.pop("group", f"llm-{kind}")
+        return Workload(group, kind, batch=batch, q_heads=4, kv_heads=2, seq_len=n, prefix_len=p, head_dim=16,
+                        causal=causal, **f32, **kw)
+
+    grid = [(n, p) for n in (16, 32) for p in (4, 8)] if full else [(32, 8)]
+    for kind in ("fwd", "fwdbwd"):
+        w += [bert(kind, n, p, targets=("P1", "P2") if kind == "fwdbwd" and (n, p) == (32, 8) else ())
+              for n, p in grid]
+    w += [llm("fwd", 32, targets=("P3",)), llm("fwdbwd", 32, targets=("P3",))]
+    w.append(llm("decode", 64, batch=2, causal=False, targets=("P4",)))
+    w += [bert("fwdbwd", 32, 8, batch=4, num_tasks=t, group="mixed-fwdbwd", targets=("P5",) if t != 2 else ())
+          for t in ((1, 2, 8) if full else (1, 8))]
+    tiny = dict(size="tiny", **f32)
+    w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, padding=True, model="bert",
+                      targets=("P6",), **tiny))
+    if full:
+        w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, causal=True, model="llama",
+                          **tiny))
+    w.append(Workload("model-decode", "generate", batch=2, seq_len=16, prefix_len=4, causal=True, model="llama",
+                      **tiny))
+    w.append(Workload("ceiling", "ceiling", note="copy-64MiB", dtype="float32"))
+    return w
+
+
+def suite(name: str = "quick", gpu: Optional[bool] = None) -> list[Workload]:
+    """The workloads of suite ``name`` ("quick" or "full") for a GPU, or their small CPU forms."""
+    if name not in ("quick", "full"):
+        raise ValueError(f"suite must be 'quick' or 'full', got {name!r}")
+    if gpu is None:
+        gpu = torch.cuda.is_available()
+    chosen = _gpu_suite(name == "full") if gpu else _cpu_suite(name == "full")
+    names = [w.name for w in chosen]
+    assert len(names) == len(set(names)), "workload names must be unique"
+    return chosen
+
+
+def select(workloads: Sequence[Workload], patterns: Optional[Sequence[str]]) -> list[Workload]:
+    return list(workloads) if not patterns else [w for w in workloads if w.matches(patterns)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel-level inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class KernelInputs:
+    """One set of inputs of a kernel workload, laid out the way a model produces them.
+
+    q/k/v are views ``[B, H, N, D]`` of ``[B, N, H, D]`` projections; the prefix is one shared ``[Hkv, P, D]``
+    tensor when T = 1 (``prefix_index`` None), else a ``[T, Hkv, P, D]`` bank indexed per sample. ``attn_mask`` is a
+    key-padding mask ``[B, N]`` (True = attend) or None; ``grad_out`` is dO for fwd+bwd workloads.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    prefix_k: torch.Tensor
+    prefix_v: torch.Tensor
+    prefix_index: Optional[torch.Tensor]
+    attn_mask: Optional[torch.Tensor]
+    causal: bool
+    grad_out: Optional[torch.Tensor]
+
+    @property
+    def tensors(self) -> tuple:
+        return self.q, self.k, self.v, self.prefix_k, self.prefix_v
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors
+                   + tuple(t for t in (self.grad_out,) if t is not None))
+
+    def bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix as a ``[T, Hkv, P, D]`` bank."""
+        if self.prefix_k.dim() == 3:
+            return self.prefix_k.unsqueeze(0), self.prefix_v.unsqueeze(0)
+        return self.prefix_k, self.prefix_v
+
+    def per_sample_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sample's prefix ``[B, Hkv, P, D]``: an expanded view for a shared prefix, a gather for a bank."""
+        bank_k, bank_v = self.bank()
+        batch = self.q.shape[0]
+        if self.prefix_index is None:
+            return (bank_k.expand(batch, *bank_k.shape[1:]), bank_v.expand(batch, *bank_v.shape[1:]))
+        return bank_k[self.prefix_index], bank_v[self.prefix_index]
+
+    def op_kwargs(self) -> dict:
+        return dict(prefix_index=self.prefix_index, attn_mask=self.attn_mask, causal=self.causal)
+
+
+def make_kernel_inputs(w: Workload, device: str, seed: int = 0) -> KernelInputs:
+    """Random inputs of a kernel workload (seeded on the CPU so a GPU and a CPU draw the same values)."""
+    if w.kind not in KERNEL_KINDS:
+        raise ValueError(f"{w.name} is not a kernel workload")
+    gen = torch.Generator().manual_seed(seed)
+    dtype = w.torch_dtype
+    B, Hq, Hkv, Nq, N, P, D, T = (w.batch, w.q_heads, w.kv_heads, w.q_len, w.seq_len, w.prefix_len, w.head_dim,
+                                  w.num_tasks)
+
+    def projection(length, heads):
+        return torch.randn(B, length, heads, D, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+
+    q, k, v = projection(Nq, Hq), projection(N, Hkv), projection(N, Hkv)
+    prefix_k = torch.randn(T, Hkv, P, D, generator=gen).to(device=device, dtype=dtype)
+    prefix_v = torch.randn(T, Hkv, P, D, generator=gen).to(device=device, dtype=dtype)
+    prefix_index = None
+    if T == 1:
+        prefix_k, prefix_v = prefix_k[0], prefix_v[0]
+    else:
+        prefix_index = torch.randint(0, T, (B,), generator=gen)
+        prefix_index[:T] = torch.arange(min(T, B))  # every entry in use
+        prefix_index = prefix_index[torch.randperm(B, generator=gen)].to(device)
+    attn_mask = None
+    if w.padding:
+        lengths = torch.randint(max(1, N // 2), N + 1, (B,), generator=gen)
+        lengths[0] = N
+        attn_mask = (torch.arange(N)[None, :] < lengths[:, None]).to(device)
+    grad_out = None
+    if w.kind == "fwdbwd":
+        grad_out = torch.randn(B, Nq, Hq, D, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+    return KernelInputs(q, k, v, prefix_k, prefix_v, prefix_index, attn_mask, w.causal, grad_out)
