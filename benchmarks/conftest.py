@@ -45,6 +45,10 @@ def pytest_configure(config):
     if str(getattr(config.option, "benchmark_timer", DEFAULT_TIMER)) == DEFAULT_TIMER:
         config.option.benchmark_timer = DEVICE_CLOCK
     harness.SESSION.start(env.environment())
+    from benchmarks import providers
+
+    providers.REQUESTED.clear()
+    providers.REQUESTED.update(config.getoption("bench_provider"))
     if not env.ON_GPU:
         # The functional run: one intra-op thread keeps a small, shared CPU from thrashing (timings mean nothing).
         import torch

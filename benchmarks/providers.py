@@ -34,6 +34,8 @@ from .harness import Unavailable  # noqa: E402
 from .workloads import KERNEL_KINDS, KernelInputs, Workload
 
 BASELINES = ("peft-path", "sdpa-precat")
+OPTIONAL = ("flash-attn", "flex-attention")  # third-party comparisons: their failures do not fail a run
+REQUESTED: set = set()  # providers named explicitly on the command line (see benchmarks/conftest.py)
 GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 
 
@@ -320,6 +322,9 @@ class FlexAttention(Provider):
             return f"torch {torch.__version__} has no torch.nn.attention.flex_attention"
         if not env.ON_GPU and w.kind == "fwdbwd":
             return "flex_attention has no backward on the CPU"
+        if env.ON_GPU and not w.targets and self.name not in REQUESTED:
+            return ("compiled anew for every shape (minutes per sweep): measured on the target shapes only; "
+                    "pass --provider flex-attention for every shape")
         return None
 
     def prepare(self, w, x):
