@@ -1,0 +1,161 @@
+"""patch() on decoder-only models (GPT-2, Llama, Qwen2, Mistral; the last three with GQA) against PEFT prefix tuning:
+logits and prefix gradients, left padding, generate (greedy tokens and scores), static caches, mixed tasks in one
+generate, and a cache that holds real tokens only.
+
+Tolerances as in test_integration_encoders.py: float32 everywhere, the reference backend differs from SDPA only in
+summation order (observed ~1e-7 on logits ~1), Triton in the interpreter sums blockwise (1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ptv2_kernels
+from ptv2_kernels import backends
+
+from .hf_models import (assert_close_scaled, bank_grads, decoder_model, patched_twin, peft_grads, peft_twin,
+                        random_batch)
+from .test_integration_patch import _OpSpy
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
+REFERENCE_REL = 1e-5
+TRITON_REL = 1e-4
+needs_triton = pytest.mark.skipif(backends.unavailable_reason("triton") is not None,
+                                  reason=f"Triton unavailable: {backends.unavailable_reason('triton')}")
+GENERATE = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                pad_token_id=1)
+
+
+def _model(family):
+    # Mistral without a sliding window (its default window is larger than these sequences anyway).
+    return decoder_model(family, **({"sliding_window": None} if family == "mistral" else {}))
+
+
+def _weighted(logits, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return (logits * torch.randn(logits.shape, generator=gen)).sum()
+
+
+def _compare_forward(peft_model, ours, bank, padding, rel, seed=0):
+    input_ids, mask = random_batch(3, 7, padding=padding, seed=seed)
+    expected = peft_model(input_ids=input_ids, attention_mask=mask).logits
+    actual = ours(input_ids=input_ids, attention_mask=mask).logits
+    real = mask.bool()  # padded positions' outputs are not compared: nothing reads them
+    assert_close_scaled(actual[real], expected[real], rel, "logits")
+    _weighted(expected[real]).backward()
+    _weighted(actual[real]).backward()
+    assert_close_scaled(bank_grads(bank)["embedding.weight"], peft_grads(peft_model)["embedding.weight"], rel,
+                        "prefix gradient")
+
+
+def _compare_generate(first, second, rel):
+    assert torch.equal(first.sequences, second.sequences)
+    assert len(first.scores) == len(second.scores) == GENERATE["max_new_tokens"]
+    for a, b in zip(first.scores, second.scores):
+        assert_close_scaled(a, b, rel, "scores")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_peft(family):
+    model = _model(family)
+    peft_model = peft_twin(model, "CAUSAL_LM", num_virtual_tokens=4)
+    ours, bank = patched_twin(model, peft_model)
+    for padding in ("none", "left"):
+        peft_model.zero_grad(), bank.zero_grad()
+        _compare_forward(peft_model, ours, bank, padding, REFERENCE_REL, seed=len(padding))
+    input_ids, mask = random_batch(3, 5, padding="left", seed=3)
+    expected = peft_model.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    actual = ours.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    _compare_generate(actual, expected, REFERENCE_REL)
+    assert len(set(actual.sequences[:, -GENERATE["max_new_tokens"]:].flatten().tolist())) > 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_static_cache_generate(family):
+    model = _model(family)
+    peft_model = peft_twin(model, "CAUSAL_LM", num_virtual_tokens=3)
+    ours, _ = patched_twin(model, peft_model)
+    input_ids, mask = random_batch(2, 5, padding="left", seed=4)
+    dynamic = ours.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    static = ours.generate(input_ids=input_ids, attention_mask=mask, cache_implementation="static", **GENERATE)
+    _compare_generate(static, dynamic, REFERENCE_REL)
+
+
+def test_cache_holds_real_tokens_only():
+    model = _model("llama")
+    bank = ptv2_kernels.PrefixBank.for_model(model, prefix_len=6)
+    ptv2_kernels.patch(model, bank, backend="reference")
+    input_ids, mask = random_batch(2, 5)
+    out = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+    assert out.past_key_values.get_seq_length() == 5
+    # Decoding one more token from that cache equals running the whole sequence at once.
+    next_ids = torch.tensor([[7], [9]])
+    step = model(input_ids=next_ids, attention_mask=torch.ones(2, 6, dtype=torch.long),
+                 past_key_values=out.past_key_values).logits[:, -1]
+    whole = model(input_ids=torch.cat([input_ids, next_ids], 1), attention_mask=torch.ones(2, 6, dtype=torch.long))
+    assert_close_scaled(step, whole.logits[:, -1], REFERENCE_REL, "decode step")
+
+
+def test_decoder_masks_reach_the_op_in_cheap_forms(monkeypatch):
+    spy = _OpSpy(monkeypatch)
+    model = _model("llama")
+    ptv2_kernels.patch(model, ptv2_kernels.PrefixBank.for_model(model, prefix_len=3), backend="reference")
+    input_ids, mask = random_batch(2, 5, padding="left", seed=1)
+    model(input_ids=input_ids)
+    assert [call[:2] for call in spy.calls] == [(None, True)] * 2  # no mask, causal flag
+    spy.calls.clear()
+    out = model(input_ids=input_ids, attention_mask=mask, use_cache=True)
+    assert [call[:2] for call in spy.calls] == [((2, 5), True)] * 2  # key padding + causal
+    spy.calls.clear()
+    model(input_ids=torch.tensor([[5], [6]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+          past_key_values=out.past_key_values)
+    assert [call[:2] for call in spy.calls] == [((2, 6), True)] * 2  # decode step: key padding over the cache
+    spy.calls.clear()
+    model.generate(input_ids=input_ids, attention_mask=mask, cache_implementation="static", max_new_tokens=2,
+                   do_sample=False, pad_token_id=1)
+    # A static cache is longer than the tokens written so far: a dense mask, no causal flag.
+    assert all(len(call[0]) == 4 and call[1] is False for call in spy.calls)
+
+
+def test_mixed_tasks_in_one_generate():
+    """A batch of two tasks (prefix lengths 2 and 4) generates what each task generates alone, also with beams."""
+    model = _model("qwen2")
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=[2, 4])
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, 1.0)
+    ptv2_kernels.patch(model, bank, backend="reference")
+    input_ids, mask = random_batch(4, 5, padding="left", seed=6)
+    task_ids = torch.tensor([1, 0, 0, 1])
+    mixed = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=task_ids, **GENERATE)
+    for i, task in enumerate(task_ids.tolist()):
+        single = model.generate(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], task_ids=task,
+                                **GENERATE)
+        # Left padding differs between the batch and the single row; the generated tokens must not.
+        new = GENERATE["max_new_tokens"]
+        assert torch.equal(mixed.sequences[i, -new:], single.sequences[0, -new:])
+        for a, b in zip(mixed.scores, single.scores):
+            assert_close_scaled(a[i:i + 1], b, 1e-4, f"scores of sample {i}")
+    beams = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=task_ids, num_beams=2,
+                           max_new_tokens=3, do_sample=False, pad_token_id=1)
+    for i, task in enumerate(task_ids.tolist()):
+        single = model.generate(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], task_ids=task,
+                                num_beams=2, max_new_tokens=3, do_sample=False, pad_token_id=1)
+        assert torch.equal(beams[i, -3:], single[0, -3:])
+
+
+@needs_triton
+def test_triton_backend_matches_peft_with_gqa():
+    model = _model("llama")
+    peft_model = peft_twin(model, "CAUSAL_LM", num_virtual_tokens=4)
+    ours, bank = patched_twin(model, peft_model, backend="triton")
+    _compare_forward(peft_model, ours, bank, "left", TRITON_REL, seed=2)
+    input_ids, mask = random_batch(2, 4, padding="left", seed=3)
+    expected = peft_model.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    actual = ours.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    _compare_generate(actual, expected, TRITON_REL)
