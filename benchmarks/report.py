@@ -273,19 +273,39 @@ def _shape_key(row: dict):
 def sweep_series(d: DeviceResults, group: str, axis: str, baseline: str) -> dict:
     """{provider: [(axis value, speedup), ...]} for the largest sweep of ``axis`` in ``group`` (the other shape
     parameters fixed), or {} when the group has fewer than two values of ``axis``."""
+    return _sweep(d, group, axis, baseline)[0]
+
+
+def _sweep(d: DeviceResults, group: str, axis: str, baseline: str) -> tuple[dict, Optional[dict]]:
     metric = f"speedup_vs_{baseline}"
-    fixed_columns = [c for c in results.SHAPE_COLUMNS if c not in (axis, "targets", "group", "kind")]
+    varying = (axis, "q_len") if axis == "seq_len" else (axis,)  # queries follow N except when decoding
+    fixed_columns = [c for c in results.SHAPE_COLUMNS if c not in varying + ("targets", "group", "kind")]
     sweeps: dict = defaultdict(list)
     for r in d.rows:
         if r["group"] == group and r["metric"] == metric and math.isfinite(as_float(r["value"])):
             sweeps[tuple(r[c] for c in fixed_columns)].append(r)
-    best = max(sweeps.values(), key=lambda rs: len({r[axis] for r in rs}), default=[])
+    # The longest sweep; among equals, the one through a target's shape (the headline one).
+    best = max(sweeps.values(), key=lambda rs: (len({r[axis] for r in rs}), any(r["targets"] for r in rs)),
+               default=[])
     if len({r[axis] for r in best}) < 2:
-        return {}
+        return {}, None
     series: dict = defaultdict(list)
     for r in best:
         series[r["provider"]].append((as_float(r[axis]), as_float(r["value"])))
-    return {p: sorted(points) for p, points in sorted(series.items(), key=lambda kv: _provider_order(kv[0]))}
+    return ({p: sorted(points) for p, points in sorted(series.items(), key=lambda kv: _provider_order(kv[0]))},
+            best[0])
+
+
+def _fixed_shape(row: dict, axis: str) -> str:
+    """The parameters a sweep holds fixed, for a panel title: ``B32 P64`` for a sweep over N."""
+    parts = [f"B{row['batch']}"]
+    if axis != "seq_len":
+        parts.append(f"N{row['seq_len']}")
+    if axis != "prefix_len":
+        parts.append(f"P{row['prefix_len']}")
+    if row["num_tasks"] not in ("", "1"):
+        parts.append(f"T{row['num_tasks']}")
+    return " ".join(parts)
 
 
 def write_plots(d: DeviceResults, out_dir: Path) -> list[Path]:
@@ -298,20 +318,23 @@ def write_plots(d: DeviceResults, out_dir: Path) -> list[Path]:
     written = []
     groups = sorted({r["group"] for r in d.rows}, key=_group_order)
     for axis, label in PLOT_AXES.items():
-        panels = [(g, b, sweep_series(d, g, axis, b)) for g in groups for b in results.BASELINES]
+        panels = [(g, b, *_sweep(d, g, axis, b)) for g in groups for b in results.BASELINES]
         panels = [p for p in panels if p[2]]
         if not panels:
             continue
         columns = min(3, len(panels))
         rows_ = math.ceil(len(panels) / columns)
         fig, axes = plt.subplots(rows_, columns, figsize=(5.2 * columns, 3.8 * rows_), squeeze=False)
-        for ax, (group, baseline, series) in zip(axes.flat, panels):
+        for ax, (group, baseline, series, example) in zip(axes.flat, panels):
+            ticks = set()
             for provider, points in series.items():
                 xs, ys = zip(*points)
+                ticks.update(xs)
                 ax.plot(xs, ys, marker="o", label=provider)
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
             ax.set_xscale("log", base=2)
-            ax.set_title(f"{group}: speedup vs {baseline}", fontsize=10)
+            ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+            ax.set_title(f"{group} ({_fixed_shape(example, axis)}): speedup vs {baseline}", fontsize=10)
             ax.set_xlabel(label)
             ax.set_ylabel("× (higher is faster)")
             ax.legend(fontsize=8)
