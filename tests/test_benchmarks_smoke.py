@@ -1,0 +1,74 @@
+"""Smoke test of the benchmark suite's one command, ``python benchmarks/run.py``, into a temporary folder.
+
+On a machine without a GPU it is the functional run (small shapes, Triton in its CPU interpreter); a subset of the
+quick suite keeps it under a minute on two cores: fwd+bwd at the P1 shape's small form, a decode step, a model
+training step, a ceiling. On a GPU the same command runs the P1 and P4 shapes with the main providers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import report, results
+
+REPO = Path(__file__).resolve().parent.parent
+RUN = REPO / "benchmarks" / "run.py"
+
+
+def run_suite(*args, timeout=240):
+    env = dict(os.environ)
+    env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run([sys.executable, str(RUN), "--no-progress", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+ON_GPU = torch.cuda.is_available()
+# On a GPU the same command measures real shapes: keep to the P1 and P4 shapes and the main providers there.
+SUBSET = ["--workload", "bert-fwdbwd", "--workload", "llm-decode", "--workload", "model-train",
+          "--workload", "ceiling"]
+if ON_GPU:
+    SUBSET = ["--workload", "bert-fwdbwd", "--workload", "llm-decode", "--workload", "ceiling/copy*"] + [
+        arg for name in ("ptv2-triton", "reference", "peft-path", "sdpa-precat", "torch")
+        for arg in ("--provider", name)]
+
+
+def test_the_suite_writes_results_report_and_raw_json(tmp_path):
+    done = run_suite("--results", str(tmp_path), *SUBSET, timeout=600 if ON_GPU else 240)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-6000:]
+    assert ("GPU run" if ON_GPU else "functional run (CPU), timings meaningless") in done.stdout
+
+    rows = results.read_csv(tmp_path / results.CSV_NAME)
+    checks = {(r["workload"].split("/")[0], r["provider"]): r["status"] for r in rows if r["metric"] == "check"}
+    for group in ("bert-fwdbwd", "llm-decode"):
+        for provider in ("ptv2-triton", "reference", "peft-path", "sdpa-precat"):
+            assert checks[(group, provider)] == "ok", (group, provider, output[-4000:])
+    if not ON_GPU:
+        assert checks[("model-train", "peft-path")] == "ok"
+        assert checks[("model-train", "ptv2-triton")] in ("ok", "skipped")
+    assert checks[("ceiling", "torch")] == "ok"
+    assert {r["device_kind"] for r in rows} == {"cuda" if ON_GPU else "cpu"}
+    speedups = [r for r in rows if r["metric"] == "speedup_vs_peft-path" and r["provider"] == "ptv2-triton"]
+    assert {r["workload"].split("/")[0] for r in speedups} >= {"bert-fwdbwd", "llm-decode"}
+
+    raw = list((tmp_path / "raw").glob("*.json"))
+    assert len(raw) == 1
+    benchmarks = json.loads(raw[0].read_text())["benchmarks"]
+    timed = {(b["extra_info"]["workload"], b["extra_info"]["provider"]) for b in benchmarks}
+    assert any(p == "ptv2-triton" for _, p in timed) and all(b["options"]["timer"] == "device_clock"
+                                                              for b in benchmarks)
+    text = (tmp_path / report.REPORT_NAME).read_text()
+    assert (report.FUNCTIONAL_BANNER in text) != ON_GPU and "### bert-fwdbwd" in text
+
+
+def test_list_shows_workloads_and_providers():
+    done = run_suite("--list", "--full", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bert-fwdbwd/" in done.stdout and "peft-path" in done.stdout and "sdpa-precat" in done.stdout
+    assert "[P1 P2]" in done.stdout
