@@ -9,6 +9,7 @@ the device clock of :mod:`benchmarks.timing`, and records the statistics, the pe
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import time
 import traceback
@@ -104,6 +105,7 @@ def kernel_context(w: Workload) -> _KernelContext:
 def release() -> None:
     """Drop the cached inputs and oracle (end of a session, or before a model-level workload)."""
     _context[0] = None
+    gc.collect()  # a model and its hooks form reference cycles: free them before the next one is built
     if env.ON_GPU:
         torch.cuda.empty_cache()
 
