@@ -214,6 +214,7 @@ class _PatchState:
         self.previous_implementations: list = []  # (sub-model, implementation before patching)
         self.ambient_task_ids: list = []  # task ids given to generate, innermost last
         self.wrapped_generate = False
+        self.current: Optional[PrefixContext] = None  # the context of the forward running now (for position hooks)
 
     def context(self, task_ids) -> PrefixContext:
         bank = self.bank
@@ -382,9 +383,11 @@ def _make_pre_hook(state: _PatchState, names: list[str], shift_positions: bool, 
     def hook(module, args, kwargs):
         context = kwargs.get(CONTEXT_KWARG)
         if context is not None and context.state is state:
+            state.current = context
             return None
         context = state.context(kwargs.pop("task_ids", None))
         kwargs[CONTEXT_KWARG] = context
+        state.current = context
         if shift_positions:
             _shift_positions(context, names, args, kwargs, roberta)
         return args, kwargs
@@ -422,6 +425,43 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
     else:
         position_ids = position_ids + shift
     kwargs["position_ids"] = position_ids
+
+
+def _learned_position_modules(model, roles):
+    """BART-style learned position embeddings (``embed_positions`` with an ``offset``) of the encoder and decoder
+    of an encoder-decoder model whose bank has self-attention slots in that part (``roles``)."""
+    parts = []
+    if "encoder" in roles:
+        parts.append(model.get_encoder())
+    if "decoder" in roles and hasattr(model, "get_decoder"):
+        parts.append(model.get_decoder())
+    found = []
+    for part in parts:
+        embedding = getattr(part, "embed_positions", None)
+        if isinstance(embedding, nn.Embedding) and isinstance(getattr(embedding, "offset", None), int):
+            found.append(embedding)
+    return found
+
+
+def _make_position_hook(state: _PatchState):
+    """A forward hook on a learned position embedding that re-embeds the positions shifted by the prefix length
+    (the position ids are ``arange(past, past + N)`` there, ``past`` being the cache length of real tokens)."""
+
+    def hook(module, args, kwargs, output):
+        context = state.current
+        if context is None:
+            return None
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        past = args[1] if len(args) > 1 else kwargs.get("past_key_values_length", 0)
+        position_ids = args[2] if len(args) > 2 else kwargs.get("position_ids")
+        batch, length = input_ids.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(length, device=module.weight.device) + past
+        position_ids = position_ids.reshape(-1, length)
+        shift = context.shift_for(batch)
+        return nn.functional.embedding(position_ids + shift + module.offset, module.weight)
+
+    return hook
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -543,6 +583,10 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
         shift = positions == "shifted" and "position_ids" in sub_names and not _is_encoder_decoder(model)
         handle = sub.register_forward_pre_hook(_make_pre_hook(state, sub_names, shift, roberta), with_kwargs=True)
         state.hooks.append(handle)
+    if positions == "shifted" and _is_encoder_decoder(model):
+        roles = {slot.name.split(".")[0] for slot in prefix.slots}
+        for embedding in _learned_position_modules(model, roles):
+            state.hooks.append(embedding.register_forward_hook(_make_position_hook(state), with_kwargs=True))
     if hasattr(model, "generate") and "generate" not in model.__dict__:
         model.generate = _make_generate(state, model.generate)
         state.wrapped_generate = True

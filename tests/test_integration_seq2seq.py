@@ -1,0 +1,151 @@
+"""patch() on encoder-decoder models (BART): PEFT equivalence (PEFT prefixes the decoder's self-attention only),
+and Li & Liang's full prefix (encoder, decoder and cross-attention) against a hand-written oracle per attention.
+
+Tolerances as in test_integration_encoders.py (float32, the reference backend: 1e-5 of the largest value).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import ptv2_kernels
+
+from .hf_models import assert_close_scaled, patched_twin, peft_twin, random_batch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+REL = 1e-5
+GENERATE = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True,
+                return_dict_in_generate=True)
+
+
+def bart_model(seed=0, layers=2):
+    config = transformers.BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        decoder_start_token_id=2, forced_eos_token_id=None)
+    torch.manual_seed(seed)
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_bart_matches_peft(layers):
+    model = bart_model(layers=layers)
+    peft_model = peft_twin(model, "SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    ours, bank = patched_twin(model, peft_model)
+    assert [slot.name for slot in bank.slots] == [f"decoder.{i}" for i in range(layers)]
+    input_ids, mask = random_batch(3, 7, padding="right")
+    decoder_ids, _ = random_batch(3, 5, seed=4)
+    expected = peft_model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    actual = ours(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    assert_close_scaled(actual, expected, REL, "logits")
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    # PEFT gives decoder layer i its virtual layer 2i mod L: that layer's gradient sums over the slots using it.
+    peft_grad = peft_model.prompt_encoder.default.embedding.weight.grad.view(3, layers, 64)
+    ours_grad = bank.encoder.embedding.weight.grad.view(3, layers, 64)
+    summed = torch.zeros_like(peft_grad)
+    for i in range(layers):
+        summed[:, (2 * i) % layers] += ours_grad[:, i]
+    assert_close_scaled(summed, peft_grad, REL, "prefix gradient")
+
+    first = peft_model.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    second = ours.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    assert torch.equal(first.sequences, second.sequences)
+    for a, b in zip(first.scores, second.scores):
+        assert torch.equal(a.isinf(), b.isinf())  # min_new_tokens sets the end token's score to -inf
+        assert_close_scaled(b.masked_fill(b.isinf(), 0), a.masked_fill(a.isinf(), 0), REL, "scores")
+
+
+def _oracle_attention(module, hidden, kv_states, prefix_k, prefix_v, causal):
+    """BartAttention by hand over [prefix ; keys]: projections, softmax in float64, output projection."""
+    batch, length, _ = hidden.shape
+    heads, dim = module.num_heads, module.head_dim
+
+    def split(x):
+        return x.view(x.shape[0], x.shape[1], heads, dim).transpose(1, 2).double()
+
+    q = split(module.q_proj(hidden))
+    k, v = split(module.k_proj(kv_states)), split(module.v_proj(kv_states))
+    keys = torch.cat([prefix_k.double().expand(batch, -1, -1, -1), k], 2)
+    values = torch.cat([prefix_v.double().expand(batch, -1, -1, -1), v], 2)
+    scores = q @ keys.transpose(-1, -2) / math.sqrt(dim)
+    if causal:
+        hidden_keys = torch.ones(length, k.shape[2], dtype=torch.bool).triu(1)
+        scores[..., prefix_k.shape[-2]:] = scores[..., prefix_k.shape[-2]:].masked_fill(hidden_keys, -math.inf)
+    out = (scores.softmax(-1) @ values).transpose(1, 2).reshape(batch, length, heads * dim)
+    return module.out_proj(out.float())
+
+
+def test_bart_encoder_decoder_and_cross_prefixes_against_an_oracle():
+    """Li & Liang: every attention (encoder self, decoder self, decoder cross) attends over its own prefix."""
+    model = bart_model()
+    bank = ptv2_kernels.PrefixBank.for_model(model, prefix_len=3)
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, 0.5)
+    kv = {slot.name: pair for slot, pair in zip(bank.slots, bank())}
+    ptv2_kernels.patch(model, bank, backend="reference", positions="unshifted")
+    captured = {}
+
+    def capture(name):
+        def hook(module, args, kwargs, output):
+            captured[name] = (module, args[0] if args else kwargs["hidden_states"],
+                              kwargs.get("key_value_states"), output[0])
+        return hook
+
+    layers = model.model
+    handles = [layers.encoder.layers[1].self_attn.register_forward_hook(capture("encoder.1"), with_kwargs=True),
+               layers.decoder.layers[0].self_attn.register_forward_hook(capture("decoder.0"), with_kwargs=True),
+               layers.decoder.layers[1].encoder_attn.register_forward_hook(capture("cross.1"), with_kwargs=True)]
+    input_ids, _ = random_batch(2, 6)
+    decoder_ids, _ = random_batch(2, 4, seed=2)
+    model(input_ids=input_ids, decoder_input_ids=decoder_ids)
+    for handle in handles:
+        handle.remove()
+    for name, (module, hidden, kv_states, output) in captured.items():
+        prefix_k, prefix_v = kv[name]
+        expected = _oracle_attention(module, hidden, hidden if kv_states is None else kv_states, prefix_k,
+                                     prefix_v, causal=name.startswith("decoder"))
+        assert_close_scaled(output, expected.detach(), REL, name)
+
+
+def test_bart_mixed_tasks_and_shifted_encoder_positions():
+    """Two tasks in one batch equal each task alone; with encoder slots, 'shifted' moves encoder positions."""
+    model = bart_model()
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=[2, 3])
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, 0.5)
+    ptv2_kernels.patch(model, bank, backend="reference")
+    input_ids, mask = random_batch(4, 6, padding="right", seed=1)
+    decoder_ids, _ = random_batch(4, 3, seed=2)
+    tasks = torch.tensor([1, 0, 0, 1])
+    mixed = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids, task_ids=tasks).logits
+    for i, task in enumerate(tasks.tolist()):
+        single = model(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1],
+                       decoder_input_ids=decoder_ids[i:i + 1], task_ids=task).logits
+        assert_close_scaled(mixed[i:i + 1], single, REL, f"sample {i}")
+    generated = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=tasks, max_new_tokens=3,
+                               min_new_tokens=3, do_sample=False)
+    for i, task in enumerate(tasks.tolist()):
+        single = model.generate(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], task_ids=task,
+                                max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert torch.equal(generated[i], single[0])
+    ptv2_kernels.unpatch(model)
+    ptv2_kernels.patch(model, bank, backend="reference", positions="unshifted")
+    unshifted = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids, task_ids=tasks).logits
+    assert (unshifted - mixed).abs().max() > 1e-4
+
+
+def test_for_model_attentions_subset():
+    model = bart_model()
+    bank = ptv2_kernels.PrefixBank.for_model(model, prefix_len=2, attentions=["decoder", "cross"])
+    assert [slot.name for slot in bank.slots] == ["decoder.0", "cross.0", "decoder.1", "cross.1"]
+    with pytest.raises(ValueError, match="subset"):
+        ptv2_kernels.PrefixBank.for_model(model, attentions=["self"])
