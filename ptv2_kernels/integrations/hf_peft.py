@@ -46,8 +46,8 @@ def bank_from_peft(bank_class, peft_model, adapter_name: Optional[str] = None):
     model_type = getattr(base.config, "model_type", None)
     encoder_decoder = bool(getattr(base.config, "is_encoder_decoder", False))
     if encoder_decoder and config.num_transformer_submodules == 2:
-        # PEFT's decoder layer i gets its virtual layers 2i and 2i+1 (mod num_layers): slot "decoder.i" takes
-        # virtual layer (2i) % L's key/value pair when that is (2i mod 2L)/2 ... see _peft_seq2seq_layers.
+        # Decoder layer i's self-attention gets PEFT's virtual layer 2i mod L (see _peft_seq2seq_layers); the
+        # bank holds a copy per slot, folded when PEFT uses an MLP (the MLP's output is what gets picked).
         slot_layers = _peft_seq2seq_layers(layers)
         slots = [(f"decoder.{i}", heads, head_dim) for i in range(len(slot_layers))]
     elif encoder_decoder:
