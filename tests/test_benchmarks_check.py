@@ -43,6 +43,7 @@ class SpyBenchmark:
 
 
 def tiny(kind="fwdbwd", **kw) -> Workload:
+    """A small workload (float32 unless ``dtype`` says otherwise)."""
     settings = dict(batch=3, q_heads=4, kv_heads=2, seq_len=12, prefix_len=5, head_dim=16, dtype="float32")
     settings.update(kw)
     return Workload(f"test-{kind}", kind, **settings)
@@ -89,14 +90,20 @@ def measure(w, provider, benchmark=None):
     return harness.measure(w, provider.name, lambda: harness.kernel_case(w, provider), benchmark)
 
 
-@pytest.mark.parametrize("provider, kind, words", [
-    (IgnoresPrefix(), "fwd", "out: max error"),
-    (PrefixGradOfOneSample(), "fwdbwd", "prefix_"),
-    (ReturnsNaN(), "fwd", "non-finite"),
-], ids=["ignores-prefix", "prefix-grad-not-summed", "nan"])
-def test_a_wrong_provider_is_reported_wrong_and_never_timed(provider, kind, words):
+# A bf16 decode step over 2048 keys that ignores a 128-key prefix: every output is small, so the error hides under
+# the elementwise bound; the relative L2 bound catches it.
+LONG_DECODE_BF16 = dict(kind="decode", batch=2, seq_len=2048, prefix_len=128, head_dim=64, dtype="bfloat16")
+
+
+@pytest.mark.parametrize("provider, settings, words", [
+    (IgnoresPrefix(), dict(kind="fwd", padding=True), "out"),
+    (IgnoresPrefix(), LONG_DECODE_BF16, "out (relative L2)"),
+    (PrefixGradOfOneSample(), dict(kind="fwdbwd", padding=True), "prefix_"),
+    (ReturnsNaN(), dict(kind="fwd"), "non-finite"),
+], ids=["ignores-prefix", "ignores-prefix-long-bf16-decode", "prefix-grad-not-summed", "nan"])
+def test_a_wrong_provider_is_reported_wrong_and_never_timed(provider, settings, words):
     spy = SpyBenchmark()
-    m = measure(tiny(kind, padding=True), provider, spy)
+    m = measure(tiny(**settings), provider, spy)
     assert m.status == "wrong", m.note
     assert words in m.note and "pre-timing check" in m.note
     assert m.check_ratio > 1.0
@@ -105,10 +112,11 @@ def test_a_wrong_provider_is_reported_wrong_and_never_timed(provider, kind, word
         harness.conclude(m)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["peft-path", "sdpa-precat", "reference"])
-def test_right_providers_pass_and_are_timed(name):
+def test_right_providers_pass_and_are_timed(name, dtype):
     spy = SpyBenchmark()
-    w = tiny("fwdbwd", num_tasks=3, padding=True)
+    w = tiny("fwdbwd", num_tasks=3, padding=True, dtype=dtype)
     m = measure(w, providers.by_name(name), spy)
     assert m.status == "ok", m.note
     assert 0.0 <= m.check_ratio <= 1.0
