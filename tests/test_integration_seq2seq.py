@@ -149,3 +149,94 @@ def test_for_model_attentions_subset():
     assert [slot.name for slot in bank.slots] == ["decoder.0", "cross.0", "decoder.1", "cross.1"]
     with pytest.raises(ValueError, match="subset"):
         ptv2_kernels.PrefixBank.for_model(model, attentions=["self"])
+
+
+def t5_model(seed=0):
+    config = transformers.T5Config(vocab_size=100, d_model=32, d_kv=16, num_layers=2, num_heads=2, d_ff=64,
+                                   dropout_rate=0.0, relative_attention_num_buckets=8, pad_token_id=1,
+                                   eos_token_id=2, decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+def _t5_oracle(module, hidden, kv_states, bias, prefix_k, prefix_v, causal):
+    """T5Attention by hand over [prefix ; keys]: no score scaling, the relative position bias on the sequence
+    columns and zero bias on the prefix columns, softmax in float64."""
+    batch, length, _ = hidden.shape
+    heads, dim = module.n_heads, module.key_value_proj_dim
+
+    def split(x):
+        return x.view(x.shape[0], x.shape[1], heads, dim).transpose(1, 2).double()
+
+    q, k, v = split(module.q(hidden)), split(module.k(kv_states)), split(module.v(kv_states))
+    prefix_len = prefix_k.shape[-2]
+    keys = torch.cat([prefix_k.double().expand(batch, -1, -1, -1), k], 2)
+    values = torch.cat([prefix_v.double().expand(batch, -1, -1, -1), v], 2)
+    scores = q @ keys.transpose(-1, -2)
+    scores[..., prefix_len:] += bias.double()
+    if causal:
+        hidden_keys = torch.ones(length, k.shape[2], dtype=torch.bool).triu(1)
+        scores[..., prefix_len:] = scores[..., prefix_len:].masked_fill(hidden_keys, -math.inf)
+    out = (scores.softmax(-1) @ values).transpose(1, 2).reshape(batch, length, heads * dim)
+    return module.o(out.float())
+
+
+def test_t5_prefixes_with_zero_bias_columns_against_an_oracle():
+    model = t5_model()
+    bank = ptv2_kernels.PrefixBank.for_model(model, prefix_len=3)
+    assert {slot.name.split(".")[0] for slot in bank.slots} == {"encoder", "decoder", "cross"}
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, 0.5)
+    kv = {slot.name: pair for slot, pair in zip(bank.slots, bank())}
+    ptv2_kernels.patch(model, bank, backend="reference")
+    captured = {}
+
+    def capture(name):
+        def hook(module, args, kwargs, output):
+            captured[name] = (module, args[0] if args else kwargs["hidden_states"],
+                              kwargs.get("key_value_states"), output[1], output[0])
+        return hook
+
+    modules = {"encoder.1": model.encoder.block[1].layer[0].SelfAttention,
+               "decoder.0": model.decoder.block[0].layer[0].SelfAttention,
+               "cross.1": model.decoder.block[1].layer[1].EncDecAttention}
+    handles = [m.register_forward_hook(capture(name), with_kwargs=True) for name, m in modules.items()]
+    input_ids, _ = random_batch(2, 6)
+    decoder_ids, _ = random_batch(2, 4, seed=2)
+    model(input_ids=input_ids, decoder_input_ids=decoder_ids)
+    for handle in handles:
+        handle.remove()
+    assert captured.keys() == modules.keys()
+    for name, (module, hidden, kv_states, bias, output) in captured.items():
+        prefix_k, prefix_v = kv[name]
+        expected = _t5_oracle(module, hidden, hidden if kv_states is None else kv_states, bias, prefix_k, prefix_v,
+                              causal=name.startswith("decoder"))
+        assert_close_scaled(output, expected.detach(), REL, name)
+
+
+def test_t5_generate_and_mixed_tasks():
+    """Cached generation equals re-running the whole sequence; two tasks in one batch equal each task alone."""
+    model = t5_model()
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=[3, 2])
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, 0.5)
+    ptv2_kernels.patch(model, bank, backend="reference")
+    input_ids, mask = random_batch(3, 6, padding="right", seed=3)
+    tasks = torch.tensor([0, 1, 1])
+    out = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=tasks, max_new_tokens=4,
+                         min_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    logits = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=out.sequences[:, :-1],
+                   task_ids=tasks).logits
+    for step, scores in enumerate(out.scores):
+        finite = ~scores.isinf()
+        assert_close_scaled(scores[finite], logits[:, step][finite], 1e-5, f"step {step}")
+    for i, task in enumerate(tasks.tolist()):
+        single = model.generate(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1], task_ids=task,
+                                max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        assert torch.equal(out.sequences[i], single[0])
+    out.scores[0].sum()  # scores are plain tensors
+    loss = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=out.sequences[:, :-1],
+                 task_ids=tasks).logits.sum()
+    loss.backward()
+    grad = bank.encoder.embedding.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
