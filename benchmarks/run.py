@@ -21,6 +21,7 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -177,6 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"ptv2_kernels benchmarks: {'full' if args.full else 'quick'} suite on {env.device_name()} — {mode}")
     if not env.ON_GPU:
         print("  (no GPU: small shapes, Triton kernels in Triton's CPU interpreter, torch providers on the CPU)")
+    warnings.filterwarnings("ignore", message="Not saving anything, no benchmarks have been run")
     progress = Progress(enabled=not args.no_progress)
     started = time.perf_counter()
     try:
@@ -206,7 +208,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                           for m in bad))
     if any(m.provider not in OPTIONAL for m in bad):
         return 1
-    if code not in (0, pytest.ExitCode.NO_TESTS_COLLECTED) and not measurements:
+    if not measurements:
+        if code in (0, pytest.ExitCode.NO_TESTS_COLLECTED):
+            print("nothing was measured: no (workload, provider) pair matched the filters (see --list)")
+            return 2
         return 1
     if progress.problems:
         return 1
