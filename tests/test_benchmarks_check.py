@@ -216,3 +216,44 @@ def test_kernel_inputs_are_laid_out_like_a_model_and_share_one_prefix():
     assert bank.prefix_k.shape[0] == 3 and sorted(set(bank.prefix_index.tolist())) == [0, 1, 2]
     again = workloads.make_kernel_inputs(w, DEVICE)
     assert torch.equal(x.q, again.q)  # seeded: every provider of a workload sees the same values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model level
+# ----------------------------------------------------------------------------------------------------------------
+
+TINY_TRAIN = Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, padding=True, model="bert",
+                      size="tiny", dtype="float32")
+
+
+def test_model_workloads_skip_until_the_integration_exists(monkeypatch):
+    import ptv2_kernels
+
+    from benchmarks import models
+
+    monkeypatch.delattr(ptv2_kernels, "patch")
+    for provider in models.PROVIDERS:
+        m = harness.measure(TINY_TRAIN, provider, lambda: models.model_case(TINY_TRAIN, provider))
+        assert m.status == "skipped" and "integration not available yet" in m.note, (provider, m.note)
+
+
+def test_a_model_that_computes_something_else_is_caught(monkeypatch):
+    """The patched model with the real tokens at unshifted positions is not what PEFT computes: wrong."""
+    import ptv2_kernels
+    from ptv2_kernels import backends
+
+    from benchmarks import models
+
+    if models.integration_missing() or backends.unavailable_reason("triton"):
+        pytest.skip(models.integration_missing() or backends.unavailable_reason("triton"))
+
+    def repatch_unshifted(model, bank, backend):
+        ptv2_kernels.unpatch(model)
+        ptv2_kernels.patch(model, bank, positions="unshifted", backend=backend)
+        ptv2_kernels.freeze_backbone(model)
+
+    monkeypatch.setattr(models, "_repatch", repatch_unshifted)
+    spy = SpyBenchmark()
+    m = harness.measure(TINY_TRAIN, "ptv2-triton", lambda: models.model_case(TINY_TRAIN, "ptv2-triton"), spy)
+    assert m.status == "wrong", m.note
+    assert "logits" in m.note and spy.pedantic_calls == 0
