@@ -155,6 +155,10 @@ def measure(w: Workload, provider: str, make_case: Callable[[], Case], benchmark
         m.status, m.note = "skipped", str(reason)
     except torch.OutOfMemoryError as error:
         m.status, m.note = "oom", f"out of memory: {str(error).splitlines()[0]}"
+        error = None
+        gc.collect()
+        if env.ON_GPU:
+            torch.cuda.empty_cache()
     except Exception as error:  # noqa: BLE001 - a provider's failure is a result to report, not a crash
         m.status = "error"
         m.note = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()

@@ -177,12 +177,12 @@ def _gpu_suite(full: bool) -> list[Workload]:
     if full:
         w += [_llm("decode", 2048, batch=64, causal=False, num_tasks=t, group="mixed-decode") for t in (1, 8)]
     # Model level: a P-Tuning v2 training step, decode steps of a patched decoder with a shared prefix.
-    w.append(Workload("model-train", "train", batch=32, seq_len=256, prefix_len=64, padding=True, model="bert",
-                      size="large", targets=("P6",)))
-    w.append(Workload("model-train", "train", batch=4, seq_len=1024, prefix_len=128, causal=True, model="llama",
-                      size="1b"))
-    w.append(Workload("model-decode", "generate", batch=16, seq_len=1024, prefix_len=128, causal=True,
-                      model="llama", size="1b"))
+    bert_large = dict(model="bert", size="large", q_heads=16, kv_heads=16, head_dim=64)
+    llama_1b = dict(model="llama", size="1b", q_heads=32, kv_heads=8, head_dim=64)
+    w.append(Workload("model-train", "train", batch=32, seq_len=256, prefix_len=64, padding=True, targets=("P6",),
+                      **bert_large))
+    w.append(Workload("model-train", "train", batch=4, seq_len=1024, prefix_len=128, causal=True, **llama_1b))
+    w.append(Workload("model-decode", "generate", batch=16, seq_len=1024, prefix_len=128, causal=True, **llama_1b))
     # What the device can do at all, measured in the same run: P3's and P4's fractions are relative to these.
     w.append(Workload("ceiling", "ceiling", note="copy-1GiB", dtype="bfloat16"))
     w.append(Workload("ceiling", "ceiling", note="matmul-8192", dtype="bfloat16"))
@@ -212,14 +212,13 @@ def _cpu_suite(full: bool) -> list[Workload]:
     w.append(llm("decode", 64, batch=2, causal=False, targets=("P4",)))
     w += [bert("fwdbwd", 32, 8, batch=4, num_tasks=t, group="mixed-fwdbwd", targets=("P5",) if t != 2 else ())
           for t in ((1, 2, 8) if full else (1, 8))]
-    tiny = dict(size="tiny", **f32)
-    w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, padding=True, model="bert",
-                      targets=("P6",), **tiny))
+    bert_tiny = dict(model="bert", size="tiny", q_heads=2, kv_heads=2, head_dim=16, **f32)
+    llama_tiny = dict(model="llama", size="tiny", q_heads=4, kv_heads=2, head_dim=16, **f32)
+    w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, padding=True, targets=("P6",),
+                      **bert_tiny))
     if full:
-        w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, causal=True, model="llama",
-                          **tiny))
-    w.append(Workload("model-decode", "generate", batch=2, seq_len=16, prefix_len=4, causal=True, model="llama",
-                      **tiny))
+        w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, causal=True, **llama_tiny))
+    w.append(Workload("model-decode", "generate", batch=2, seq_len=16, prefix_len=4, causal=True, **llama_tiny))
     w.append(Workload("ceiling", "ceiling", note="copy-64MiB", dtype="float32"))
     return w
 

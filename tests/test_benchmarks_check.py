@@ -257,3 +257,16 @@ def test_a_model_that_computes_something_else_is_caught(monkeypatch):
     m = harness.measure(TINY_TRAIN, "ptv2-triton", lambda: models.model_case(TINY_TRAIN, "ptv2-triton"), spy)
     assert m.status == "wrong", m.note
     assert "logits" in m.note and spy.pedantic_calls == 0
+
+
+def test_model_workloads_name_the_shapes_of_their_configs():
+    from benchmarks import models
+
+    for gpu in (True, False):
+        for w in workloads.suite("full", gpu=gpu):
+            if w.model is None:
+                continue
+            config = models.CONFIGS[(w.model, w.size)]
+            heads = config["num_attention_heads"]
+            assert (w.q_heads, w.kv_heads, w.head_dim) == (
+                heads, config.get("num_key_value_heads", heads), config["hidden_size"] // heads), w.name
