@@ -155,17 +155,17 @@ def measure(w: Workload, provider: str, make_case: Callable[[], Case], benchmark
         m.status, m.note = "skipped", str(reason)
     except torch.OutOfMemoryError as error:
         m.status, m.note = "oom", f"out of memory: {str(error).splitlines()[0]}"
-        error = None
-        gc.collect()
-        if env.ON_GPU:
-            torch.cuda.empty_cache()
     except Exception as error:  # noqa: BLE001 - a provider's failure is a result to report, not a crash
         m.status = "error"
         m.note = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".strip()
-        m.note += "\n" + "".join(traceback.format_exception(error)[-6:])
+        m.note += "\n" + "".join(traceback.format_exception(type(error), error, error.__traceback__)[-6:])
     finally:
         if env.ON_GPU:
             torch.cuda.synchronize()
+    if m.status == "oom":  # the exception (and the frames holding its tensors) is gone now: free the memory
+        gc.collect()
+        if env.ON_GPU:
+            torch.cuda.empty_cache()
     return m
 
 
