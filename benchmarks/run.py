@@ -112,7 +112,9 @@ def summary(measurements, run: dict) -> str:
     for m in measurements:
         rate = ""
         if m.timed:
-            if math.isfinite(m.flops):
+            if m.workload.kind == "decode" and math.isfinite(m.bytes):  # decode is bandwidth-bound (P4)
+                rate = f"{m.bytes / m.median_s / 1e9:.3g} GB/s"
+            elif math.isfinite(m.flops):
                 rate = f"{m.flops / m.median_s / 1e12:.3g} TFLOP/s"
             elif math.isfinite(m.bytes):
                 rate = f"{m.bytes / m.median_s / 1e9:.3g} GB/s"
