@@ -252,23 +252,17 @@ def _precat_mask(w, x):
     return concat_mask(w, x)
 
 
-def _concat_finish(w, x):
-    """``finish`` for providers timed on concatenated K/V (leaves q, kc, vc)."""
+def _concat_finish(w, x, sequence_major: bool = False):
+    """``finish`` for providers timed on concatenated K/V (leaves q, kc, vc); ``sequence_major`` for those that
+    work in [B, N, H, D] (flash-attn), whose results are viewed back as [B, H, N, D]."""
+    view = (lambda t: t.transpose(1, 2)) if sequence_major else (lambda t: t)
+
     def finish(result):
         if w.kind != "fwdbwd":
-            return {"out": _as_bhnd(result, w)}
+            return {"out": view(result)}
         out, (grad_q, grad_kc, grad_vc) = result
-        return {"out": _as_bhnd(out, w), "q": _as_bhnd(grad_q, w),
-                **split_concat_grads(x, _as_bhnd(grad_kc, w, kv=True), _as_bhnd(grad_vc, w, kv=True))}
+        return {"out": view(out), "q": view(grad_q), **split_concat_grads(x, view(grad_kc), view(grad_vc))}
     return finish
-
-
-def _as_bhnd(t, w, kv=False):
-    """Outputs of providers that work in [B, N, H, D] (flash-attn) come back as [B, H, N, D] views."""
-    heads = w.kv_heads if kv else w.q_heads
-    if t.dim() == 4 and t.shape[1] != heads and t.shape[2] == heads:
-        return t.transpose(1, 2)
-    return t
 
 
 class FlashAttn(Provider):
@@ -305,7 +299,7 @@ class FlashAttn(Provider):
         def forward():
             return flash_attn_func(q, kc, vc, causal=causal)
 
-        return Prepared(_timed_body(w, forward, [q, kc, vc], grad_out), _concat_finish(w, x))
+        return Prepared(_timed_body(w, forward, [q, kc, vc], grad_out), _concat_finish(w, x, sequence_major=True))
 
 
 class FlexAttention(Provider):

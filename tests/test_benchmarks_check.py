@@ -270,3 +270,31 @@ def test_model_workloads_name_the_shapes_of_their_configs():
             heads = config["num_attention_heads"]
             assert (w.q_heads, w.kv_heads, w.head_dim) == (
                 heads, config.get("num_key_value_heads", heads), config["hidden_size"] // heads), w.name
+
+
+@pytest.mark.parametrize("w", [tiny("fwdbwd", causal=True, q_heads=4, kv_heads=2, seq_len=16),
+                               tiny("fwd", num_tasks=2, seq_len=16), tiny("decode", seq_len=20)],
+                         ids=["fwdbwd-causal-gqa", "fwd-bank", "decode"])
+def test_the_flash_attn_provider_reads_its_layout_right(w, monkeypatch):
+    """flash-attn works in [B, N, H, D]: a stand-in with its semantics (bottom-right causal, GQA) checks that the
+    provider lays out its inputs and reads back its outputs and gradients correctly."""
+    import sys
+    import types
+
+    from torch.nn.attention.bias import causal_lower_right
+
+    def flash_attn_func(q, k, v, causal=False):
+        mask = causal_lower_right(q.shape[1], k.shape[1]) if causal and q.shape[1] > 1 else None
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, enable_gqa=True)
+        return out.transpose(1, 2)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    x = workloads.make_kernel_inputs(w, DEVICE, seed=5)
+    prepared = providers.FlashAttn().prepare(w, x)
+    got = prepared.finish(prepared.call())
+    backward = w.kind == "fwdbwd"
+    result = check.compare(got, check.kernel_reference(x, backward, torch.float64),
+                           check.kernel_reference(x, backward, x.q.dtype), x.q.dtype)
+    assert result.ok, result.summary()
+    assert set(got) == ({"out", "q", "k", "v", "prefix_k", "prefix_v"} if backward else {"out"})
