@@ -178,10 +178,11 @@ class PrefixContext:
     """What one forward of a patched model hands every attention call: the bank's per-slot (key, value) views
     (computed once), each sample's bank entry, and the entries' lengths."""
 
-    __slots__ = ("state", "kv", "index", "lengths", "shift")
+    __slots__ = ("state", "kv", "index", "lengths", "shift", "expanded")
 
     def __init__(self, state, kv, index, lengths, shift):
         self.state, self.kv, self.index, self.lengths, self.shift = state, kv, index, lengths, shift
+        self.expanded = {}  # batch -> repeated index: one tensor for all layers (the op checks each new one once)
 
     def index_for(self, batch: int) -> Optional[Tensor]:
         """The samples' bank entries for an attention batch of ``batch`` rows (a multiple of the task ids' batch
@@ -189,12 +190,12 @@ class PrefixContext:
         index = self.index
         if index is None or index.shape[0] == batch:
             return index
-        if index.shape[0] == 1:
-            return index.expand(batch)
-        if batch % index.shape[0] != 0:
-            raise ValueError(f"task_ids has {index.shape[0]} entries, which does not divide the batch of {batch} "
-                             "samples the model runs")
-        return index.repeat_interleave(batch // index.shape[0])
+        if batch not in self.expanded:
+            if batch % index.shape[0] != 0:
+                raise ValueError(f"task_ids has {index.shape[0]} entries, which does not divide the batch of "
+                                 f"{batch} samples the model runs")
+            self.expanded[batch] = index.repeat_interleave(batch // index.shape[0])
+        return self.expanded[batch]
 
     def shift_for(self, batch: int):
         """Each sample's position shift (its prefix length): a python int when all are equal, else ``[B, 1]``."""
