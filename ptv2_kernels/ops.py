@@ -18,9 +18,9 @@ from torch import Tensor
 
 from . import backends
 
-__all__ = ["prefix_attention"]
+__all__ = ["prefix_attention", "BACKENDS"]
 
-_BACKEND_CHOICES = ("auto",) + backends.NAMES
+BACKENDS = ("auto",) + backends.NAMES
 
 
 def prefix_attention(
@@ -66,8 +66,8 @@ def prefix_attention(
         ``out`` ``[B, Hq, Nq, D]`` in q's dtype, laid out in memory as ``[B, Nq, Hq, D]`` (so
         ``out.transpose(1, 2)`` is contiguous), or ``(out, lse)`` with ``return_lse``.
     """
-    if backend not in _BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {_BACKEND_CHOICES}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     q, k, v, prefix_k, prefix_v, attn_mask = _checked(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale, dropout_p)
     name = backends.choose(backend, q, k, prefix_k, dropout_p)

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 import weakref
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..ops import prefix_attention
+from ..ops import BACKENDS, prefix_attention
 from ..prefix import PrefixBank, PrefixSlot
 
 __all__ = ["patch", "unpatch", "PatchHandle", "freeze_backbone", "prefix_layout", "ATTENTION_NAME"]
@@ -37,7 +38,6 @@ __all__ = ["patch", "unpatch", "PatchHandle", "freeze_backbone", "prefix_layout"
 ATTENTION_NAME = "ptv2_prefix"
 CONTEXT_KWARG = "ptv2_prefix_context"
 POSITIONS = ("shifted", "unshifted")
-BACKENDS = ("auto", "triton", "cuda", "reference")
 _BINDING_ATTR = "_ptv2_prefix_slot"
 _STATE_ATTR = "_ptv2_patch_state"
 _BANK_MODULE = "ptv2_prefix"
@@ -326,6 +326,9 @@ def _biased_attention(module, query, key, value, attention_mask, scaling, dropou
     through the op (with no sequence keys), the biased sequence part in PyTorch (materialized, as transformers'
     own T5 attention does). Dropout on the probabilities of each part is dropout on the merged probabilities.
     """
+    warnings.warn("ptv2_kernels: the fused kernels take no additive position bias yet; the sequence part of this "
+                  f"{type(module).__name__} runs in PyTorch (materialized scores), only its prefix part is fused",
+                  RuntimeWarning, stacklevel=2)
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
