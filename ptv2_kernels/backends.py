@@ -48,7 +48,9 @@ def unavailable_reason(name: str) -> Optional[str]:
             return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run its CPU interpreter)"
         return None
     if name == "cuda":
-        return "the CUDA extension of csrc/ is not part of this build yet"
+        from . import cuda_backend
+
+        return cuda_backend.unavailable_reason()
     raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
 
 
@@ -57,6 +59,10 @@ def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropou
     reason = unavailable_reason(name)
     if reason is not None or name == "reference":
         return reason
+    if name == "cuda":
+        from . import cuda_backend
+
+        return cuda_backend.unsupported_reason(q, k, prefix_k, dropout_p)
     batch, q_heads, q_len, head_dim = q.shape
     if q.dtype not in KERNEL_DTYPES:
         return f"it supports q/k/v of dtype float16, bfloat16 or float32, got {q.dtype}"
@@ -82,8 +88,10 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
     """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
     fastest one that supports the case; CPU tensors go to the reference (the interpreter is for tests)."""
     if requested == "auto":
-        if q.device.type == "cuda" and unsupported_reason("triton", q, k, prefix_k, dropout_p) is None:
-            return "triton"
+        # Triton first until a GPU benchmark shows the CUDA kernels faster; CUDA where Triton cannot serve.
+        for name in ("triton", "cuda"):
+            if q.device.type == "cuda" and unsupported_reason(name, q, k, prefix_k, dropout_p) is None:
+                return name
         return "reference"
     reason = unsupported_reason(requested, q, k, prefix_k, dropout_p)
     if reason is not None:
@@ -97,6 +105,10 @@ def implementation(name: str):
         from .triton import prefix_attention as triton_backend
 
         return triton_backend
+    if name == "cuda":
+        from . import cuda_backend
+
+        return cuda_backend
     if name == "reference":
         return ReferenceBackend
     raise ValueError(f"no implementation of backend {name!r}")
