@@ -290,10 +290,15 @@ def _device_line() -> str:
 
 def _extension_line() -> str:
     try:
-        present = importlib.util.find_spec("ptv2_kernels._C") is not None
-    except (ImportError, ValueError):
-        present = False
-    return "built" if present else "not built (pure-Python installation)"
+        from ptv2_kernels import cuda_backend
+
+        return cuda_backend.extension_status()
+    except Exception:  # noqa: BLE001 - a report line must not crash the report
+        try:
+            present = importlib.util.find_spec("ptv2_kernels._C") is not None
+        except (ImportError, ValueError):
+            present = False
+        return "built" if present else "not built (pure-Python installation)"
 
 
 def check_dtypes(name: str, device: str) -> tuple:
@@ -323,7 +328,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"  triton  {_version_of('triton')}")
     print(f"  Python  {platform.python_version()} ({sys.executable})")
     print(f"  device  {_device_line()}")
-    print(f"  CUDA extension ptv2_kernels._C: {_extension_line()}")
+    print(f"  _C      {_extension_line()}")
     if interpreter_note:
         print(f"  note    {interpreter_note}")
 
