@@ -297,13 +297,15 @@ PTV2_DEVICE void decode_prefix_item(const Params& p, unsigned char* smem, int it
 }
 
 template <typename T, int kD>
-__global__ void __launch_bounds__(128) decode_split_kernel(const PTV2_GRID_CONSTANT Params p) {
+__global__ void __launch_bounds__(128, 1) decode_split_kernel(const PTV2_GRID_CONSTANT Params p) {
   PTV2_SHARED_MEMORY(smem);
+  // Prefix items first: few of them work (one per bank entry), but each for many rows; launched last they would
+  // lengthen the tail.
   const int item = blockIdx.x;
-  if (item < p.n_seq_items) {
-    decode_sequence_item<T, kD>(p, smem, item);
+  if (item < p.n_prefix_items) {
+    decode_prefix_item<T, kD>(p, smem, item);
   } else {
-    decode_prefix_item<T, kD>(p, smem, item - p.n_seq_items);
+    decode_sequence_item<T, kD>(p, smem, item - p.n_prefix_items);
   }
 }
 
