@@ -256,7 +256,7 @@ def test_unused_bank_entries_get_zero_gradient():
         assert (grad[[1, 3]] == 0).all() and (grad[[0, 2]] != 0).any()
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     batch=st.integers(1, 3), kv_heads=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
     q_len=st.integers(1, 40), k_len=st.integers(0, 40), head_dim=st.sampled_from([16, 24, 32, 48, 64]),

@@ -533,12 +533,12 @@ def _prefix_grad_finalize_kernel(
         grad_k = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         grad_v = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         for s in range(0, batch):
-            used = True
+            used = mask
             if HAS_INDEX:
-                used = tl.load(PrefixIndex + s).to(tl.int64) == t
+                used = mask & (tl.load(PrefixIndex + s).to(tl.int64) == t)
             base = (s * kv_heads + hkv) * prefix_len * HEAD_DIM
-            grad_k += tl.load(PartialK + base + tile, mask=mask & used, other=0.0)
-            grad_v += tl.load(PartialV + base + tile, mask=mask & used, other=0.0)
+            grad_k += tl.load(PartialK + base + tile, mask=used, other=0.0)
+            grad_v += tl.load(PartialV + base + tile, mask=used, other=0.0)
     else:
         base = (t * kv_heads + hkv) * prefix_len * HEAD_DIM
         grad_k = tl.load(PartialK + base + tile, mask=mask, other=0.0)
