@@ -7,6 +7,9 @@ Every test runs in one of two modes (the ``impl`` fixture):
   run on CPU tensors. It executes the kernels' code (tiles, mma/ldmatrix fragments, masks, online softmax,
   split-KV merging, atomics, deterministic sums) with emulated warp instructions; it cannot show timing, races
   between blocks, or the real tensor cores' rounding. Skipped where a GPU is present (the real thing is tested).
+  Barrier placement inside a block is exercised by thread schedules that let one warp run ahead and by copies
+  landing early or late (PTV2_SIM_SCHEDULE, PTV2_SIM_CP_ASYNC; see tests/cuda_sim/ptv2_sim.h): the whole module
+  passes under each, and test_barriers_under_adversarial_schedules keeps two of them in every run.
 
 Bounds and helpers are those of tests/test_triton_prefix_attention.py (FlashAttention-style: a small multiple of
 the same-precision PyTorch error plus a floor), imported, not copied.
@@ -229,6 +232,21 @@ def test_fuzz_shapes(impl, batch, kv_heads, group, q_len, k_len, head_dim, num_p
                 mask=mask if k_len else "none", causal=causal,
                 prefix_layout="shared3d" if num_prefixes == 1 else "bank")
     check(case, dtype, deterministic=bool(seed % 2), seed=seed)
+
+
+@pytest.mark.parametrize("cp_async, schedule", [("early", "serial"), ("late", "reverse-serial")])
+@pytest.mark.parametrize("head_dim, q_len", [(128, 150), (64, 3)], ids=["tiled-d128", "decode-d64"])
+def test_barriers_under_adversarial_schedules(impl, monkeypatch, cp_async, schedule, head_dim, q_len):
+    """Simulation only: one warp runs ahead to its next __syncthreads while the others wait, and asynchronous
+    copies land at issue (a missing barrier before a tile is reloaded corrupts other warps' reads) or only at their
+    wait (a missing wait reads stale data). Removing any such barrier or wait makes these cases fail."""
+    if impl is not cuda_sim.SimBackend:
+        pytest.skip("thread schedules are a property of the host simulation")
+    monkeypatch.setenv("PTV2_SIM_CP_ASYNC", cp_async)
+    monkeypatch.setenv("PTV2_SIM_SCHEDULE", schedule)
+    case = Case(batch=2, q_heads=4, kv_heads=2, q_len=q_len, k_len=140, head_dim=head_dim, num_prefixes=2,
+                lengths=True, prefix_len=70, causal=True, mask="padding")
+    check(case, torch.bfloat16, deterministic=schedule == "serial")
 
 
 # ---------------------------------------------------------------------------------------------------------------

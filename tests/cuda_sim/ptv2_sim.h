@@ -8,11 +8,13 @@
 //   * warp collectives (shuffles, ldmatrix, mma.sync.m16n8k16) through a per-warp exchange after a warp barrier,
 //     implemented from the PTX ISA's fragment layouts (independently of the kernels' own index arithmetic);
 //   * cp.async: copies are queued per thread and performed only when a cp.async.wait_group releases their group,
-//     so a read before the wait sees stale data;
+//     so a read before the wait sees stale data (or, PTV2_SIM_CP_ASYNC=early, at issue, so a load issued while
+//     other threads still read the tile corrupts their reads);
 //   * shared memory is filled with NaN bytes at block start and followed by a PROT_NONE guard page; ldmatrix and
 //     cp.async addresses are checked for range and 16-byte alignment.
 // What it cannot show: timing, races between blocks (blocks run sequentially), real tensor-core rounding (products
-// are summed in float32 in k order), or compiler and hardware memory-ordering effects.
+// are summed in float32 in k order), or compiler and hardware memory-ordering effects. Races inside a block show
+// only as far as the thread order between barriers exposes them: PTV2_SIM_SCHEDULE picks it (see run_block).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,6 +34,7 @@
 #include <algorithm>
 #include <deque>
 #include <functional>
+#include <string>
 #include <vector>
 
 // CUDA keywords as plain C++ (cuda_runtime's host_defines turn them into attributes g++ ignores noisily).
@@ -258,9 +261,24 @@ inline void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 
 // ---- cp.async ----------------------------------------------------------------------------------------------------
 
+// A copy lands at some time between its issue and its wait. PTV2_SIM_CP_ASYNC=late (default) performs it at the
+// wait: reading the tile before waiting sees stale data. =early performs it at issue: overwriting a tile other
+// threads still read (a missing barrier before the next load) corrupts their reads.
+inline bool cp_async_early() {
+  static const bool early = [] {
+    const char* mode = std::getenv("PTV2_SIM_CP_ASYNC");
+    return mode != nullptr && std::string(mode) == "early";
+  }();
+  return early;
+}
+
 inline void cp_async_16(void* dst, const void* src) {
   check_shared(dst, 16, "cp.async");
   if (reinterpret_cast<uintptr_t>(src) % 16 != 0) fail("cp.async global address not 16-byte aligned");
+  if (cp_async_early()) {
+    std::memcpy(dst, src, 16);
+    return;
+  }
   me().open_group.push_back(Copy{dst, src});
 }
 
@@ -335,8 +353,27 @@ inline void run_block(Block& b) {
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_entry, 0);
   }
+  // The order threads run in between barriers: PTV2_SIM_SCHEDULE=forward (default), reverse, shuffle, serial or
+  // reverse-serial. A missing barrier shows only when a reader runs before its writer, or a writer overtakes a
+  // reader. Without "serial", warps advance in step (one warp collective each per round); with it, only one warp
+  // (the first, or the last, that can) passes its warp barriers until it reaches a block barrier, so it runs
+  // ahead of the others through a whole phase: a tile it overwrites before the next __syncthreads shows.
+  static const char* schedule_env = std::getenv("PTV2_SIM_SCHEDULE");
+  const std::string schedule = schedule_env ? schedule_env : "forward";
+  const bool reversed = schedule == "reverse" || schedule == "reverse-serial";
+  const bool serial = schedule == "serial" || schedule == "reverse-serial";
+  std::vector<int> order(n);
+  for (int i = 0; i < n; ++i) order[i] = reversed ? n - 1 - i : i;
+  static uint64_t shuffle_state = 0x9E3779B97F4A7C15ull;
   for (;;) {
-    for (Fiber& f : b.fibers) {
+    if (schedule == "shuffle") {
+      for (int i = n - 1; i > 0; --i) {
+        shuffle_state = shuffle_state * 6364136223846793005ull + 1442695040888963407ull;
+        std::swap(order[i], order[static_cast<int>((shuffle_state >> 33) % static_cast<uint64_t>(i + 1))]);
+      }
+    }
+    for (int index : order) {
+      Fiber& f = b.fibers[index];
       if (f.done || f.wait != kRunning) continue;
       b.current = &f;
       if (_setjmp(b.scheduler) == 0) {
@@ -354,7 +391,8 @@ inline void run_block(Block& b) {
     }
     if (all_done) break;
     // A warp barrier releases when all 32 lanes of the warp wait at it.
-    for (int w = 0; w < b.n_warps; ++w) {
+    for (int k = 0; k < b.n_warps && !(serial && released); ++k) {
+      const int w = reversed ? b.n_warps - 1 - k : k;
       int waiting = 0, alive = 0;
       for (int l = 0; l < 32 && w * 32 + l < n; ++l) {
         const Fiber& f = b.fibers[w * 32 + l];
