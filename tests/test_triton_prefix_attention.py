@@ -229,6 +229,19 @@ def test_float32_prefix_with_half_inputs(q_dtype):
     check_against_reference(case, q_dtype)
 
 
+@pytest.mark.parametrize("q_len, q_heads, kv_heads", [(1, 8, 2), (7, 6, 2), (16, 4, 1)])
+@pytest.mark.parametrize("mask", ["dense_heads", "padding"])
+def test_packed_query_heads(q_len, q_heads, kv_heads, mask):
+    """Few queries under GQA: the forward packs a group's query heads into one block of rows. With 7 queries × 3
+    heads a query's heads straddle two blocks, and causal key ranges are those of the block's span of queries."""
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    case = Case(q_len=q_len, k_len=29, q_heads=q_heads, kv_heads=kv_heads, num_prefixes=3, lengths=True, mask=mask,
+                causal=True)
+    assert triton_backend.packs_query_heads(case.q_len, case.q_heads, case.kv_heads)
+    check_against_reference(case, torch.float16)
+
+
 def test_custom_scale_and_single_query_heads():
     check_against_reference(Case(scale=0.3, q_heads=3, kv_heads=1, q_len=9, k_len=40, prefix_len=16), torch.float32)
 
@@ -322,8 +335,9 @@ def _dropout_run(case, dropout_p, seed_value, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("case", [Case(num_prefixes=3, lengths=True, mask="padding", causal=True),
-                                  Case(q_len=1, k_len=30, prefix_len=16, q_heads=4, kv_heads=1)],
-                         ids=["bank-padding-causal", "decode-mqa"])
+                                  Case(q_len=1, k_len=30, prefix_len=16, q_heads=4, kv_heads=1),
+                                  Case(q_len=7, k_len=20, q_heads=6, kv_heads=2, mask="dense_heads", causal=True)],
+                         ids=["bank-padding-causal", "decode-mqa", "packed-gqa-dense-causal"])
 def test_dropout_matches_reference_given_the_kernel_mask(case):
     """Forward and all gradients equal the reference run with the keep mask the kernels drew."""
     from ptv2_kernels.triton import prefix_attention as triton_backend

@@ -6,7 +6,9 @@ concatenated, expanded or made contiguous.
 
 * Forward — one program per (query block, query head, sample): one pass over the sample's prefix keys, then over
   its sequence keys, with an online softmax in the exp2 domain. Masks cost only where they can bite: the prefix
-  is never masked but for its last partial block, interior sequence blocks carry no bounds or causal work.
+  is never masked but for its last partial block, interior sequence blocks carry no bounds or causal work. With
+  few queries (decode) and GQA, a program takes all query heads of one key/value head instead, so that each
+  key/value tile is read once per group rather than once per query head.
 * Backward, FlashAttention-2 style — a pre-pass computes Δ = rowsum(dO·O) − dlse; one kernel computes dK/dV per
   key block (summing the query heads of a GQA group in the program), another dQ per query block. A prefix key
   block's dK/dV is one sample's share: it is summed over the samples that use the bank entry with fp32 atomics,
@@ -94,15 +96,15 @@ def _dropout_keep(seed, stream, rows, cols, cols_total, dropout_p):
 
 
 @triton.jit
-def _sequence_key_range(start_m, diag, k_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """For query rows [start_m, start_m + BLOCK_M): the end of the sequence key blocks all of them see whole (no
-    bounds or causal mask needed), and the end of the keys any of them sees (causal: key j <= row + diag)."""
+def _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For queries [first_query, end_query): the end of the sequence key blocks all of them see whole (no bounds or
+    causal mask needed), and the end of the keys any of them sees (causal: key j <= query + diag)."""
     if CAUSAL:
-        seq_full = tl.maximum(tl.minimum(start_m + diag + 1, k_len), 0) // BLOCK_N * BLOCK_N
-        seq_end = tl.minimum(tl.maximum(start_m + BLOCK_M + diag, 0), k_len)
+        seq_full = tl.maximum(tl.minimum(first_query + diag + 1, k_len), 0) // BLOCK_N * BLOCK_N
+        seq_end = tl.minimum(tl.maximum(end_query + diag, 0), k_len)
     else:
-        seq_full = start_m * 0 + k_len // BLOCK_N * BLOCK_N
-        seq_end = start_m * 0 + k_len
+        seq_full = first_query * 0 + k_len // BLOCK_N * BLOCK_N
+        seq_end = first_query * 0 + k_len
     return seq_full, seq_end
 
 
@@ -156,29 +158,44 @@ def _forward_kernel(
     q_len_class, k_len_class,  # autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
+    """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
+    (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
+    row r is query r // group of query head hkv·group + r % group. Packing fills the block with the group's heads
+    so that each key/value tile is loaded once for all of them instead of once per head."""
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    hkv = h // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        hkv = tl.program_id(1)
+        h = hkv * group + rows % group  # per row; used below as a [BLOCK_M, 1] column
+        head_col = h[:, None]
+        offs_m = rows // group
+        first_query, end_query = pid_m * BLOCK_M // group, (pid_m * BLOCK_M + BLOCK_M - 1) // group + 1
+    else:
+        h = tl.program_id(1)
+        hkv = h // group
+        head_col = h
+        offs_m = rows
+        first_query, end_query = pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M
     entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
                                                HAS_INDEX, HAS_LENGTHS)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
-    q = _load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = _load(Q + b * stride_qb + head_col * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
               offs_m[:, None] < q_len, offs_d[None, :] < HEAD_DIM, True, PAD_D)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(Seed)
-    stream = (b * q_heads + h).to(tl.int32)
+    stream = (b * q_heads + head_col).to(tl.int32)
     cols_total = prefix_len + k_len
     key_pad = KeyPad
     if HAS_KEY_PAD:
         key_pad = KeyPad + b * stride_kpb
     dense = Dense
     if HAS_DENSE:
-        dense = Dense + b * stride_mb + h * stride_mh
+        dense = Dense + b * stride_mb + head_col * stride_mh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -202,7 +219,7 @@ def _forward_kernel(
     Kb = K + b * stride_kb + hkv * stride_kh
     Vb = V + b * stride_vb + hkv * stride_vh
     diag = k_len - q_len
-    seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, diag, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+    seq_full, seq_end = _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
                             0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                             stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
@@ -222,7 +239,7 @@ def _forward_kernel(
     out = tl.where(index_ok, out, float("nan"))
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     row_ok = offs_m < q_len
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    tl.store(Out + b * stride_ob + head_col * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(Lse + (b * q_heads + h) * q_len + offs_m, lse, mask=row_ok)
 
@@ -498,7 +515,8 @@ def _backward_query_kernel(
     Kb = K + b * stride_kb + hkv * stride_kh
     Vb = V + b * stride_vb + hkv * stride_vh
     diag = k_len - q_len
-    seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, diag, k_len, BLOCK_M, BLOCK_N, CAUSAL)
+    seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, diag, k_len, BLOCK_N,
+                                            CAUSAL)
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
                                 0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                                 stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
@@ -595,6 +613,10 @@ _QUERY_GRAD_CONFIGS = _configs([
 # The interpreter cannot time configurations and runs each program in Python: one small block shape.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 _AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE", "HAS_DROPOUT"]
+# The forward packs the query heads of a GQA group into one program's rows up to this many queries: decode (1) and
+# speculative or chunked decode steps. Longer queries fill whole blocks per head, and their key/value tiles, shared
+# by the group's programs running side by side, come from L2.
+PACK_GQA_MAX_QUERIES = 16
 
 
 def _prune(configs, named_args, **kwargs):
@@ -609,11 +631,12 @@ def _prune(configs, named_args, **kwargs):
 class _Launcher:
     """A kernel autotuned over ``configs`` on a GPU; in the interpreter, run with the interpreter's block shape."""
 
-    def __init__(self, kernel, configs, reset_to_zero=None):
+    def __init__(self, kernel, configs, reset_to_zero=None, extra_key=()):
         if triton_interpreting():
             self._kernel, self._meta = kernel, _INTERPRETER_CONFIG
         else:
-            self._kernel = triton.autotune(configs, key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+            self._kernel = triton.autotune(configs, key=_AUTOTUNE_KEY + list(extra_key),
+                                           prune_configs_by={"early_config_prune": _prune},
                                            reset_to_zero=reset_to_zero)(kernel)
             self._meta = {}
 
@@ -621,7 +644,7 @@ class _Launcher:
         return functools.partial(self._kernel[grid], **self._meta)
 
 
-_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS)
+_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS, extra_key=["PACK_GQA"])
 _backward_keys = _Launcher(_backward_key_kernel, _KEY_GRAD_CONFIGS, reset_to_zero=["PrefixGradK", "PrefixGradV"])
 _backward_queries = _Launcher(_backward_query_kernel, _QUERY_GRAD_CONFIGS)
 # Memory-bound helpers: one fixed block shape each.
@@ -668,8 +691,14 @@ def _key_block_grid(prefix_len, k_len, kv_heads, batch):
                          batch)
 
 
+def packs_query_heads(q_len: int, q_heads: int, kv_heads: int) -> bool:
+    """Whether the forward gives each program all query heads of a key/value head (see ``_forward_kernel``)."""
+    return q_heads > kv_heads and q_len <= PACK_GQA_MAX_QUERIES
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p):
     batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
     out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
@@ -677,10 +706,16 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal,
                                                dropout_p)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
-    _forward[_query_block_grid(q_len, q_heads, batch)](
+    pack = packs_query_heads(q_len, q_heads, kv_heads)
+    if pack:
+        rows, programs_per_sample = q_len * (q_heads // kv_heads), kv_heads
+        classes = (triton.next_power_of_2(rows), classes[1])
+    else:
+        rows, programs_per_sample = q_len, q_heads
+    _forward[_query_block_grid(rows, programs_per_sample, batch)](
         q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, key_pad, dense, seed,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
-        *out.stride()[:3], *mask_strides, *sizes, scale * LOG2E.value, dropout_p, *classes, **flags)
+        *out.stride()[:3], *mask_strides, *sizes, scale * LOG2E.value, dropout_p, *classes, PACK_GQA=pack, **flags)
     return out, lse
 
 
