@@ -151,6 +151,7 @@ part = slice(4 * rank, 4 * rank + 4)
 ddp(input_ids=input_ids[part], attention_mask=mask[part], labels=labels[part], task_ids=tasks[part]).loss.backward()
 if rank == 0:
     torch.save(bank.encoder.embedding.weight.grad, {out!r})
+dist.barrier()  # neither rank tears its gloo connections down while the other still uses them
 dist.destroy_process_group()
 """
 
