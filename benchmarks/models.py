@@ -258,6 +258,11 @@ def model_case(w: Workload, provider: str) -> Case:
         if why:
             raise Unavailable(why)
         return _ptv2_train(w, backend) if w.kind == "train" else _ptv2_generate(w, backend)
+    from ptv2_kernels.integrations.hf_peft import peft_prefix_tuning_problem
+
+    problem = peft_prefix_tuning_problem()
+    if problem is not None:  # a baseline that computes something else would be timed for nothing
+        raise Unavailable(f"PEFT's prefix tuning does not work here: {problem}")
     return _peft_train(w) if w.kind == "train" else _peft_generate(w)
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 import warnings
 
+import pytest
 import torch
 
 import ptv2_kernels
+from ptv2_kernels.integrations.hf_peft import peft_prefix_tuning_problem
 
 VOCAB = 100
 
@@ -69,8 +71,16 @@ def decoder_model(family: str, seed: int = 0, **overrides):
 
 def peft_twin(model, task_type: str, num_virtual_tokens: int, seed: int = 1, projection_hidden=None):
     """A PEFT prefix-tuning model around a deep copy of ``model``, its prefix drawn at random (scaled to 0.5 so
-    that the prefix matters without saturating the softmax)."""
+    that the prefix matters without saturating the softmax).
+
+    Skips the test, saying why, where PEFT's prefix tuning does not work with the installed transformers: PEFT is
+    the reference these tests compare with, and a broken reference proves nothing. (CI runs these tests again
+    on the newest transformers that PEFT supports.)"""
     from peft import PrefixTuningConfig, get_peft_model
+
+    problem = peft_prefix_tuning_problem()
+    if problem is not None:
+        pytest.skip(f"PEFT's prefix tuning cannot be the reference here: {problem}")
 
     config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens,
                                 prefix_projection=projection_hidden is not None,
@@ -91,6 +101,20 @@ def patched_twin(model, peft_model, backend: str = "reference", positions: str =
     bank = ptv2_kernels.PrefixBank.from_peft(peft_model)
     ptv2_kernels.patch(ours, bank, backend=backend, positions=positions)
     return ours, bank
+
+
+def patch_with_random_bank(model, prefix_len, std: float, backend: str = "reference"):
+    """Patch ``model`` in place with a fresh bank of ``len(prefix_len)`` tasks whose prefixes are drawn N(0, std²)."""
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=len(prefix_len), prefix_len=prefix_len)
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, std)
+    ptv2_kernels.patch(model, bank, backend=backend)
+    return bank
+
+
+# generate's raw logits at each step, for comparing with forwards over the whole sequence so far
+GENERATE_STEPS = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                      return_dict_in_generate=True)
 
 
 def random_batch(batch: int, length: int, seed: int = 0, padding: str = "none", choices: int = 0):

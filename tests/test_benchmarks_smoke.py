@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report, results
+from ptv2_kernels.integrations.hf_peft import peft_prefix_tuning_problem
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "run.py"
@@ -52,7 +53,8 @@ def test_the_suite_writes_results_report_and_raw_json(tmp_path):
         for provider in ("ptv2-triton", "reference", "peft-path", "sdpa-precat"):
             assert checks[(group, provider)] == "ok", (group, provider, output[-4000:])
     if not ON_GPU:
-        assert checks[("model-train", "peft-path")] == "ok"
+        # PEFT's baseline is skipped, saying why, where PEFT cannot prefix-tune with the installed transformers
+        assert checks[("model-train", "peft-path")] == ("ok" if peft_prefix_tuning_problem() is None else "skipped")
         assert checks[("model-train", "ptv2-triton")] in ("ok", "skipped")
     assert checks[("ceiling", "torch")] == "ok"
     assert {r["device_kind"] for r in rows} == {"cuda" if ON_GPU else "cpu"}

@@ -16,8 +16,8 @@ import torch
 import ptv2_kernels
 from ptv2_kernels import backends
 
-from .hf_models import (assert_close_scaled, bank_grads, decoder_model, patched_twin, peft_grads, peft_twin,
-                        random_batch)
+from .hf_models import (GENERATE_STEPS, assert_close_scaled, bank_grads, decoder_model, patch_with_random_bank,
+                        patched_twin, peft_grads, peft_twin, random_batch)
 from .test_integration_patch import _OpSpy
 
 pytest.importorskip("transformers")
@@ -121,6 +121,27 @@ def test_decoder_masks_reach_the_op_in_cheap_forms(monkeypatch):
                    do_sample=False, pad_token_id=1)
     # A static cache is longer than the tokens written so far: a dense mask, no causal flag.
     assert all(len(call[0]) == 4 and call[1] is False for call in spy.calls)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_generate_steps_equal_full_forwards(family):
+    """At every step of generate, the logits equal one forward over the whole sequence so far (no cache): prefix,
+    shifted positions and the cache of real tokens agree step by step. PEFT plays no part, so this holds on every
+    transformers release, also those PEFT cannot prefix-tune with."""
+    model = _model(family)
+    patch_with_random_bank(model, [3, 1], std=1.0)
+    input_ids, mask = random_batch(3, 5, padding="left", seed=8)
+    task_ids = torch.tensor([0, 1, 0])
+    out = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=task_ids, pad_token_id=1,
+                         **GENERATE_STEPS)
+    assert len(out.logits) == GENERATE_STEPS["max_new_tokens"]
+    for step, logits in enumerate(out.logits):
+        full_mask = torch.cat([mask, torch.ones(3, step, dtype=mask.dtype)], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens count from 0
+        with torch.no_grad():
+            expected = model(input_ids=out.sequences[:, :full_mask.shape[1]], attention_mask=full_mask,
+                             position_ids=positions, task_ids=task_ids).logits[:, -1]
+        assert_close_scaled(logits, expected, REFERENCE_REL, f"logits of step {step}")
 
 
 def test_mixed_tasks_in_one_generate():

@@ -14,7 +14,8 @@ import torch
 
 import ptv2_kernels
 
-from .hf_models import assert_close_scaled, patched_twin, peft_twin, random_batch
+from .hf_models import (GENERATE_STEPS, assert_close_scaled, patch_with_random_bank, patched_twin, peft_twin,
+                        random_batch)
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -141,6 +142,23 @@ def test_bart_mixed_tasks_and_shifted_encoder_positions():
     ptv2_kernels.patch(model, bank, backend="reference", positions="unshifted")
     unshifted = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids, task_ids=tasks).logits
     assert (unshifted - mixed).abs().max() > 1e-4
+
+
+def test_bart_generate_steps_equal_full_forwards():
+    """Encoder, decoder and cross-attention prefixes of two tasks: at every step of generate, the logits equal one
+    forward over the whole decoder sequence so far (no cache), so the shifted decoder positions and the cache of
+    real tokens agree step by step. No PEFT involved: this holds on every transformers release."""
+    model = bart_model()
+    patch_with_random_bank(model, [2, 3], std=0.5)
+    input_ids, mask = random_batch(3, 6, padding="right", seed=3)
+    tasks = torch.tensor([1, 0, 1])
+    out = model.generate(input_ids=input_ids, attention_mask=mask, task_ids=tasks, **GENERATE_STEPS)
+    assert len(out.logits) == GENERATE_STEPS["max_new_tokens"]
+    for step, logits in enumerate(out.logits):
+        with torch.no_grad():
+            expected = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=out.sequences[:, :step + 1],
+                             task_ids=tasks).logits[:, -1]
+        assert_close_scaled(logits, expected, REL, f"logits of step {step}")
 
 
 def test_for_model_attentions_subset():

@@ -13,6 +13,8 @@ with decoder self-attention slots only, each a view of the PEFT layer PEFT gives
 
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -82,3 +84,44 @@ def _peft_seq2seq_layers(num_layers: int) -> list[int]:
     (key, value) of virtual layers ``2i mod L`` (self-attention) and ``2i + 1 mod L`` (cross-attention, dropped).
     """
     return [(2 * i) % num_layers for i in range(num_layers)]
+
+
+@functools.lru_cache(maxsize=None)
+def peft_prefix_tuning_problem() -> Optional[str]:
+    """None when PEFT's own prefix tuning runs correctly with the installed transformers, else what goes wrong.
+
+    PEFT follows transformers' releases with a lag: PEFT 0.21.2 cannot prefix-tune with transformers 5.24, which
+    renamed the models' ``past_key_values`` argument to ``cache`` (an encoder's forward then raises, and
+    ``generate`` drops the prefix). Whatever compares with PEFT (the equivalence tests, the benchmarks' PEFT
+    baseline) asks this first. It runs two tiny random models on the CPU, once per process.
+    """
+    try:
+        import peft
+        import transformers
+    except ImportError as error:
+        return f"{error.name} is not installed"
+    versions = f"peft {peft.__version__} with transformers {transformers.__version__}"
+    tiny = dict(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                max_position_embeddings=32)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    mask = torch.ones_like(ids)
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        encoder = transformers.BertForSequenceClassification(transformers.BertConfig(**tiny)).eval()
+        encoder = peft.get_peft_model(encoder, peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=2))
+        try:
+            encoder(input_ids=ids, attention_mask=mask)
+        except Exception as error:  # noqa: BLE001 - any failure means PEFT cannot serve here; report it
+            return f"{versions}: an encoder's prefix-tuning forward raises {type(error).__name__}: {error}"
+        decoder = transformers.LlamaForCausalLM(transformers.LlamaConfig(num_key_value_heads=1, **tiny)).eval()
+        decoder = peft.get_peft_model(decoder, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+        try:
+            logits = decoder(input_ids=ids, attention_mask=mask).logits[:, -1]
+            scores = decoder.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                                      output_scores=True, return_dict_in_generate=True, pad_token_id=0).scores[0]
+        except Exception as error:  # noqa: BLE001
+            return f"{versions}: a decoder's prefix-tuning generate raises {type(error).__name__}: {error}"
+        if not torch.allclose(scores, logits, rtol=1e-4, atol=1e-5):
+            return f"{versions}: generate's first scores differ from the forward's logits (the prefix is dropped)"
+    return None

@@ -458,7 +458,9 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
         shift = shift.view(lead[0], *([1] * len(lead)))
     position_ids = _argument("position_ids", names, args, kwargs)
     if position_ids is None:
-        cache = _argument("past_key_values", names, args, kwargs)
+        cache = _argument("cache", names, args, kwargs)  # transformers >= 5.24; before, past_key_values
+        if cache is None:
+            cache = _argument("past_key_values", names, args, kwargs)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if roberta is not None and input_ids is not None:
             # RoBERTa counts positions from padding_idx + 1 and leaves padding at padding_idx.
@@ -498,7 +500,7 @@ def _make_position_hook(state: _PatchState):
         if context is None:
             return None
         input_ids = args[0] if args else kwargs.get("input_ids")
-        past = args[1] if len(args) > 1 else kwargs.get("past_key_values_length", 0)
+        past = args[1] if len(args) > 1 else kwargs.get("cache_length", kwargs.get("past_key_values_length", 0))
         position_ids = args[2] if len(args) > 2 else kwargs.get("position_ids")
         batch, length = input_ids.shape[:2]
         if position_ids is None:
