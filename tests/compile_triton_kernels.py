@@ -71,17 +71,20 @@ def _optional_pointers(flags, dtype):
 
 def cases():
     """(name, kernel, pointer types, constants, launch options) of every kernel in the configurations that matter:
-    all features on (bf16 inputs with a float32 prefix, a padded head dim; the forward also in its packed-GQA decode
-    form) and all off (fp16, head dim 128)."""
+    all features on (bf16 inputs with a float32 prefix, a padded head dim; the forward also in its decode form,
+    GQA-packed and split, with the merge of its splits) and all off (fp16, head dim 128)."""
     for everything, dtype, head_dim in ((True, "*bf16", 80), (False, "*fp16", 128)):
         flags = _flags(everything, head_dim)
         pointers, optional = _optional_pointers(flags, dtype)
         blocks = dict(BLOCK_M=128, BLOCK_N=64)
-        yield ("forward", kernels._forward_kernel, pointers, {**optional, **flags, **blocks, "PACK_GQA": False},
-               (8, 3))
-        if everything:  # the decode form: query heads of a GQA group packed into one small block
-            yield ("forward_packed_gqa", kernels._forward_kernel, pointers,
-                   {**optional, **flags, "BLOCK_M": 16, "BLOCK_N": 128, "PACK_GQA": True}, (4, 2))
+        yield ("forward", kernels._forward_kernel, pointers,
+               {**optional, **flags, **blocks, "PACK_GQA": False, "SPLIT_KV": False}, (8, 3))
+        if everything:  # the decode form: query heads of a GQA group packed into one small block, keys split
+            yield ("forward_decode", kernels._forward_kernel, {**pointers, "Out": "*fp32"},
+                   {**optional, **flags, "BLOCK_M": 16, "BLOCK_N": 128, "PACK_GQA": True, "SPLIT_KV": True}, (4, 2))
+            yield ("combine_splits", kernels._combine_splits_kernel,
+                   {"PartialOut": "*fp32", "PartialLse": "*fp32", "Out": dtype, "Lse": "*fp32"},
+                   {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "BLOCK_M": 64}, (4, 1))
         yield ("backward_keys", kernels._backward_key_kernel, pointers,
                {**optional, **flags, "DETERMINISTIC": everything, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
         yield ("backward_queries", kernels._backward_query_kernel, pointers, {**optional, **flags, **blocks}, (8, 3))

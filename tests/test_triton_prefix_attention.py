@@ -242,6 +242,34 @@ def test_packed_query_heads(q_len, q_heads, kv_heads, mask):
     check_against_reference(case, torch.float16)
 
 
+@pytest.mark.parametrize("case", [
+    Case(q_len=1, k_len=57, q_heads=8, kv_heads=2, num_prefixes=3, lengths=True, mask="padding", causal=True),
+    Case(q_len=3, k_len=70, q_heads=2, kv_heads=2, prefix_len=20, mask="dense_heads", causal=True),
+    Case(q_len=2, k_len=9, q_heads=4, kv_heads=1, prefix_len=40, num_prefixes=2, lengths=True),
+], ids=["decode-gqa-bank", "few-queries-dense", "prefix-longer-than-cache"])
+def test_split_kv_forward(case, monkeypatch):
+    """Decode with too few programs for the GPU splits the keys of [prefix ; sequence] across programs and merges
+    their partial outputs by lse. Forced here by pretending to have multiprocessors to fill; the splits then cut
+    through the prefix, the sequence and the boundary between them, and some get no key at all."""
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: 8)
+    monkeypatch.setattr(triton_backend, "MIN_KEYS_PER_SPLIT", 16)
+    programs = case.batch * (case.kv_heads if triton_backend.packs_query_heads(
+        case.q_len, case.q_heads, case.kv_heads) else case.q_heads)
+    assert triton_backend.kv_splits(case.q_len, programs, case.prefix_len + case.k_len, 8) > 1
+    check_against_reference(case, torch.float32)
+
+
+def test_kv_split_heuristic():
+    kv_splits = __import__("ptv2_kernels.triton.prefix_attention", fromlist=["kv_splits"]).kv_splits
+    assert kv_splits(q_len=1, programs=64 * 8, keys=2176, multiprocessors=132) == 1  # P4: enough programs
+    assert kv_splits(q_len=1, programs=8, keys=8192 + 128, multiprocessors=132) == 32  # one long sequence
+    assert kv_splits(q_len=1, programs=8, keys=600, multiprocessors=132) == 2  # at least 256 keys a split
+    assert kv_splits(q_len=64, programs=8, keys=8192, multiprocessors=132) == 1  # many queries: no split
+    assert kv_splits(q_len=1, programs=8, keys=8192, multiprocessors=0) == 1  # no GPU
+
+
 def test_custom_scale_and_single_query_heads():
     check_against_reference(Case(scale=0.3, q_heads=3, kv_heads=1, q_len=9, k_len=40, prefix_len=16), torch.float32)
 
@@ -336,11 +364,16 @@ def _dropout_run(case, dropout_p, seed_value, dtype=torch.float32):
 
 @pytest.mark.parametrize("case", [Case(num_prefixes=3, lengths=True, mask="padding", causal=True),
                                   Case(q_len=1, k_len=30, prefix_len=16, q_heads=4, kv_heads=1),
-                                  Case(q_len=7, k_len=20, q_heads=6, kv_heads=2, mask="dense_heads", causal=True)],
-                         ids=["bank-padding-causal", "decode-mqa", "packed-gqa-dense-causal"])
-def test_dropout_matches_reference_given_the_kernel_mask(case):
+                                  Case(q_len=7, k_len=20, q_heads=6, kv_heads=2, mask="dense_heads", causal=True),
+                                  Case(q_len=1, k_len=50, q_heads=4, kv_heads=2, prefix_len=16)],
+                         ids=["bank-padding-causal", "decode-mqa", "packed-gqa-dense-causal", "split-kv-decode"])
+def test_dropout_matches_reference_given_the_kernel_mask(case, monkeypatch):
     """Forward and all gradients equal the reference run with the keep mask the kernels drew."""
     from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    if case.k_len == 50:  # split the keys as a decode step on a GPU with room to fill would
+        monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: 8)
+        monkeypatch.setattr(triton_backend, "MIN_KEYS_PER_SPLIT", 16)
 
     dropout_p = 0.25
     inputs, kwargs, args, seed, (out, lse), keep, scale = _dropout_run(case, dropout_p, 1234)

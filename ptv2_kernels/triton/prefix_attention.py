@@ -8,7 +8,9 @@ concatenated, expanded or made contiguous.
   its sequence keys, with an online softmax in the exp2 domain. Masks cost only where they can bite: the prefix
   is never masked but for its last partial block, interior sequence blocks carry no bounds or causal work. With
   few queries (decode) and GQA, a program takes all query heads of one key/value head instead, so that each
-  key/value tile is read once per group rather than once per query head.
+  key/value tile is read once per group rather than once per query head; and when such a forward has too few
+  programs to fill the GPU (small batch, long cache), the keys are split across programs whose partial outputs a
+  last kernel merges by their lse (split-KV, as in Flash-Decoding).
 * Backward, FlashAttention-2 style — a pre-pass computes Δ = rowsum(dO·O) − dlse; one kernel computes dK/dV per
   key block (summing the query heads of a GQA group in the program), another dQ per query block. A prefix key
   block's dK/dV is one sample's share: it is summed over the samples that use the bank entry with fp32 atomics,
@@ -153,19 +155,27 @@ def _forward_kernel(
     Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
-    stride_ob, stride_oh, stride_om, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
-    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, dropout_p,
+    stride_os, stride_ob, stride_oh, stride_om, stride_ls, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm,
+    stride_mn, q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, dropout_p, num_splits,
     q_len_class, k_len_class,  # autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr, SPLIT_KV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
     (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
     row r is query r // group of query head hkv·group + r % group. Packing fills the block with the group's heads
-    so that each key/value tile is loaded once for all of them instead of once per head."""
+    so that each key/value tile is loaded once for all of them instead of once per head.
+
+    With SPLIT_KV (too few programs to fill the GPU), program (block, split) attends to the split-th of
+    ``num_splits`` equal runs of key blocks of [prefix blocks ; sequence blocks] and writes its own normalized
+    output and lse at offsets ``split · stride_os`` / ``split · stride_ls``; ``_combine_splits_kernel`` merges them."""
     pid_m = tl.program_id(0)
+    split = 0
+    if SPLIT_KV:
+        split = pid_m % num_splits
+        pid_m = pid_m // num_splits
     b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if PACK_GQA:
@@ -201,35 +211,47 @@ def _forward_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
+    # This program's key blocks: all of both sources, or one split's run of [prefix blocks ; sequence blocks].
+    diag = k_len - q_len
+    seq_full, seq_end = _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N, CAUSAL)
+    prefix_lo, prefix_hi = 0, prefix_keys
+    seq_lo, seq_hi = 0, seq_end
+    if SPLIT_KV:
+        prefix_span = tl.cdiv(prefix_len, BLOCK_N) * BLOCK_N
+        per_split = tl.cdiv(prefix_span // BLOCK_N + tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N
+        lo = split * per_split
+        prefix_lo, prefix_hi = tl.minimum(lo, prefix_span), tl.minimum(lo + per_split, prefix_keys)
+        seq_lo, seq_hi = tl.maximum(lo - prefix_span, 0), tl.minimum(lo + per_split - prefix_span, seq_end)
+
     # Stage 1: the prefix. Always visible, so only its last partial block is masked, and only for bounds.
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
     PVb = PV + entry * stride_pvt + hkv * stride_pvh
     prefix_full = prefix_keys // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                            0, prefix_full, prefix_keys, offs_m, offs_d, q_len, 0, key_pad, stride_kpn, dense,
-                            stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p, qk_scale,
-                            HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT, DOT_PRECISION)
+                            prefix_lo, tl.minimum(prefix_hi, prefix_full), prefix_keys, offs_m, offs_d, q_len, 0,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
+                            dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT,
+                            DOT_PRECISION)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                            prefix_full, prefix_keys, prefix_keys, offs_m, offs_d, q_len, 0, key_pad, stride_kpn,
-                            dense, stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p, qk_scale,
-                            HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT, DOT_PRECISION)
+                            tl.maximum(prefix_lo, prefix_full), prefix_hi, prefix_keys, offs_m, offs_d, q_len, 0,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
+                            dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT,
+                            DOT_PRECISION)
 
     # Stage 2: the sequence. Blocks every query of this block sees whole go without bounds/causal masks; the
     # rest (the causal diagonal, the ragged end) with them.
     Kb = K + b * stride_kb + hkv * stride_kh
     Vb = V + b * stride_vb + hkv * stride_vh
-    diag = k_len - q_len
-    seq_full, seq_end = _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                            0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                            HEAD_DIM, PAD_D, BLOCK_N, False, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
-                            DOT_PRECISION)
+                            seq_lo, tl.minimum(seq_hi, seq_full), k_len, offs_m, offs_d, q_len, diag, key_pad,
+                            stride_kpn, dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total,
+                            dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, False, False, HAS_KEY_PAD, HAS_DENSE,
+                            HAS_DROPOUT, DOT_PRECISION)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                            seq_full, seq_end, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                            HEAD_DIM, PAD_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
-                            DOT_PRECISION)
+                            tl.maximum(seq_lo, seq_full), seq_hi, k_len, offs_m, offs_d, q_len, diag, key_pad,
+                            stride_kpn, dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total,
+                            dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, HAS_DENSE,
+                            HAS_DROPOUT, DOT_PRECISION)
 
     # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf. Dropout's 1/(1-p) is applied once here.
     seen = l_i > 0.0
@@ -239,8 +261,43 @@ def _forward_kernel(
     out = tl.where(index_ok, out, float("nan"))
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     row_ok = offs_m < q_len
-    tl.store(Out + b * stride_ob + head_col * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Out + split * stride_os + b * stride_ob + head_col * stride_oh + offs_m[:, None] * stride_om
+             + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + split * stride_ls + (b * q_heads + h) * q_len + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    PartialOut, PartialLse, Out, Lse, stride_ps, stride_pb, stride_ph, stride_pm, stride_ls,
+    stride_ob, stride_oh, stride_om, q_heads, q_len, num_splits,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the splits of a split-KV forward: lse = log Σ exp(lse_s), out = Σ exp(lse_s − lse) · out_s.
+    Splits that saw no key (lse_s = −inf) weigh 0; a row no split saw keeps out 0 and lse −inf."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < q_len
+    lse_rows = PartialLse + (b * q_heads + h) * q_len + offs_m
+    out_rows = PartialOut + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :]
+    out_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        top = tl.maximum(top, tl.load(lse_rows + s * stride_ls, mask=row_ok, other=float("-inf")))
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for s in range(0, num_splits):
+        weight = tl.exp(tl.load(lse_rows + s * stride_ls, mask=row_ok, other=float("-inf")) - shift)
+        total += weight
+        acc += weight[:, None] * tl.load(out_rows + s * stride_ps, mask=out_ok, other=0.0)
+    seen = total > 0.0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, shift + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=out_ok)
     tl.store(Lse + (b * q_heads + h) * q_len + offs_m, lse, mask=row_ok)
 
 
@@ -617,6 +674,9 @@ _AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PA
 # speculative or chunked decode steps. Longer queries fill whole blocks per head, and their key/value tiles, shared
 # by the group's programs running side by side, come from L2.
 PACK_GQA_MAX_QUERIES = 16
+# Split-KV forward (decode with too few programs for the GPU): the fewest keys a split takes, and the most splits.
+MIN_KEYS_PER_SPLIT = 256
+MAX_KV_SPLITS = 32
 
 
 def _prune(configs, named_args, **kwargs):
@@ -644,7 +704,7 @@ class _Launcher:
         return functools.partial(self._kernel[grid], **self._meta)
 
 
-_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS, extra_key=["PACK_GQA"])
+_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS, extra_key=["PACK_GQA", "SPLIT_KV"])
 _backward_keys = _Launcher(_backward_key_kernel, _KEY_GRAD_CONFIGS, reset_to_zero=["PrefixGradK", "PrefixGradV"])
 _backward_queries = _Launcher(_backward_query_kernel, _QUERY_GRAD_CONFIGS)
 # Memory-bound helpers: one fixed block shape each.
@@ -696,6 +756,22 @@ def packs_query_heads(q_len: int, q_heads: int, kv_heads: int) -> bool:
     return q_heads > kv_heads and q_len <= PACK_GQA_MAX_QUERIES
 
 
+def kv_splits(q_len: int, programs: int, keys: int, multiprocessors: int) -> int:
+    """How many key/value splits a forward of few queries (decode) runs: enough programs for about two per
+    multiprocessor, each split keeping at least MIN_KEYS_PER_SPLIT keys so that the merge stays cheap. One split
+    (no merge) when there are many queries or already enough programs."""
+    if q_len > PACK_GQA_MAX_QUERIES or programs >= multiprocessors:
+        return 1
+    return max(1, min(triton.cdiv(2 * multiprocessors, programs), keys // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS))
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a GPU; 0 elsewhere (the interpreter runs programs one by one: never split)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -712,10 +788,23 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
         classes = (triton.next_power_of_2(rows), classes[1])
     else:
         rows, programs_per_sample = q_len, q_heads
-    _forward[_query_block_grid(rows, programs_per_sample, batch)](
-        q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, key_pad, dense, seed,
+    splits = kv_splits(q_len, batch * programs_per_sample, prefix_k.shape[2] + k.shape[2], _multiprocessors(q.device))
+    # With splits, each writes a float32 partial output and lse of its own; the merge writes out and lse.
+    dest, dest_lse = out, lse
+    if splits > 1:
+        dest = torch.empty(splits, batch, q_heads, q_len, head_dim, dtype=torch.float32, device=q.device)
+        dest_lse = torch.empty(splits, batch, q_heads, q_len, dtype=torch.float32, device=q.device)
+    grid = _query_block_grid(rows, programs_per_sample, batch)
+    _forward[lambda meta: (grid(meta)[0] * splits, *grid(meta)[1:])](
+        q, k, v, prefix_k, prefix_v, dest, dest_lse, prefix_index, prefix_lengths, key_pad, dense, seed,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
-        *out.stride()[:3], *mask_strides, *sizes, scale * LOG2E.value, dropout_p, *classes, PACK_GQA=pack, **flags)
+        dest.stride(0) if splits > 1 else 0, *dest.stride()[-4:-1], dest_lse.stride(0) if splits > 1 else 0,
+        *mask_strides, *sizes, scale * LOG2E.value, dropout_p, splits, *classes, PACK_GQA=pack,
+        SPLIT_KV=splits > 1, **flags)
+    if splits > 1:
+        _combine_splits_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
+            dest, dest_lse, out, lse, *dest.stride()[:4], dest_lse.stride(0), *out.stride()[:3], q_heads, q_len,
+            splits, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], BLOCK_M=_ROW_BLOCK)
     return out, lse
 
 
