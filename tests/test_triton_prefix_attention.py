@@ -303,14 +303,22 @@ def test_unused_bank_entries_get_zero_gradient():
     q_len=st.integers(1, 40), k_len=st.integers(0, 40), head_dim=st.sampled_from([16, 24, 32, 48, 64]),
     num_prefixes=st.integers(1, 3), prefix_len=st.integers(0, 20), lengths=st.booleans(),
     mask=st.sampled_from(MASKS), causal=st.booleans(), seed=st.integers(0, 2**16),
+    multiprocessors=st.sampled_from([0, 4, 16]),
 )
 def test_fuzz_shapes(batch, kv_heads, group, q_len, k_len, head_dim, num_prefixes, prefix_len, lengths, mask,
-                     causal, seed):
+                     causal, seed, multiprocessors):
+    """Random valid shapes; ``multiprocessors`` > 0 lets decode-like calls (Nq <= 16) split their keys as a GPU
+    with that many multiprocessors would, at 16 keys a split at least."""
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
     case = Case(batch=batch, q_heads=kv_heads * group, kv_heads=kv_heads, q_len=q_len, k_len=k_len,
                 head_dim=head_dim, num_prefixes=num_prefixes, prefix_len=prefix_len, lengths=lengths,
                 mask=mask if k_len else "none", causal=causal,
                 prefix_layout="shared3d" if num_prefixes == 1 else "bank")
-    check_against_reference(case, torch.float32, deterministic=bool(seed % 2), seed=seed)
+    with pytest.MonkeyPatch.context() as patcher:
+        patcher.setattr(triton_backend, "_multiprocessors", lambda device: multiprocessors)
+        patcher.setattr(triton_backend, "MIN_KEYS_PER_SPLIT", 16)
+        check_against_reference(case, torch.float32, deterministic=bool(seed % 2), seed=seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------
