@@ -164,11 +164,13 @@ def _gpu_suite(full: bool) -> list[Workload]:
         w += [_llm(kind, n, targets=("P3",) if n == 4096 else ()) for n in lengths]
         if full:
             w += [_llm(kind, 4096, p) for p in (32, 512)]
-    # Decode: B=64 over 2048 cached tokens (P4); sweeps over N, B and P.
+    # Decode: B=64 over 2048 cached tokens (P4); sweeps over N, B and P, and one long-context single-sample step
+    # (too few programs to fill a GPU without splitting the keys).
     w.append(_llm("decode", 2048, batch=64, causal=False, targets=("P4",)))
     if full:
         w += [_llm("decode", n, batch=64, causal=False) for n in (512, 8192)]
         w += [_llm("decode", 2048, batch=b, causal=False) for b in (1, 16)]
+        w.append(_llm("decode", 32768, batch=1, causal=False))
         w += [_llm("decode", 2048, p, batch=64, causal=False) for p in (32, 512)]
     # Mixed-task batches: T tasks drawn per sample from a bank (T = 1: one shared prefix). P5: T=8 vs T=1.
     tasks = (1, 2, 8) if full else (1, 8)
