@@ -18,6 +18,7 @@ Exit status: 0 when no provider was wrong or failed, 1 otherwise, 2 for bad argu
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import sys
 import time
@@ -130,6 +131,12 @@ def summary(measurements, run: dict) -> str:
                      f"{ratio('peft-path'):>11} {ratio('sdpa-precat'):>13}")
         if m.status in ("wrong", "error"):
             lines.append(f"    {m.note.splitlines()[0][:150]}")
+    skipped = collections.Counter((m.provider, m.note.splitlines()[0][:240] if m.note else "")
+                                  for m in measurements if m.status == "skipped")
+    if skipped:
+        lines.append("skipped:")
+        lines += [f"  {provider} ({count} case{'s' if count > 1 else ''}): {why}"
+                  for (provider, why), count in sorted(skipped.items())]
     return "\n".join(lines)
 
 

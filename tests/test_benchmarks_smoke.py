@@ -46,6 +46,8 @@ def test_the_suite_writes_results_report_and_raw_json(tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert ("GPU run" if ON_GPU else "functional run (CPU), timings meaningless") in done.stdout
+    if not ON_GPU:  # the CUDA kernels take CUDA tensors only: skipped, and the summary says why
+        assert "\nskipped:\n" in done.stdout and "\n  ptv2-cuda (" in done.stdout
 
     rows = results.read_csv(tmp_path / results.CSV_NAME)
     checks = {(r["workload"].split("/")[0], r["provider"]): r["status"] for r in rows if r["metric"] == "check"}
