@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -88,10 +89,18 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
     """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
     fastest one that supports the case; CPU tensors go to the reference (the interpreter is for tests)."""
     if requested == "auto":
+        if q.device.type != "cuda":
+            return "reference"
         # Triton first until a GPU benchmark shows the CUDA kernels faster; CUDA where Triton cannot serve.
+        reasons = {}
         for name in ("triton", "cuda"):
-            if q.device.type == "cuda" and unsupported_reason(name, q, k, prefix_k, dropout_p) is None:
+            reasons[name] = unsupported_reason(name, q, k, prefix_k, dropout_p)
+            if reasons[name] is None:
                 return name
+        # Correct but slow (materialized scores): say so rather than fall back in silence.
+        warnings.warn("ptv2_kernels: backend='auto' runs the PyTorch reference for this call on "
+                      f"{q.device}, no fused kernel can serve it (triton: {reasons['triton']}; cuda: "
+                      f"{reasons['cuda']})", RuntimeWarning, stacklevel=3)
         return "reference"
     reason = unsupported_reason(requested, q, k, prefix_k, dropout_p)
     if reason is not None:

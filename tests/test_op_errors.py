@@ -5,6 +5,7 @@ Every test starts from a valid call (checked to succeed by ``test_valid_call_suc
 
 import gc
 import re
+import types
 import weakref
 
 import pytest
@@ -482,6 +483,14 @@ def test_triton_backend_rejects_large_head_dim():
     args = _valid(head_dim=300)
     args["backend"] = "triton"
     _raises(args, ValueError, "backend", "300", str(backends.MAX_HEAD_DIM))
+
+
+def test_auto_says_when_a_cuda_call_falls_back_to_the_reference():
+    """CUDA tensors that no fused kernel can take (float64 here) go to the reference under auto, with a warning
+    that says why each kernel backend declined. A stand-in for a CUDA tensor lets this run without a GPU."""
+    cuda_like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64, shape=(1, 1, 4, 16))
+    with pytest.warns(RuntimeWarning, match=r"runs the PyTorch reference .*\(triton: .*; cuda: .*\)"):
+        assert backends.choose("auto", cuda_like, cuda_like, cuda_like) == "reference"
 
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float64, D), (torch.float32, 300)])
