@@ -4,9 +4,13 @@ Every backend implements the same two functions on already-checked, normalized a
 mask a 2-D key-padding mask or a dense mask expanded, as a view, to ``[B, Hq, Nq, Nk]``):
 
 * ``forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-  dropout_p) -> (out, lse)``
+  dropout_p, *, attn_bias=None) -> (out, lse)``
 * ``backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
-  out, lse, causal, scale, dropout_p, deterministic) -> (dq, dk, dv, dprefix_k, dprefix_v)``
+  out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None)
+  -> (dq, dk, dv, dprefix_k, dprefix_v)``, writing the bias gradient into ``grad_bias`` (float32
+  ``[B, Hq, Nq, Nk]`` zeros) when it is a non-empty tensor
+
+``attn_bias``, when given, is a float view expanded to ``[B, Hq, Nq, Nk]``.
 
 ``seed`` is a 0-d int64 tensor on the inputs' device when ``dropout_p > 0`` (else None): both passes regenerate
 the same dropout mask from it.
@@ -55,12 +59,15 @@ def unavailable_reason(name: str) -> Optional[str]:
     raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
 
 
-def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0) -> Optional[str]:
+def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
+                       attn_bias: Optional[Tensor] = None) -> Optional[str]:
     """None if backend ``name`` can serve a call with these inputs, else why not (machine first, then the case)."""
     reason = unavailable_reason(name)
     if reason is not None or name == "reference":
         return reason
     if name == "cuda":
+        if attn_bias is not None:
+            return "its kernels take no attn_bias (an additive score bias); the triton backend does"
         from . import cuda_backend
 
         return cuda_backend.unsupported_reason(q, k, prefix_k, dropout_p)
@@ -69,6 +76,8 @@ def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropou
         return f"it supports q/k/v of dtype float16, bfloat16 or float32, got {q.dtype}"
     if prefix_k.dtype not in KERNEL_DTYPES:
         return f"it supports prefix_k/prefix_v of dtype float16, bfloat16 or float32, got {prefix_k.dtype}"
+    if attn_bias is not None and attn_bias.dtype not in KERNEL_DTYPES:
+        return f"it supports attn_bias of dtype float16, bfloat16 or float32, got {attn_bias.dtype}"
     if head_dim > MAX_HEAD_DIM:
         return f"it supports head dims up to {MAX_HEAD_DIM}, got {head_dim}"
     if max(batch, q_heads) > MAX_GRID_DIM:
@@ -85,7 +94,8 @@ def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropou
     return None
 
 
-def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0) -> str:
+def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
+           attn_bias: Optional[Tensor] = None) -> str:
     """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
     fastest one that supports the case; CPU tensors go to the reference (the interpreter is for tests)."""
     if requested == "auto":
@@ -94,7 +104,7 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
         # Triton first until a GPU benchmark shows the CUDA kernels faster; CUDA where Triton cannot serve.
         reasons = {}
         for name in ("triton", "cuda"):
-            reasons[name] = unsupported_reason(name, q, k, prefix_k, dropout_p)
+            reasons[name] = unsupported_reason(name, q, k, prefix_k, dropout_p, attn_bias)
             if reasons[name] is None:
                 return name
         # Correct but slow (materialized scores): say so rather than fall back in silence.
@@ -102,7 +112,7 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
                       f"{q.device}, no fused kernel can serve it (triton: {reasons['triton']}; cuda: "
                       f"{reasons['cuda']})", RuntimeWarning, stacklevel=3)
         return "reference"
-    reason = unsupported_reason(requested, q, k, prefix_k, dropout_p)
+    reason = unsupported_reason(requested, q, k, prefix_k, dropout_p, attn_bias)
     if reason is not None:
         raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
     return requested
@@ -128,25 +138,23 @@ class ReferenceBackend:
 
     @staticmethod
     def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                dropout_p):
-        out, lse = _reference_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
-                                      causal, scale, dropout_p)
+                dropout_p, *, attn_bias=None):
+        out, lse = reference.attention_ref(
+            q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
+            attn_mask=attn_mask, attn_bias=attn_bias, causal=causal, scale=scale, dropout_p=dropout_p,
+            generator=_generator(seed, q))
         return _in_output_layout(out.to(q.dtype)), lse.float()
 
     @staticmethod
     def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
-                 out, lse, causal, scale, dropout_p, deterministic):
-        return reference.attention_ref_backward(
+                 out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
+        grads = reference.attention_ref_backward(
             grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
-            prefix_lengths=prefix_lengths, attn_mask=attn_mask, causal=causal, scale=scale, dropout_p=dropout_p,
-            generator=_generator(seed, q))
-
-
-def _reference_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                       dropout_p):
-    return reference.attention_ref(q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
-                                   prefix_lengths=prefix_lengths, attn_mask=attn_mask, causal=causal, scale=scale,
-                                   dropout_p=dropout_p, generator=_generator(seed, q))
+            prefix_lengths=prefix_lengths, attn_mask=attn_mask, attn_bias=attn_bias, causal=causal, scale=scale,
+            dropout_p=dropout_p, generator=_generator(seed, q))
+        if grad_bias is not None and grad_bias.numel():
+            grad_bias.copy_(grads[5])
+        return grads[:5]
 
 
 def _generator(seed, q):

@@ -140,15 +140,23 @@ def _ops():
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
-            algo: int = ALGO_AUTO):
+            algo: int = ALGO_AUTO, *, attn_bias=None):
+    reject_bias(attn_bias)
     return _ops().fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, bool(causal),
                       float(scale), float(dropout_p), int(algo))
 
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse,
-             causal, scale, dropout_p, deterministic):
+             causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
+    reject_bias(attn_bias)
     return _ops().bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                       out, lse, bool(causal), float(scale), float(dropout_p), bool(deterministic))
+
+
+def reject_bias(attn_bias):
+    # backends.choose never sends a bias here (see backends.unsupported_reason); a direct caller learns why.
+    if attn_bias is not None:
+        raise ValueError("the cuda backend's kernels take no attn_bias")
 
 
 def dropout_keep_mask(seed: Tensor, batch: int, q_heads: int, q_len: int, prefix_len: int, k_len: int,

@@ -33,6 +33,7 @@ def prefix_attention(
     prefix_index: Optional[Tensor] = None,
     prefix_lengths: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
@@ -51,6 +52,10 @@ def prefix_attention(
         prefix_lengths: ``[T]`` integer tensor: entry t uses only its first ``prefix_lengths[t]`` keys.
         attn_mask: bool, True = attend. ``[B, Nk]`` key padding, or a dense ``[B, 1|Hq, Nq, Nk]`` mask (size-1
             dims broadcast). Masks apply to the sequence keys only; the prefix is always visible.
+        attn_bias: an additive bias on the sequence keys' scores (after ``scale``, before the softmax), float
+            ``[B, 1|Hq, Nq, Nk]`` (size-1 dims broadcast), e.g. T5's relative position bias; the prefix keys get
+            no bias. -inf entries hide their key like a mask. Differentiable: its gradient sums over the
+            broadcast dims.
         causal: causal over the sequence keys, aligned bottom-right (key j visible to query i iff
             ``j <= i + Nk - Nq``).
         scale: score scale, default ``1 / sqrt(D)``.
@@ -68,9 +73,9 @@ def prefix_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    q, k, v, prefix_k, prefix_v, attn_mask = _checked(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale, dropout_p)
-    name = backends.choose(backend, q, k, prefix_k, dropout_p)
+    q, k, v, prefix_k, prefix_v, attn_mask, attn_bias = _checked(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale, dropout_p)
+    name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
@@ -78,7 +83,7 @@ def prefix_attention(
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)
     out, lse = torch.ops.ptv2_kernels.prefix_attention(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, bool(causal),
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, bool(causal),
         _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, bool(deterministic))
     return (out, lse) if return_lse else out
 
@@ -91,7 +96,8 @@ def _scale_or_default(scale: Optional[float], head_dim: int) -> float:
 # Argument checks
 # ----------------------------------------------------------------------------------------------------------------
 
-def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale, dropout_p):
+def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale,
+             dropout_p):
     """Raise TypeError/ValueError/IndexError naming the bad argument; return the normalized tensors."""
     for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         if not isinstance(t, Tensor):
@@ -147,6 +153,8 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mas
 
     if attn_mask is not None:
         attn_mask = _checked_mask(attn_mask, batch, q_heads, q_len, k_len, q.device)
+    if attn_bias is not None:
+        attn_bias = _checked_bias(attn_bias, batch, q_heads, q_len, k_len, q.device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
@@ -154,7 +162,7 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mas
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    return q, k, v, prefix_k, prefix_v, attn_mask
+    return q, k, v, prefix_k, prefix_v, attn_mask, attn_bias
 
 
 def _check_index_tensor(name, t, shape, device):
@@ -236,6 +244,21 @@ def _checked_mask(attn_mask, batch, q_heads, q_len, k_len, device):
                      f"{attn_mask.dim()}-D shape {list(attn_mask.shape)}")
 
 
+def _checked_bias(attn_bias, batch, q_heads, q_len, k_len, device):
+    """The bias as a [B, Hq, Nq, Nk] view (broadcast dims with stride 0; autograd sums its gradient over them)."""
+    if not isinstance(attn_bias, Tensor):
+        raise TypeError(f"attn_bias must be a torch.Tensor or None, got {type(attn_bias).__name__}")
+    if not attn_bias.is_floating_point():
+        raise TypeError(f"attn_bias must have a floating-point dtype, got {attn_bias.dtype}")
+    if attn_bias.device != device:
+        raise ValueError(f"attn_bias is on {attn_bias.device} but q is on {device}")
+    full = (batch, q_heads, q_len, k_len)
+    if attn_bias.dim() != 4 or any(size not in (1, want) for size, want in zip(attn_bias.shape, full)):
+        raise ValueError(f"attn_bias must be [B, 1 or Hq, Nq, Nk] = [{batch}, 1 or {q_heads}, {q_len}, {k_len}] "
+                         f"(size-1 dims broadcast), got shape {list(attn_bias.shape)}")
+    return attn_bias.expand(full)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The custom ops and their autograd
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,17 +266,18 @@ def _checked_mask(attn_mask, batch, q_heads, q_len, k_len, device):
 @torch.library.custom_op("ptv2_kernels::prefix_attention", mutates_args=())
 def _prefix_attention_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_index: Optional[Tensor],
-    prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor], seed: Optional[Tensor], causal: bool,
-    scale: float, dropout_p: float, backend: str, deterministic: bool,
+    prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor], attn_bias: Optional[Tensor],
+    seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
     return backends.implementation(backend).forward(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p)
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
+        attn_bias=attn_bias)
 
 
 @_prefix_attention_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
-      backend, deterministic):
+def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
+      dropout_p, backend, deterministic):
     batch, heads, length, dim = q.shape
     out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
     return out, q.new_empty(batch, heads, length, dtype=torch.float32)
@@ -263,13 +287,27 @@ def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed
 def _prefix_attention_backward_op(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor,
     prefix_v: Tensor, prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor],
-    seed: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float, dropout_p: float, backend: str,
-    deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    attn_bias: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float,
+    dropout_p: float, backend: str, deterministic: bool, bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The five input gradients, and the bias gradient ([B, Hq, Nq, Nk] in the bias's dtype) when ``bias_grad``,
+    else an empty tensor."""
+    grad_bias = _bias_grad_buffer(q, attn_bias, bias_grad)
     grads = backends.implementation(backend).backward(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse,
-        causal, scale, dropout_p, deterministic)
-    return tuple(_laid_out_like(g, x) for g, x in zip(grads, (q, k, v, prefix_k, prefix_v)))
+        causal, scale, dropout_p, deterministic, attn_bias=attn_bias, grad_bias=grad_bias)
+    grads = tuple(_laid_out_like(g, x) for g, x in zip(grads, (q, k, v, prefix_k, prefix_v)))
+    if grad_bias.numel():
+        grad_bias = grad_bias.to(attn_bias.dtype)
+    return (*grads, grad_bias)
+
+
+def _bias_grad_buffer(q, attn_bias, bias_grad) -> Tensor:
+    """Where a backend writes the bias gradient: float32 [B, Hq, Nq, Nk] zeros (keys a causal query never sees are
+    never visited), or an empty tensor when none is wanted."""
+    if attn_bias is None or not bias_grad:
+        return q.new_empty(0, dtype=torch.float32)
+    return torch.zeros(attn_bias.shape, dtype=torch.float32, device=q.device)
 
 
 def _laid_out_like(grad: Optional[Tensor], x: Tensor) -> Tensor:
@@ -284,27 +322,34 @@ def _laid_out_like(grad: Optional[Tensor], x: Tensor) -> Tensor:
 
 
 @_prefix_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse,
-      causal, scale, dropout_p, backend, deterministic):
-    return tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))
+def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out,
+      lse, causal, scale, dropout_p, backend, deterministic, bias_grad):
+    grads = tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))
+    grad_bias = _bias_grad_buffer(q, attn_bias, bias_grad)
+    return (*grads, grad_bias.to(attn_bias.dtype) if grad_bias.numel() else grad_bias)
+
+
+_BIAS_INPUT = 8  # the position of attn_bias among the forward op's inputs
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, backend,
-     deterministic) = inputs
+    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale, dropout_p,
+     backend, deterministic) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
+                          out, lse)
     ctx.options = (causal, scale, dropout_p, backend, deterministic)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = torch.ops.ptv2_kernels.prefix_attention_backward(
-        grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse,
-        *ctx.options)
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    bias_grad = attn_bias is not None and ctx.needs_input_grad[_BIAS_INPUT]
+    *grads, grad_bias = torch.ops.ptv2_kernels.prefix_attention_backward(
+        grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
+        out, lse, *ctx.options, bias_grad)
+    return (*grads, None, None, None, grad_bias if bias_grad else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("ptv2_kernels::prefix_attention", _backward, setup_context=_setup_context)

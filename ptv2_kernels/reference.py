@@ -27,6 +27,7 @@ def attention_ref(
     prefix_index: Optional[Tensor] = None,
     prefix_lengths: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
@@ -48,7 +49,8 @@ def attention_ref(
     both in ``compute_dtype``.
     """
     keys, values, probs, lse, scale = _attention_probs(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale, compute_dtype)
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale,
+        compute_dtype)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
     return torch.matmul(_dropped(probs, keep, dropout_p), values), lse
 
@@ -65,20 +67,23 @@ def attention_ref_backward(
     prefix_index: Optional[Tensor] = None,
     prefix_lengths: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
+    attn_bias: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_keep: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     compute_dtype: Optional[torch.dtype] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of :func:`attention_ref` for ``q, k, v, prefix_k, prefix_v``, each in its input's dtype.
+) -> tuple[Tensor, ...]:
+    """Gradients of :func:`attention_ref` for ``q, k, v, prefix_k, prefix_v``, each in its input's dtype, and,
+    when ``attn_bias`` is given, a sixth: the gradient of ``attn_bias`` in its shape and dtype.
 
     Written out by hand (the reference backend runs inside a custom op, where autograd is off); the tests check
     it against autograd through :func:`attention_ref`. ``generator`` must be in the state it had in the forward.
     """
     keys, values, probs, lse, scale = _attention_probs(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale, compute_dtype)
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale,
+        compute_dtype)
     dtype = probs.dtype
     grad_out = grad_out.to(dtype)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
@@ -88,7 +93,8 @@ def attention_ref_backward(
     row_term = (grad_probs * probs).sum(-1, keepdim=True)
     if grad_lse is not None:
         row_term = row_term - grad_lse.to(dtype).masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)
-    grad_scores = probs * (grad_probs - row_term) * scale
+    grad_logits = probs * (grad_probs - row_term)  # of scale * q.k + bias
+    grad_scores = grad_logits * scale
     grad_q = torch.matmul(grad_scores, keys)
     grad_keys = torch.matmul(grad_scores.transpose(-1, -2), q.to(dtype))
 
@@ -105,10 +111,17 @@ def attention_ref_backward(
         grad_bank.index_add_(0, index, grad_full[:, :, :prefix_len])
         grads.append((grad_full[:, :, prefix_len:].to(seq.dtype), grad_bank.view(bank.shape).to(bank.dtype)))
     (grad_k, grad_prefix_k), (grad_v, grad_prefix_v) = grads
-    return grad_q.to(q.dtype), grad_k, grad_v, grad_prefix_k, grad_prefix_v
+    grads = (grad_q.to(q.dtype), grad_k, grad_v, grad_prefix_k, grad_prefix_v)
+    if attn_bias is None:
+        return grads
+    grad_bias = grad_logits[..., prefix_len:]
+    broadcast = [dim for dim in range(4) if attn_bias.shape[dim] == 1 and grad_bias.shape[dim] != 1]
+    if broadcast:
+        grad_bias = grad_bias.sum(broadcast, keepdim=True)
+    return (*grads, grad_bias.to(attn_bias.dtype))
 
 
-def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, causal, scale,
+def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale,
                      compute_dtype):
     """The materialized keys/values [B, Hq, P + Nk, D], the softmax probabilities and lse, and the scale."""
     if compute_dtype is None:
@@ -128,6 +141,9 @@ def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, 
     values = values.repeat_interleave(group, dim=1)
 
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
+    if attn_bias is not None:  # on the sequence keys only: the prefix columns get a zero bias
+        bias = attn_bias.to(compute_dtype).expand(batch, q_heads, q.shape[2], k.shape[2])
+        scores = scores + torch.cat([bias.new_zeros(*bias.shape[:3], prefix_k.shape[2]), bias], dim=-1)
     visible = _visibility(q, k, prefix_k.shape[2], prefix_index, prefix_lengths, attn_mask, causal)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)

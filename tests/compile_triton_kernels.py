@@ -49,7 +49,8 @@ def compile_kernel(fn, pointers, constants, capability, num_warps=4, num_stages=
 def _flags(everything: bool, head_dim: int):
     d_pad = max(16, triton.next_power_of_2(head_dim))
     return dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=everything,
-                HAS_LENGTHS=everything, HAS_KEY_PAD=everything, HAS_DENSE=everything, CAUSAL=everything,
+                HAS_LENGTHS=everything, HAS_KEY_PAD=everything, HAS_DENSE=everything, HAS_BIAS=everything,
+                CAUSAL=everything,
                 HAS_DROPOUT=everything, DOT_PRECISION="tf32")
 
 
@@ -61,6 +62,7 @@ def _optional_pointers(flags, dtype):
     constants = {}
     for name, flag, kind in (("PrefixIndex", "HAS_INDEX", "*i64"), ("PrefixLengths", "HAS_LENGTHS", "*i64"),
                              ("KeyPad", "HAS_KEY_PAD", "*u8"), ("Dense", "HAS_DENSE", "*u8"),
+                             ("Bias", "HAS_BIAS", "*fp32"),
                              ("Seed", "HAS_DROPOUT", "*i64")):
         if flags[flag]:
             pointers[name] = kind
@@ -87,7 +89,9 @@ def cases():
                    {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "BLOCK_M": 64}, (4, 1))
         yield ("backward_keys", kernels._backward_key_kernel, pointers,
                {**optional, **flags, "DETERMINISTIC": everything, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
-        yield ("backward_queries", kernels._backward_query_kernel, pointers, {**optional, **flags, **blocks}, (8, 3))
+        yield ("backward_queries", kernels._backward_query_kernel, {**pointers, "DBias": "*fp32"},
+               {**optional, **flags, **blocks, "BIAS_GRAD": everything, **({} if everything else {"DBias": None})},
+               (8, 3))
         yield ("backward_preprocess", kernels._backward_preprocess_kernel,
                {"Out": dtype, "DOut": dtype, "Delta": "*fp32", **({"DLse": "*fp32"} if everything else {})},
                {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_DLSE": everything, "BLOCK_M": 64,

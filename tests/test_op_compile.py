@@ -146,6 +146,28 @@ def test_compiled_dropout_inductor():
     assert not torch.allclose(first, _bare_call(*tensors, options)[0])
 
 
+def test_compiled_bias_gradient_equals_eager():
+    """A bias [B, 1, Nq, Nk] broadcast over the heads: traced without a graph break, and its gradient (summed over
+    the heads by autograd's expand) is the eager one."""
+    tensors, options = _inputs("bank")
+    bias = torch.randn(B, 1, NQ, NK, generator=torch.Generator().manual_seed(5), dtype=torch.float64,
+                       requires_grad=True)
+
+    def biased(q, k, v, prefix_k, prefix_v, bias):
+        out, lse = prefix_attention(q, k, v, prefix_k, prefix_v, **options, attn_bias=bias, return_lse=True,
+                                    backend="reference")
+        return out * 2.0, lse + 1.0
+
+    def run(fn):
+        out, lse = fn(*tensors, bias)
+        return (out, lse, *torch.autograd.grad([out.sum(), (lse * lse).sum()], (*tensors, bias)))
+
+    got = run(torch.compile(biased, fullgraph=True, backend="aot_eager"))
+    want = run(biased)
+    _exactly_equal(got, want)
+    assert got[-1].shape == bias.shape and got[-1].abs().sum() > 0
+
+
 def test_argument_checks_still_raise_under_compile():
     """Without fullgraph, a failing check breaks the graph and raises the eager exception."""
     tensors, options = _inputs("bank", requires_grad=False)
@@ -163,7 +185,8 @@ def test_argument_checks_still_raise_under_compile():
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def _op_args(case, dropout=False, layout="contiguous", prefix_dtype=None, prefix_len=P, requires_grad=True):
+def _op_args(case, dropout=False, layout="contiguous", prefix_dtype=None, prefix_len=P, requires_grad=True,
+             bias=False):
     """Arguments of torch.ops.ptv2_kernels.prefix_attention as prefix_attention passes them (normalized)."""
     tensors, options = _inputs(case, requires_grad=requires_grad)
     q, k, v, prefix_k, prefix_v = (t.detach() for t in tensors)
@@ -183,7 +206,11 @@ def _op_args(case, dropout=False, layout="contiguous", prefix_dtype=None, prefix
     if lengths is not None:
         lengths = lengths.clamp(max=prefix_len)
     seed = torch.tensor(1234, dtype=torch.int64) if dropout else None
-    return (q, k, v, prefix_k, prefix_v, options.get("prefix_index"), lengths, mask, seed,
+    attn_bias = None
+    if bias:  # broadcast over the heads, as T5's position bias often is
+        attn_bias = torch.randn(B, 1, NQ, NK, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        attn_bias = attn_bias.requires_grad_(requires_grad).expand(B, HQ, NQ, NK)
+    return (q, k, v, prefix_k, prefix_v, options.get("prefix_index"), lengths, mask, attn_bias, seed,
             options.get("causal", False), 0.4, 0.3 if dropout else 0.0, "reference", False)
 
 
@@ -192,6 +219,7 @@ FORWARD_SAMPLES = {
     "bank": dict(case="bank"),
     "dense_dropout": dict(case="dense", dropout=True),
     "strided_mixed_dtype": dict(case="bank", layout="strided", prefix_dtype=torch.float32),
+    "bias": dict(case="bank", bias=True),
 }
 
 
@@ -203,13 +231,13 @@ def test_opcheck_forward(sample):
 
 def _backward_args(**sample):
     args = _op_args(**sample, requires_grad=False)
-    q, k, v, prefix_k, prefix_v, index, lengths, mask, seed, causal, scale, dropout_p, backend, det = args
+    q, k, v, prefix_k, prefix_v, index, lengths, mask, bias, seed, causal, scale, dropout_p, backend, det = args
     out, lse = torch.ops.ptv2_kernels.prefix_attention(*args)
     gen = torch.Generator().manual_seed(2)
     grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     grad_lse = torch.randn(lse.shape, generator=gen, dtype=lse.dtype)
-    return (grad_out, grad_lse, q, k, v, prefix_k, prefix_v, index, lengths, mask, seed, out, lse, causal, scale,
-            dropout_p, backend, det)
+    return (grad_out, grad_lse, q, k, v, prefix_k, prefix_v, index, lengths, mask, bias, seed, out, lse, causal,
+            scale, dropout_p, backend, det, bias is not None)
 
 
 def test_opcheck_backward_without_prefix_keys():
@@ -221,6 +249,12 @@ def test_opcheck_backward_without_prefix_keys():
 
 def test_opcheck_backward_with_prefix_keys():
     args = _backward_args(case="bank")
+    torch.library.opcheck(torch.ops.ptv2_kernels.prefix_attention_backward.default, args,
+                          test_utils=OPCHECK_UTILS)
+
+
+def test_opcheck_backward_with_bias_gradient():
+    args = _backward_args(case="bank", bias=True, prefix_len=0)
     torch.library.opcheck(torch.ops.ptv2_kernels.prefix_attention_backward.default, args,
                           test_utils=OPCHECK_UTILS)
 

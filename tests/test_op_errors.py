@@ -414,6 +414,38 @@ def test_mask_valid_shapes(shape):
     _call(args)
 
 
+@pytest.mark.parametrize("bias, exc", [
+    ([[0.0] * NK] * NQ, TypeError),
+    (torch.zeros(B, 1, NQ, NK, dtype=torch.int32), TypeError),
+    (torch.zeros(B, 1, NQ, NK, dtype=torch.bool), TypeError),
+    (torch.zeros(B, NK), ValueError),  # a key-padding shape is a mask's, not a bias's
+    (torch.zeros(B, HKV, NQ, NK), ValueError),
+    (torch.zeros(B, 1, NQ, NK + 1), ValueError),
+    (torch.zeros(B, 1, NQ, NK, device="meta"), ValueError),
+], ids=["list", "int", "bool", "2d", "kv-heads", "keys", "device"])
+def test_bias_bad(bias, exc):
+    args = _valid()
+    args["attn_bias"] = bias
+    _raises(args, exc, "attn_bias")
+
+
+@pytest.mark.parametrize("shape", [(B, HQ, NQ, NK), (1, 1, NQ, NK), (B, 1, 1, NK)], ids=str)
+def test_bias_valid_shapes(shape):
+    args = _valid()
+    args["attn_bias"] = torch.zeros(shape)
+    torch.testing.assert_close(_call(args), _call(_valid()), rtol=0, atol=0)  # a zero bias changes nothing
+
+
+def test_cuda_backend_rejects_a_bias(monkeypatch):
+    """The CUDA kernels take no bias: named explicitly that backend says so, and auto passes it over. (Asked of
+    the backend choice directly, as if the extension could run here, with a stand-in for a CUDA tensor.)"""
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
+    cuda_like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16, shape=(1, 1, 4, 16))
+    with pytest.raises(ValueError, match="backend='cuda' cannot serve this call: .*attn_bias"):
+        backends.choose("cuda", cuda_like, cuda_like, cuda_like, attn_bias=cuda_like)
+    assert backends.choose("auto", cuda_like, cuda_like, cuda_like, attn_bias=cuda_like) == "triton"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Scalars and the backend
 # ----------------------------------------------------------------------------------------------------------------

@@ -118,6 +118,33 @@ def test_backward_matches_autograd(name, with_grad_lse):
         torch.testing.assert_close(g, e, **F64, msg=lambda m: f"{name_}: {m}")
 
 
+@pytest.mark.parametrize("shape", ["per_head", "broadcast"])
+@pytest.mark.parametrize("name", ["gqa_causal", "bank_empty_rows", "pad_empty_rows"])
+def test_bias_backward_matches_autograd(name, shape):
+    """An additive bias on the sequence scores: the hand-written gradients, the bias's own summed over its
+    broadcast dims, equal autograd's, with -inf entries among them. (Key 0 keeps a finite bias: a row whose every
+    visible key had a -inf bias would see nothing, and autograd through logsumexp gives NaN there where the
+    op's gradient is 0.)"""
+    case = CASES[name]
+    tensors, options = case.make()
+    gen = torch.Generator().manual_seed(9)
+    bias_shape = (case.B, case.Hq, case.Nq, case.Nk) if shape == "per_head" else (1, 1, case.Nq, case.Nk)
+    bias = torch.randn(bias_shape, generator=gen, dtype=torch.float64)
+    hidden = torch.rand(bias_shape, generator=gen) < 0.3
+    hidden[..., 0] = False
+    bias = bias.masked_fill(hidden, float("-inf"))
+    out, lse = attention_ref(*tensors.values(), **options, attn_bias=bias)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    leaves = [t.detach().requires_grad_() for t in (*tensors.values(), bias)]
+    ref_out, ref_lse = attention_ref(*leaves[:5], **options, attn_bias=leaves[5])
+    expected = torch.autograd.grad([ref_out, ref_lse], leaves, [grad_out, grad_lse], allow_unused=True)
+    got = attention_ref_backward(grad_out, grad_lse, *tensors.values(), **options, attn_bias=bias)
+    assert len(got) == 6 and got[5].shape == bias.shape
+    for g, e, x in zip(got, expected, leaves):
+        e = torch.zeros_like(x) if e is None else e
+        torch.testing.assert_close(g, e, **F64)
+
+
 @pytest.mark.parametrize("name", ["plain", "gqa_causal", "bank", "pad_empty_rows", "denseH_causal_bank"])
 def test_backward_with_dropout_matches_autograd(name):
     case = CASES[name]

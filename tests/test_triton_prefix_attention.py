@@ -67,6 +67,7 @@ class Case:
     prefix_layout: str = "bank"  # "bank" [T, Hkv, P, D] contiguous, "shared3d" [Hkv, P, D], "strided" permuted
     prefix_dtype: Optional[torch.dtype] = None  # None: q's dtype
     scale: Optional[float] = None
+    bias: str = "none"  # additive attn_bias: "none", "heads" [B, Hq, Nq, Nk], "shared" [1, 1, Nq, Nk] with -inf
 
 
 def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
@@ -112,13 +113,22 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     elif case.mask in ("dense", "dense_heads"):
         heads = Hq if case.mask == "dense_heads" else 1
         kwargs["attn_mask"] = (torch.rand(B, heads, Nq, Nk, generator=gen) > 0.3).to(DEVICE)
+    if case.bias == "heads":  # a float32 bias with half inputs, as a float32 position-bias table would give
+        kwargs["attn_bias"] = (torch.randn(B, Hq, Nq, Nk, generator=gen) * 2).to(DEVICE)
+    elif case.bias == "shared":  # broadcast over samples and heads; -inf entries hide keys like a mask
+        bias = torch.randn(1, 1, Nq, Nk, generator=gen).to(dtype)
+        kwargs["attn_bias"] = bias.masked_fill(torch.rand(1, 1, Nq, Nk, generator=gen) < 0.2, float("-inf")).to(DEVICE)
     return [q, k, v, prefix_k, prefix_v], kwargs
 
 
 def run_backend(inputs, kwargs, deterministic=False, seed=1, backend="triton"):
-    """Forward with lse, then backward with random dO and dlse. Returns (out, lse, grads, (dO, dlse))."""
+    """Forward with lse, then backward with random dO and dlse. Returns (out, lse, grads, (dO, dlse)); the grads
+    of q, k, v, prefix_k, prefix_v, and of attn_bias when there is one."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    out, lse = ptv2_kernels.prefix_attention(*leaves, **kwargs, return_lse=True, backend=backend,
+    if kwargs.get("attn_bias") is not None:
+        kwargs = dict(kwargs, attn_bias=kwargs["attn_bias"].detach().requires_grad_(True))
+        leaves.append(kwargs["attn_bias"])
+    out, lse = ptv2_kernels.prefix_attention(*leaves[:5], **kwargs, return_lse=True, backend=backend,
                                              deterministic=deterministic)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, out.dtype)
@@ -165,7 +175,8 @@ def check_against_reference(case: Case, dtype: torch.dtype, deterministic=False,
     assert (out[~seen] == 0).all(), "a query that sees no key outputs 0"
     assert_close_to_reference("out", out, oracle[0], same_precision[0], dtype)
     assert_close_to_reference("lse", lse[seen], oracle[1][seen], same_precision[1][seen].float(), torch.float32)
-    for name, grad, want, pt in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, oracle[2],
+    assert len(grads) == len(oracle[2]) == (6 if case.bias != "none" else 5)
+    for name, grad, want, pt in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dbias"), grads, oracle[2],
                                     same_precision[2]):
         assert_close_to_reference(name, grad, want, pt, min(dtype, grad.dtype, key=lambda d: torch.finfo(d).bits))
 
@@ -260,6 +271,22 @@ def test_split_kv_forward(case, monkeypatch):
         case.q_len, case.q_heads, case.kv_heads) else case.q_heads)
     assert triton_backend.kv_splits(case.q_len, programs, case.prefix_len + case.k_len, 8) > 1
     check_against_reference(case, torch.float32)
+
+
+@pytest.mark.parametrize("case, dtype, multiprocessors", [
+    (Case(bias="heads", num_prefixes=3, lengths=True, mask="padding", causal=True), torch.float16, 0),
+    (Case(bias="shared", q_len=24, k_len=24, mask="dense", layout="bnhd"), torch.float32, 0),
+    (Case(bias="shared", q_len=7, k_len=30, q_heads=6, kv_heads=2, causal=True), torch.float32, 0),
+    (Case(bias="heads", q_len=1, k_len=70, q_heads=4, kv_heads=1, prefix_len=0), torch.float32, 8),
+], ids=["per-head-fp16-bank-padding-causal", "shared-inf-dense", "shared-inf-packed-gqa", "decode-split-no-prefix"])
+def test_additive_bias(case, dtype, multiprocessors, monkeypatch):
+    """An additive score bias on the sequence keys (T5's position bias): forward, lse, the five gradients and the
+    bias's own (summed over broadcast dims), also with -inf entries, packed GQA rows and split keys."""
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: multiprocessors)
+    monkeypatch.setattr(triton_backend, "MIN_KEYS_PER_SPLIT", 16)
+    check_against_reference(case, dtype)
 
 
 def test_kv_split_heuristic():

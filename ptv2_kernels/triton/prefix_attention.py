@@ -54,6 +54,16 @@ def _load(ptrs, index_ok, dim_ok, CHECK_INDEX: tl.constexpr, CHECK_DIM: tl.const
 
 
 @triton.jit
+def _operand_base(Ptr, b, h, stride_b, stride_h, PRESENT: tl.constexpr):
+    """Where an optional per-(sample, head) operand (mask, bias, bias gradient) starts for sample b and head h
+    (``h`` may be a column of per-row heads); the argument as passed (None) when the operand is absent."""
+    base = Ptr
+    if PRESENT:
+        base = Ptr + b * stride_b + h * stride_h
+    return base
+
+
+@triton.jit
 def _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
                 HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """Sample b's bank entry, how many of its keys it sees, and whether its index was in range.
@@ -89,6 +99,15 @@ def _visible(rows, cols, q_len, k_len, diag, key_pad, stride_kpn, dense, stride_
 
 
 @triton.jit
+def _biased(scores, bias, rows, cols, q_len, k_len, stride_bm, stride_bn):
+    """Scores (log2 units) plus the additive bias of their (query, key) pairs; ``rows`` and ``cols`` broadcast in
+    either orientation, as in ``_visible``."""
+    in_bounds = (rows < q_len) & (cols < k_len)
+    values = tl.load(bias + rows * stride_bm + cols * stride_bn, mask=in_bounds, other=0.0)
+    return scores + values.to(tl.float32) * LOG2E
+
+
+@triton.jit
 def _dropout_keep(seed, stream, rows, cols, cols_total, dropout_p):
     """Keep mask of dropout: Philox on (query · (P + Nk) + key column, sample·head stream) under ``seed``."""
     counter = rows * cols_total + cols
@@ -121,7 +140,7 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
             seed, stream, col_base, cols_total, dropout_p, qk_scale,
             HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-            DOT_PRECISION: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, bias, stride_bm, stride_bn, HAS_BIAS: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with key blocks [start, end) of one key/value source."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -129,6 +148,8 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         k_t = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, offs_n[None, :] < k_len,
                     offs_d[:, None] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
         scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            scores = _biased(scores, bias, offs_m[:, None], offs_n[None, :], q_len, k_len, stride_bm, stride_bn)
         if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
             visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, diag, key_pad, stride_kpn, dense,
                                stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
@@ -152,16 +173,17 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Seed,
+    Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_os, stride_ob, stride_oh, stride_om, stride_ls, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm,
-    stride_mn, q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, dropout_p, num_splits,
+    stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, dropout_p, num_splits,
     q_len_class, k_len_class,  # autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr, SPLIT_KV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
+    SPLIT_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
     (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
@@ -170,7 +192,8 @@ def _forward_kernel(
 
     With SPLIT_KV (too few programs to fill the GPU), program (block, split) attends to the split-th of
     ``num_splits`` equal runs of key blocks of [prefix blocks ; sequence blocks] and writes its own normalized
-    output and lse at offsets ``split · stride_os`` / ``split · stride_ls``; ``_combine_splits_kernel`` merges them."""
+    output and lse at offsets ``split · stride_os`` / ``split · stride_ls``; ``_combine_splits_kernel`` merges
+    them. An additive bias (HAS_BIAS) applies to the sequence keys' scores only."""
     pid_m = tl.program_id(0)
     split = 0
     if SPLIT_KV:
@@ -200,12 +223,9 @@ def _forward_kernel(
         seed = tl.load(Seed)
     stream = (b * q_heads + head_col).to(tl.int32)
     cols_total = prefix_len + k_len
-    key_pad = KeyPad
-    if HAS_KEY_PAD:
-        key_pad = KeyPad + b * stride_kpb
-    dense = Dense
-    if HAS_DENSE:
-        dense = Dense + b * stride_mb + head_col * stride_mh
+    key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
+    dense = _operand_base(Dense, b, head_col, stride_mb, stride_mh, HAS_DENSE)
+    bias = _operand_base(Bias, b, head_col, stride_bb, stride_bh, HAS_BIAS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -231,12 +251,12 @@ def _forward_kernel(
                             prefix_lo, tl.minimum(prefix_hi, prefix_full), prefix_keys, offs_m, offs_d, q_len, 0,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
                             dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT,
-                            DOT_PRECISION)
+                            DOT_PRECISION, bias, stride_bm, stride_bn, False)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                             tl.maximum(prefix_lo, prefix_full), prefix_hi, prefix_keys, offs_m, offs_d, q_len, 0,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
                             dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT,
-                            DOT_PRECISION)
+                            DOT_PRECISION, bias, stride_bm, stride_bn, False)
 
     # Stage 2: the sequence. Blocks every query of this block sees whole go without bounds/causal masks; the
     # rest (the causal diagonal, the ragged end) with them.
@@ -246,12 +266,12 @@ def _forward_kernel(
                             seq_lo, tl.minimum(seq_hi, seq_full), k_len, offs_m, offs_d, q_len, diag, key_pad,
                             stride_kpn, dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total,
                             dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, False, False, HAS_KEY_PAD, HAS_DENSE,
-                            HAS_DROPOUT, DOT_PRECISION)
+                            HAS_DROPOUT, DOT_PRECISION, bias, stride_bm, stride_bn, HAS_BIAS)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
                             tl.maximum(seq_lo, seq_full), seq_hi, k_len, offs_m, offs_d, q_len, diag, key_pad,
                             stride_kpn, dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total,
                             dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, HAS_DENSE,
-                            HAS_DROPOUT, DOT_PRECISION)
+                            HAS_DROPOUT, DOT_PRECISION, bias, stride_bm, stride_bn, HAS_BIAS)
 
     # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf. Dropout's 1/(1-p) is applied once here.
     seen = l_i > 0.0
@@ -345,7 +365,8 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
                           seed, stream, col_base, cols_total, dropout_p, qk_scale,
                           HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr,
-                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, bias, stride_bm, stride_bn,
+                          HAS_BIAS: tl.constexpr):
     """dK, dV of one key block from query blocks [start, end) of one query head; tiles are [keys, queries]."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -356,6 +377,8 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
                       offs_d[None, :] < HEAD_DIM, True, PAD_D).to(q.dtype)
         lse = _lse_log2(Lse, row_base + offs_m, row_ok)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            scores_t = _biased(scores_t, bias, offs_m[None, :], offs_n[:, None], q_len, k_len, stride_bm, stride_bn)
         probs_t = tl.math.exp2(scores_t - lse[None, :])
         if CAUSAL or HAS_KEY_PAD or HAS_DENSE:
             visible = _visible(offs_m[None, :], offs_n[:, None], q_len, k_len, diag, key_pad, stride_kpn, dense,
@@ -379,16 +402,17 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
 @triton.jit
 def _backward_key_kernel(
     Q, K, V, PK, PV, DOut, Lse, Delta, DK, DV, PrefixGradK, PrefixGradV,
-    PrefixIndex, PrefixLengths, KeyPad, Dense, Seed,
+    PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
     q_len_class, k_len_class,  # autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK/dV of one key block (prefix blocks first, then sequence blocks) of one key/value head of one sample."""
@@ -423,7 +447,8 @@ def _backward_key_kernel(
                     Delta, stride_qm, stride_dom, stride_dod, (b * q_heads + h) * q_len, 0, q_len, offs_n, offs_d,
                     q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
                     (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale,
-                    HEAD_DIM, PAD_D, BLOCK_M, False, False, False, HAS_DROPOUT, DOT_PRECISION)
+                    HEAD_DIM, PAD_D, BLOCK_M, False, False, False, HAS_DROPOUT, DOT_PRECISION,
+                    Bias, stride_bm, stride_bn, False)
             # One sample's share of the bank entry's gradient: [S, Hkv, P, D] float32 buffers indexed by the
             # entry (atomics) or by the sample (deterministic, summed in order by the finalize kernel).
             slot = entry
@@ -445,9 +470,7 @@ def _backward_key_kernel(
                   True, PAD_D)
         v = _load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], key_ok, d_ok,
                   True, PAD_D)
-        key_pad = KeyPad
-        if HAS_KEY_PAD:
-            key_pad = KeyPad + b * stride_kpb
+        key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
         diag = k_len - q_len
         # Causal: queries before first_row see none of these keys; from full_row on, they see all of them.
         if CAUSAL:
@@ -459,9 +482,8 @@ def _backward_key_kernel(
             full_row = 0
         for g in range(0, group):
             h = hkv * group + g
-            dense = Dense
-            if HAS_DENSE:
-                dense = Dense + b * stride_mb + h * stride_mh
+            dense = _operand_base(Dense, b, h, stride_mb, stride_mh, HAS_DENSE)
+            bias = _operand_base(Bias, b, h, stride_bb, stride_bh, HAS_BIAS)
             q_head = Q + b * stride_qb + h * stride_qh
             do_head = DOut + b * stride_dob + h * stride_doh
             row_base = (b * q_heads + h) * q_len
@@ -470,12 +492,14 @@ def _backward_key_kernel(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                 first_row, tl.minimum(full_row, q_len), offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                 stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                HEAD_DIM, PAD_D, BLOCK_M, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT, DOT_PRECISION)
+                HEAD_DIM, PAD_D, BLOCK_M, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT, DOT_PRECISION,
+                bias, stride_bm, stride_bn, HAS_BIAS)
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                 full_row, q_len, offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                 stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                HEAD_DIM, PAD_D, BLOCK_M, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT, DOT_PRECISION)
+                HEAD_DIM, PAD_D, BLOCK_M, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT, DOT_PRECISION,
+                bias, stride_bm, stride_bn, HAS_BIAS)
         grad_ok = key_ok & d_ok
         tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=grad_ok)
@@ -490,8 +514,11 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
                            seed, stream, col_base, cols_total, dropout_p, qk_scale,
                            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            MASK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
-                           HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dQ of one query block from key blocks [start, end) of one key/value source."""
+                           HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           bias, stride_bm, stride_bn, HAS_BIAS: tl.constexpr, dbias, stride_dbm, stride_dbn,
+                           BIAS_GRAD: tl.constexpr):
+    """dQ of one query block from key blocks [start, end) of one key/value source; with BIAS_GRAD, also the
+    gradient of the additive bias (the scores' gradient, in natural units) of these (query, key) pairs."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n[:, None] < k_len,
@@ -499,6 +526,8 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
         v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
                   offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            scores = _biased(scores, bias, offs_m[:, None], offs_n[None, :], q_len, k_len, stride_bm, stride_bn)
         probs = tl.math.exp2(scores - lse[:, None])
         if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
             visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, diag, key_pad, stride_kpn, dense,
@@ -509,24 +538,30 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
             keep = _dropout_keep(seed, stream, offs_m[:, None], col_base + offs_n[None, :], cols_total, dropout_p)
             d_probs = tl.where(keep, d_probs * (1.0 / (1.0 - dropout_p)), 0.0)
         d_scores = probs * (d_probs - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(dbias + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn, d_scores,
+                     mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
         dq += tl.dot(d_scores.to(q.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, PK, PV, DOut, Lse, Delta, DQ, PrefixIndex, PrefixLengths, KeyPad, Dense, Seed,
+    Q, K, V, PK, PV, DOut, Lse, Delta, DQ, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, DBias, Seed,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm,
-    stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
     q_len_class, k_len_class,  # autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ of one query block of one head of one sample: the forward's two stages, replayed."""
+    """dQ of one query block of one head of one sample: the forward's two stages, replayed. With BIAS_GRAD it
+    also writes the bias gradient of the sequence keys it visits (the caller zeroes the rest)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -549,12 +584,10 @@ def _backward_query_kernel(
         seed = tl.load(Seed)
     stream = (b * q_heads + h).to(tl.int32)
     cols_total = prefix_len + k_len
-    key_pad = KeyPad
-    if HAS_KEY_PAD:
-        key_pad = KeyPad + b * stride_kpb
-    dense = Dense
-    if HAS_DENSE:
-        dense = Dense + b * stride_mb + h * stride_mh
+    key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
+    dense = _operand_base(Dense, b, h, stride_mb, stride_mh, HAS_DENSE)
+    bias = _operand_base(Bias, b, h, stride_bb, stride_bh, HAS_BIAS)
+    dbias = _operand_base(DBias, b, h, stride_dbb, stride_dbh, BIAS_GRAD)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
@@ -563,12 +596,13 @@ def _backward_query_kernel(
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                                 0, prefix_full, prefix_keys, offs_m, offs_d, q_len, 0, key_pad, stride_kpn, dense,
                                 stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p, qk_scale,
-                                HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT, DOT_PRECISION)
+                                HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT, DOT_PRECISION,
+                                bias, stride_bm, stride_bn, False, dbias, stride_dbm, stride_dbn, False)
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                                 prefix_full, prefix_keys, prefix_keys, offs_m, offs_d, q_len, 0, key_pad,
                                 stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p,
                                 qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT,
-                                DOT_PRECISION)
+                                DOT_PRECISION, bias, stride_bm, stride_bn, False, dbias, stride_dbm, stride_dbn, False)
     Kb = K + b * stride_kb + hkv * stride_kh
     Vb = V + b * stride_vb + hkv * stride_vh
     diag = k_len - q_len
@@ -578,12 +612,14 @@ def _backward_query_kernel(
                                 0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                                 stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
                                 HEAD_DIM, PAD_D, BLOCK_N, False, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
-                                DOT_PRECISION)
+                                DOT_PRECISION, bias, stride_bm, stride_bn, HAS_BIAS, dbias, stride_dbm, stride_dbn,
+                                BIAS_GRAD)
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
                                 seq_full, seq_end, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                                 stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
                                 HEAD_DIM, PAD_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
-                                DOT_PRECISION)
+                                DOT_PRECISION, bias, stride_bm, stride_bn, HAS_BIAS, dbias, stride_dbm, stride_dbn,
+                                BIAS_GRAD)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
@@ -669,7 +705,8 @@ _QUERY_GRAD_CONFIGS = _configs([
 ])
 # The interpreter cannot time configurations and runs each program in Python: one small block shape.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
-_AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE", "HAS_DROPOUT"]
+_AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE", "HAS_BIAS",
+                 "HAS_DROPOUT"]
 # The forward packs the query heads of a GQA group into one program's rows up to this many queries: decode (1) and
 # speculative or chunked decode steps. Longer queries fill whole blocks per head, and their key/value tiles, shared
 # by the group's programs running side by side, come from L2.
@@ -715,7 +752,7 @@ _ROW_BLOCK = 16 if triton_interpreting() else 64
 # The backend: forward and backward on checked, normalized arguments (see ptv2_kernels.backends)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal, dropout_p):
+def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p):
     """Kernel arguments shared by every launch: sizes, autotuning classes and compile-time flags."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
@@ -726,8 +763,8 @@ def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, 
     classes = (triton.next_power_of_2(q_len), triton.next_power_of_2(prefix_len + k_len))
     flags = dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=prefix_index is not None,
                  HAS_LENGTHS=prefix_lengths is not None, HAS_KEY_PAD=attn_mask is not None and attn_mask.dim() == 2,
-                 HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, CAUSAL=causal, HAS_DROPOUT=dropout_p > 0,
-                 DOT_PRECISION="tf32" if use_tf32 else "ieee")
+                 HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, HAS_BIAS=attn_bias is not None,
+                 CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="tf32" if use_tf32 else "ieee")
     return sizes, classes, flags
 
 
@@ -739,6 +776,11 @@ def _mask_args(attn_mask):
     if mask.dim() == 2:
         return mask, None, (*mask.stride(), 0, 0, 0, 0)
     return None, mask, (0, 0, *mask.stride())
+
+
+def _bias_strides(attn_bias):
+    """Strides of the [B, Hq, Nq, Nk] bias view (0 along broadcast dims), or zeros without a bias."""
+    return (0, 0, 0, 0) if attn_bias is None else attn_bias.stride()
 
 
 def _query_block_grid(q_len, q_heads, batch):
@@ -772,15 +814,16 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p):
+def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
+            attn_bias=None):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
     out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal,
-                                               dropout_p)
+    sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
+                                               causal, dropout_p)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
     pack = packs_query_heads(q_len, q_heads, kv_heads)
     if pack:
@@ -796,11 +839,11 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
         dest_lse = torch.empty(splits, batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     grid = _query_block_grid(rows, programs_per_sample, batch)
     _forward[lambda meta: (grid(meta)[0] * splits, *grid(meta)[1:])](
-        q, k, v, prefix_k, prefix_v, dest, dest_lse, prefix_index, prefix_lengths, key_pad, dense, seed,
+        q, k, v, prefix_k, prefix_v, dest, dest_lse, prefix_index, prefix_lengths, key_pad, dense, attn_bias, seed,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
         dest.stride(0) if splits > 1 else 0, *dest.stride()[-4:-1], dest_lse.stride(0) if splits > 1 else 0,
-        *mask_strides, *sizes, scale * LOG2E.value, dropout_p, splits, *classes, PACK_GQA=pack,
-        SPLIT_KV=splits > 1, **flags)
+        *mask_strides, *_bias_strides(attn_bias), *sizes, scale * LOG2E.value, dropout_p, splits, *classes,
+        PACK_GQA=pack, SPLIT_KV=splits > 1, **flags)
     if splits > 1:
         _combine_splits_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
             dest, dest_lse, out, lse, *dest.stride()[:4], dest_lse.stride(0), *out.stride()[:3], q_heads, q_len,
@@ -809,7 +852,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
 
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
-             lse, causal, scale, dropout_p, deterministic):
+             lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
@@ -817,8 +860,8 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
     d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), d_prefix_k.zero_(), d_prefix_v.zero_()
-    sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, causal,
-                                               dropout_p)
+    sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
+                                               causal, dropout_p)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
 
     delta = torch.empty_like(lse)
@@ -836,11 +879,15 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
     if prefix_len + k_len > 0:
         _backward_keys[_key_block_grid(prefix_len, k_len, kv_heads, batch)](
             q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dk, dv, partial_k, partial_v, prefix_index,
-            prefix_lengths, key_pad, dense, seed, *common, *dk.stride()[:3], *dv.stride()[:3], *mask_strides,
-            *sizes, scale * LOG2E.value, scale, dropout_p, *classes, DETERMINISTIC=deterministic, **flags)
+            prefix_lengths, key_pad, dense, attn_bias, seed, *common, *dk.stride()[:3], *dv.stride()[:3],
+            *mask_strides, *_bias_strides(attn_bias), *sizes, scale * LOG2E.value, scale, dropout_p, *classes,
+            DETERMINISTIC=deterministic, **flags)
+    bias_grad = grad_bias is not None and grad_bias.numel() > 0
     _backward_queries[_query_block_grid(q_len, q_heads, batch)](
-        q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, prefix_index, prefix_lengths, key_pad, dense, seed,
-        *common, *dq.stride()[:3], *mask_strides, *sizes, scale * LOG2E.value, scale, dropout_p, *classes, **flags)
+        q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, prefix_index, prefix_lengths, key_pad, dense,
+        attn_bias, grad_bias if bias_grad else None, seed, *common, *dq.stride()[:3], *mask_strides,
+        *_bias_strides(attn_bias), *(grad_bias.stride() if bias_grad else (0, 0, 0, 0)), *sizes,
+        scale * LOG2E.value, scale, dropout_p, *classes, BIAS_GRAD=bias_grad, **flags)
     if prefix_len > 0:
         _prefix_grad_finalize_kernel[(triton.cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
             partial_k, partial_v, d_prefix_k, d_prefix_v, prefix_index, *d_prefix_k.stride(), *d_prefix_v.stride(),

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from ptv2_kernels import cuda_backend
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
@@ -174,7 +176,8 @@ class SimBackend:
 
     @classmethod
     def forward(cls, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                dropout_p):
+                dropout_p, *, attn_bias=None):
+        cuda_backend.reject_bias(attn_bias)
         batch, heads, length, dim = q.shape
         out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
         lse = q.new_empty(batch, heads, length, dtype=torch.float32)
@@ -186,7 +189,8 @@ class SimBackend:
 
     @classmethod
     def backward(cls, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
-                 seed, out, lse, causal, scale, dropout_p, deterministic):
+                 seed, out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
+        cuda_backend.reject_bias(attn_bias)
         grads = dict(dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
                      dprefix_k=torch.empty_like(prefix_k), dprefix_v=torch.empty_like(prefix_v))
         tensors = _inputs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed)
