@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ptv2_kernels
+from ptv2_kernels import backends
 
 from .hf_models import (GENERATE_STEPS, assert_close_scaled, patch_with_random_bank, patched_twin, peft_twin,
                         random_batch)
@@ -21,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 REL = 1e-5
+TRITON_REL = 1e-4  # float32 summed blockwise, as in the other model tests
 GENERATE = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True,
                 return_dict_in_generate=True)
 
@@ -199,14 +201,18 @@ def _t5_oracle(module, hidden, kv_states, bias, prefix_k, prefix_v, causal):
     return module.o(out.float())
 
 
-def test_t5_prefixes_with_zero_bias_columns_against_an_oracle():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    backends.unavailable_reason("triton") is not None, reason=f"Triton: {backends.unavailable_reason('triton')}"))])
+def test_t5_prefixes_with_zero_bias_columns_against_an_oracle(backend):
+    """T5's relative position bias reaches the op as its attn_bias (the prefix keys unbiased): each attention
+    equals a hand-written one over [prefix ; keys] with zero bias columns for the prefix."""
     model = t5_model()
     bank = ptv2_kernels.PrefixBank.for_model(model, prefix_len=3)
     assert {slot.name.split(".")[0] for slot in bank.slots} == {"encoder", "decoder", "cross"}
     with torch.no_grad():
         bank.encoder.embedding.weight.normal_(0.0, 0.5)
     kv = {slot.name: pair for slot, pair in zip(bank.slots, bank())}
-    ptv2_kernels.patch(model, bank, backend="reference")
+    ptv2_kernels.patch(model, bank, backend=backend)
     captured = {}
 
     def capture(name):
@@ -229,7 +235,31 @@ def test_t5_prefixes_with_zero_bias_columns_against_an_oracle():
         prefix_k, prefix_v = kv[name]
         expected = _t5_oracle(module, hidden, hidden if kv_states is None else kv_states, bias, prefix_k, prefix_v,
                               causal=name.startswith("decoder"))
-        assert_close_scaled(output, expected.detach(), REL, name)
+        assert_close_scaled(output, expected.detach(), REL if backend == "reference" else TRITON_REL, name)
+
+
+@pytest.mark.skipif(backends.unavailable_reason("triton") is not None,
+                    reason=f"Triton: {backends.unavailable_reason('triton')}")
+def test_t5_gradients_with_triton_equal_the_reference():
+    """The whole model trainable: the prefix's gradient and that of T5's relative position bias tables (which
+    reach the op as attn_bias, broadcast over the batch) agree between the fused kernels and the reference."""
+    grads = {}
+    for backend in ("reference", "triton"):
+        model = t5_model()
+        torch.manual_seed(4)
+        bank = patch_with_random_bank(model, [3, 2], std=0.5, backend=backend)
+        input_ids, mask = random_batch(2, 6, padding="right", seed=6)
+        decoder_ids, _ = random_batch(2, 4, seed=7)
+        logits = model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                       task_ids=torch.tensor([1, 0])).logits
+        (logits * torch.randn(logits.shape, generator=torch.Generator().manual_seed(8))).sum().backward()
+        tables = [model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight,
+                  model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight]
+        grads[backend] = [bank.encoder.embedding.weight.grad] + [table.grad for table in tables]
+    for name, got, want in zip(("prefix", "encoder bias table", "decoder bias table"), grads["triton"],
+                               grads["reference"]):
+        assert want.abs().sum() > 0, name
+        assert_close_scaled(got, want, TRITON_REL, name)
 
 
 def test_t5_generate_and_mixed_tasks():

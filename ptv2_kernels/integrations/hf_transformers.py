@@ -22,8 +22,6 @@ masks) becomes a dense boolean mask.
 from __future__ import annotations
 
 import inspect
-import math
-import warnings
 import weakref
 from typing import Optional, Sequence
 
@@ -292,15 +290,15 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"a patched model's attention does not support {name!r} "
                                       f"({type(module).__name__})")
-    if kwargs.get("position_bias") is not None:
-        return _biased_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
     mask, causal = _op_mask(attention_mask, is_causal, key)
     prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs)
+    # T5's relative position bias: on the sequence keys' scores; the prefix keys get none (zero bias columns).
     out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
-                           attn_mask=mask, causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend)
+                           attn_mask=mask, attn_bias=kwargs.get("position_bias"), causal=causal, scale=scaling,
+                           dropout_p=float(dropout), backend=backend)
     return out.transpose(1, 2), None
 
 
@@ -316,56 +314,6 @@ def _module_prefix(module, query, key, kwargs):
         context = state.context(None)  # called outside a hooked forward: views made here
     prefix_k, prefix_v = context.kv[slot]
     return prefix_k, prefix_v, context.index_for(query.shape[0]), context.lengths, state.backend
-
-
-def _biased_attention(module, query, key, value, attention_mask, scaling, dropout, position_bias=None, **kwargs):
-    """Attention whose sequence scores carry an additive bias (T5's relative position bias); prefix columns get a
-    zero bias.
-
-    The op takes no additive bias, so the two parts are computed apart and merged by their log-sum-exps: the prefix
-    through the op (with no sequence keys), the biased sequence part in PyTorch (materialized, as transformers'
-    own T5 attention does). Dropout on the probabilities of each part is dropout on the merged probabilities.
-    """
-    warnings.warn("ptv2_kernels: the fused kernels take no additive position bias yet; the sequence part of this "
-                  f"{type(module).__name__} runs in PyTorch (materialized scores), only its prefix part is fused",
-                  RuntimeWarning, stacklevel=2)
-    is_causal = kwargs.get("is_causal")
-    if is_causal is None:
-        is_causal = bool(getattr(module, "is_causal", False))
-    mask, causal = _op_mask(attention_mask, is_causal, key)
-    prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs)
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scaling is None else scaling
-    dropout = float(dropout)
-    out_p, lse_p = prefix_attention(query, key[:, :, :0], value[:, :, :0], prefix_k, prefix_v, prefix_index=index,
-                                    prefix_lengths=lengths, scale=scale, dropout_p=dropout, return_lse=True,
-                                    backend=backend)
-    groups = query.shape[1] // key.shape[1]
-    keys = key.repeat_interleave(groups, 1) if groups > 1 else key
-    values = value.repeat_interleave(groups, 1) if groups > 1 else value
-    scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale + position_bias.float()
-    q_len, k_len = query.shape[2], key.shape[2]
-    visible = None
-    if mask is not None:
-        visible = mask[:, None, None, :] if mask.dim() == 2 else mask
-    if causal:
-        rows = torch.arange(q_len, device=query.device)[:, None]
-        cols = torch.arange(k_len, device=query.device)[None, :]
-        band = cols <= rows + (k_len - q_len)
-        visible = band if visible is None else visible & band
-    if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
-    lse_s = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse_s.masked_fill(torch.isinf(lse_s), 0.0).unsqueeze(-1))
-    if dropout > 0.0:
-        probs = nn.functional.dropout(probs, p=dropout, training=True)
-    out_s = torch.matmul(probs, values.float())
-    lse = torch.logaddexp(lse_p, lse_s)
-    finite = torch.isfinite(lse)
-    safe = torch.where(finite, lse, torch.zeros_like(lse))
-    weight_p = torch.where(finite, torch.exp(lse_p - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    weight_s = torch.where(finite, torch.exp(lse_s - safe), torch.zeros_like(lse)).unsqueeze(-1)
-    out = weight_p * out_p.float() + weight_s * out_s
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
