@@ -61,14 +61,21 @@ def _key_padding(lengths, k_len, device):
     return torch.arange(k_len)[None, :].lt(torch.tensor(lengths)[:, None]).to(device)
 
 
-def _case_bank(dtype, device, generator):
-    batch, q_heads, kv_heads, q_len, k_len, prefix_len, dim = 3, 4, 2, 7, 11, 5, 24
+def _contiguous_inputs(generator, batch, q_heads, kv_heads, q_len, k_len, bank, prefix_len, dim, dtype, device):
+    """q, k, v and a bank of ``bank`` prefixes, contiguous, in one dtype."""
     return dict(
         q=_randn(generator, batch, q_heads, q_len, dim, dtype=dtype, device=device),
         k=_randn(generator, batch, kv_heads, k_len, dim, dtype=dtype, device=device),
         v=_randn(generator, batch, kv_heads, k_len, dim, dtype=dtype, device=device),
-        prefix_k=_randn(generator, 3, kv_heads, prefix_len, dim, dtype=dtype, device=device),
-        prefix_v=_randn(generator, 3, kv_heads, prefix_len, dim, dtype=dtype, device=device),
+        prefix_k=_randn(generator, bank, kv_heads, prefix_len, dim, dtype=dtype, device=device),
+        prefix_v=_randn(generator, bank, kv_heads, prefix_len, dim, dtype=dtype, device=device),
+    )
+
+
+def _case_bank(dtype, device, generator):
+    batch, q_heads, kv_heads, q_len, k_len, prefix_len, dim = 3, 4, 2, 7, 11, 5, 24
+    return dict(
+        **_contiguous_inputs(generator, batch, q_heads, kv_heads, q_len, k_len, 3, prefix_len, dim, dtype, device),
         prefix_index=torch.tensor([2, 0, 2], device=device),
         prefix_lengths=torch.tensor([5, 1, 3], dtype=torch.int32, device=device),
         attn_mask=_key_padding([11, 6, 2], k_len, device),
@@ -108,14 +115,25 @@ def _case_mqa_prefix_dtype(dtype, device, generator):
 def _case_nothing_visible(dtype, device, generator):
     batch, heads, q_len, k_len, prefix_len, dim = 2, 2, 5, 7, 4, 8
     return dict(
-        q=_randn(generator, batch, heads, q_len, dim, dtype=dtype, device=device),
-        k=_randn(generator, batch, heads, k_len, dim, dtype=dtype, device=device),
-        v=_randn(generator, batch, heads, k_len, dim, dtype=dtype, device=device),
-        prefix_k=_randn(generator, 2, heads, prefix_len, dim, dtype=dtype, device=device),
-        prefix_v=_randn(generator, 2, heads, prefix_len, dim, dtype=dtype, device=device),
+        **_contiguous_inputs(generator, batch, heads, heads, q_len, k_len, 2, prefix_len, dim, dtype, device),
         prefix_index=torch.tensor([0, 1], device=device),
         prefix_lengths=torch.tensor([0, 4], device=device),
         attn_mask=_key_padding([0, 5], k_len, device),
+    )
+
+
+def _case_t5_bias(dtype, device, generator):
+    # T5-style: a relative position bias broadcast over the batch, no score scaling, -inf entries among it.
+    batch, heads, q_len, k_len, prefix_len, dim = 2, 2, 6, 8, 3, 16
+    bias = torch.randn(1, heads, q_len, k_len, generator=generator)
+    bias = bias.masked_fill(torch.rand(1, heads, q_len, k_len, generator=generator) < 0.15, float("-inf"))
+    bias[..., 0] = 0.0
+    return dict(
+        **_contiguous_inputs(generator, batch, heads, heads, q_len, k_len, 2, prefix_len, dim, dtype, device),
+        attn_bias=bias.to(device),
+        prefix_index=torch.tensor([1, 0], device=device),
+        attn_mask=_key_padding([8, 5], k_len, device),
+        scale=1.0,
     )
 
 
@@ -127,9 +145,12 @@ CASES = (
     Case("causal with Nq=10 > Nk=6, MQA Hq=4/Hkv=1, prefix in another dtype, scale=0.3, P=3 D=40",
          _case_mqa_prefix_dtype, quick=True),
     Case("sample 0 sees no key (zero-length prefix entry, all keys padded): out 0, lse -inf", _case_nothing_visible),
+    Case("T5-style attn_bias [1,H,Nq,Nk] with -inf entries on the sequence keys (prefix unbiased), scale=1, key "
+         "padding, bank of T=2", _case_t5_bias),
 )
 
 _TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")
+_OPTIONAL_TENSORS = ("attn_bias",)  # differentiable inputs some cases have
 
 
 def _max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -155,15 +176,17 @@ def _lower_precision(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 
 def _run_backend(name, inputs, options, grad_out, grad_lse, deterministic=None):
-    leaves = [inputs[key].detach().requires_grad_() for key in _TENSORS]
-    out, lse = ptv2_kernels.prefix_attention(*leaves, **options, return_lse=True, backend=name,
-                                             deterministic=deterministic)
-    grads = torch.autograd.grad((out, lse), leaves, (grad_out, grad_lse))
+    leaves = {key: t.detach().requires_grad_() for key, t in inputs.items()}
+    optional = {key: leaves[key] for key in _OPTIONAL_TENSORS if key in leaves}
+    out, lse = ptv2_kernels.prefix_attention(*(leaves[key] for key in _TENSORS), **options, **optional,
+                                             return_lse=True, backend=name, deterministic=deterministic)
+    grads = torch.autograd.grad((out, lse), list(leaves.values()), (grad_out, grad_lse))
     return (out, lse) + tuple(grads)
 
 
 def _run_torch(inputs, options, grad_out, grad_lse, compute_dtype):
     tensors = [inputs[key] for key in _TENSORS]
+    options = dict(options, **{key: inputs[key] for key in _OPTIONAL_TENSORS if key in inputs})
     out, lse = attention_ref(*tensors, **options, compute_dtype=compute_dtype)
     grads = attention_ref_backward(grad_out, grad_lse, *tensors, **options, compute_dtype=compute_dtype)
     return (out, lse) + tuple(grads)
@@ -174,7 +197,7 @@ def check_case(name: str, case: Case, dtype: torch.dtype, device: str, seed: int
     """Compare backend ``name`` with the float64 reference on one case; record and print a line per quantity."""
     generator = torch.Generator().manual_seed(seed)
     made = case.make(dtype, device, generator)
-    inputs = {key: made.pop(key) for key in _TENSORS}
+    inputs = {key: made.pop(key) for key in _TENSORS + _OPTIONAL_TENSORS if key in made}
     options = made
     q = inputs["q"]
     batch, heads, q_len, dim = q.shape
@@ -182,6 +205,11 @@ def check_case(name: str, case: Case, dtype: torch.dtype, device: str, seed: int
     grad_lse = torch.randn(batch, heads, q_len, generator=generator).to(device)
 
     print_line(f"  [{name} {str(dtype).replace('torch.', '')}] {case.name}")
+    if "attn_bias" in inputs:
+        reason = backends.unsupported_reason(name, q, inputs["k"], inputs["prefix_k"], attn_bias=inputs["attn_bias"])
+        if reason is not None and "attn_bias" in reason:  # by design, not a failure
+            print_line(f"      skipped: {reason}")
+            return
     try:
         got = _run_backend(name, inputs, options, grad_out, grad_lse)
     except Exception as error:  # noqa: BLE001 - any failure of the backend is a failed check, reported
@@ -192,8 +220,9 @@ def check_case(name: str, case: Case, dtype: torch.dtype, device: str, seed: int
     oracle = _run_torch({key: t.double() for key, t in inputs.items()}, options, grad_out.double(),
                         grad_lse.double(), torch.float64)
     same_precision = _run_torch(inputs, options, grad_out, grad_lse, dtype)
-    expected_dtypes = (dtype, torch.float32) + tuple(inputs[key].dtype for key in _TENSORS)
-    for quantity, x, ref, pt, want_dtype in zip(QUANTITIES, got, oracle, same_precision, expected_dtypes):
+    expected_dtypes = (dtype, torch.float32) + tuple(t.dtype for t in inputs.values())
+    quantities = QUANTITIES + tuple(f"grad {key}" for key in _OPTIONAL_TENSORS if key in inputs)
+    for quantity, x, ref, pt, want_dtype in zip(quantities, got, oracle, same_precision, expected_dtypes):
         outcome.checks += 1
         problem = None
         if x.shape != ref.shape:

@@ -41,21 +41,27 @@ def test_cli_reference_passes_and_reports():
         assert f"  {name} " in out
     if backends.unavailable_reason("cuda") is not None:
         assert "cuda       not available: " in out
-    # A line per check: 7 quantities for each of the 4 cases in each dtype.
+    # A line per checked quantity of each case in each dtype.
     lines = [line for line in out.splitlines() if "max error" in line]
     dtypes = 2 if torch.cuda.is_available() else 1
-    assert len(lines) == 7 * len(cli.CASES) * dtypes
+    assert len(lines) == sum(_quantities(case) for case in cli.CASES) * dtypes
     assert all(line.rstrip().endswith("PASS") for line in lines)
     assert out.rstrip().endswith("result: PASS (reference)")
+
+
+def _quantities(case):
+    """out, lse, the five gradients, and one more per optional differentiable input the case has."""
+    made = case.make(torch.float32, "cpu", torch.Generator().manual_seed(0))
+    return len(cli.QUANTITIES) + sum(key in made for key in cli._OPTIONAL_TENSORS)
 
 
 def test_cli_quick_runs_fewer_cases():
     result = _run_cli("--backend", "reference", "--quick")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if "max error" in line]
-    quick_cases = sum(case.quick for case in cli.CASES)
-    assert 0 < quick_cases < len(cli.CASES)
-    assert len(lines) == 7 * quick_cases * (2 if torch.cuda.is_available() else 1)
+    quick_cases = [case for case in cli.CASES if case.quick]
+    assert 0 < len(quick_cases) < len(cli.CASES)
+    assert len(lines) == sum(_quantities(case) for case in quick_cases) * (2 if torch.cuda.is_available() else 1)
 
 
 @pytest.mark.skipif(backends.unavailable_reason("cuda") is None, reason="the CUDA backend is available here")
@@ -153,6 +159,18 @@ def test_wrong_backend_makes_the_check_fail(bug, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAIL" in out
     assert out.rstrip().endswith("result: FAIL: reference")
+
+
+def test_a_backend_that_takes_no_bias_skips_the_bias_case(monkeypatch):
+    """The CUDA kernels take no attn_bias by design: the self-check says so for that case instead of failing."""
+    monkeypatch.setattr(backends, "unsupported_reason",
+                        lambda name, *args, attn_bias=None, **kwargs: "its kernels take no attn_bias (test)"
+                        if attn_bias is not None else None)
+    case = next(case for case in cli.CASES if "attn_bias" in case.name)
+    outcome, lines = cli.Outcome(), []
+    cli.check_case("reference", case, torch.float32, "cpu", 0, outcome, lines.append)
+    assert outcome.checks == outcome.failures == 0
+    assert lines[-1].strip() == "skipped: its kernels take no attn_bias (test)"
 
 
 def test_right_backend_passes_in_process(capsys):
