@@ -223,9 +223,11 @@ def _resetter(cache, snapshot):
 
 
 def _step_logits(model, cache, inputs, reset) -> dict:
+    from ptv2_kernels.integrations.hf_transformers import cache_keyword
+
     reset()
     with torch.no_grad():
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **{cache_keyword(): cache}, use_cache=True)
     reset()
     return {"next-token logits": out.logits.detach().float() if out.logits.dtype != torch.float64
             else out.logits.detach()}
@@ -337,10 +339,11 @@ def _generate_case(w: Workload, model, batch, check_fn, extra_mask: int = 0, ste
     cache, inputs = _prefill(w, model, batch, extra_mask)
     reset = _resetter(cache, _snapshot(cache))
     runner = step_model if step_model is not None else model
+    from ptv2_kernels.integrations.hf_transformers import cache_keyword
 
     def step():
         with torch.no_grad():
-            return runner(**inputs, past_key_values=cache, use_cache=True).logits
+            return runner(**inputs, **{cache_keyword(): cache}, use_cache=True).logits
 
     def run_check():
         return check_fn(runner, cache, inputs, reset)

@@ -15,6 +15,7 @@ import torch
 
 import ptv2_kernels
 from ptv2_kernels import backends
+from ptv2_kernels.integrations.hf_transformers import cache_keyword
 
 from .hf_models import (GENERATE_STEPS, assert_close_scaled, bank_grads, decoder_model, patch_with_random_bank,
                         patched_twin, peft_grads, peft_twin, random_batch)
@@ -97,7 +98,7 @@ def test_cache_holds_real_tokens_only():
     # Decoding one more token from that cache equals running the whole sequence at once.
     next_ids = torch.tensor([[7], [9]])
     step = model(input_ids=next_ids, attention_mask=torch.ones(2, 6, dtype=torch.long),
-                 past_key_values=out.past_key_values).logits[:, -1]
+                 **{cache_keyword(): out.past_key_values}).logits[:, -1]
     whole = model(input_ids=torch.cat([input_ids, next_ids], 1), attention_mask=torch.ones(2, 6, dtype=torch.long))
     assert_close_scaled(step, whole.logits[:, -1], REFERENCE_REL, "decode step")
 
@@ -114,7 +115,7 @@ def test_decoder_masks_reach_the_op_in_cheap_forms(monkeypatch):
     assert [call[:2] for call in spy.calls] == [((2, 5), True)] * 2  # key padding + causal
     spy.calls.clear()
     model(input_ids=torch.tensor([[5], [6]]), attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
-          past_key_values=out.past_key_values)
+          **{cache_keyword(): out.past_key_values})
     assert [call[:2] for call in spy.calls] == [((2, 6), True)] * 2  # decode step: key padding over the cache
     spy.calls.clear()
     model.generate(input_ids=input_ids, attention_mask=mask, cache_implementation="static", max_new_tokens=2,

@@ -16,6 +16,7 @@ import torch
 
 import ptv2_kernels
 from ptv2_kernels import backends
+from ptv2_kernels.integrations.hf_transformers import cache_keyword
 
 from .hf_models import (ENCODER_HEADS, assert_close_scaled, bank_grads, encoder_model, logits_of, loss_of,
                         patched_twin, peft_grads, peft_twin, random_batch)
@@ -157,9 +158,9 @@ def test_unshifted_positions_match_peft_cache_with_explicit_positions():
     base = peft_model.get_base_model()
     with torch.no_grad():
         expected = base(input_ids=input_ids, attention_mask=full_mask, position_ids=position_ids,
-                        past_key_values=peft_model.get_prompt(batch_size=3)).logits
+                        **{cache_keyword(): peft_model.get_prompt(batch_size=3)}).logits
         shifted = base(input_ids=input_ids, attention_mask=full_mask,
-                       past_key_values=peft_model.get_prompt(batch_size=3)).logits
+                       **{cache_keyword(): peft_model.get_prompt(batch_size=3)}).logits
         actual = ours(input_ids=input_ids, attention_mask=mask).logits
     assert_close_scaled(actual, expected, REFERENCE_REL, "logits")
     assert (shifted - expected).abs().max() > 1e-4  # the shift matters, so the test can tell the two apart

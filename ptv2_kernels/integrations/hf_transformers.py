@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..ops import BACKENDS, prefix_attention
 from ..prefix import PrefixBank, PrefixSlot
 
-__all__ = ["patch", "unpatch", "PatchHandle", "freeze_backbone", "prefix_layout", "ATTENTION_NAME"]
+__all__ = ["patch", "unpatch", "PatchHandle", "freeze_backbone", "prefix_layout", "cache_keyword", "ATTENTION_NAME"]
 
 ATTENTION_NAME = "ptv2_prefix"
 CONTEXT_KWARG = "ptv2_prefix_context"
@@ -40,6 +40,19 @@ _BINDING_ATTR = "_ptv2_prefix_slot"
 _STATE_ATTR = "_ptv2_patch_state"
 _BANK_MODULE = "ptv2_prefix"
 _ROLES = ("encoder", "decoder", "cross")
+
+
+def cache_keyword() -> str:
+    """The keyword under which the installed transformers' models take a KV cache.
+
+    ``"cache"`` from transformers 5.24 on (where ``past_key_values`` is a deprecated alias), ``"past_key_values"``
+    before: ``model(input_ids=ids, **{cache_keyword(): cache})`` runs a decode step on either without a warning.
+    """
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Finding the attention modules of a model
