@@ -88,6 +88,13 @@ def test_static_cache_generate(family):
     _compare_generate(static, dynamic, REFERENCE_REL)
 
 
+def test_cache_keyword_is_a_parameter_of_the_installed_models():
+    import inspect
+
+    forward = inspect.signature(type(_model("llama")).forward).parameters
+    assert cache_keyword() in forward and forward[cache_keyword()].kind != inspect.Parameter.VAR_KEYWORD
+
+
 def test_cache_holds_real_tokens_only():
     model = _model("llama")
     bank = ptv2_kernels.PrefixBank.for_model(model, prefix_len=6)
