@@ -335,15 +335,17 @@ def _peft_train(w: Workload) -> Case:
 
 
 def _generate_case(w: Workload, model, batch, check_fn, extra_mask: int = 0, step_model=None) -> Case:
+    from ptv2_kernels.integrations.hf_transformers import cache_keyword
+
     model.eval()
     cache, inputs = _prefill(w, model, batch, extra_mask)
     reset = _resetter(cache, _snapshot(cache))
     runner = step_model if step_model is not None else model
-    from ptv2_kernels.integrations.hf_transformers import cache_keyword
+    step_inputs = {**inputs, cache_keyword(): cache, "use_cache": True}
 
     def step():
         with torch.no_grad():
-            return runner(**inputs, **{cache_keyword(): cache}, use_cache=True).logits
+            return runner(**step_inputs).logits
 
     def run_check():
         return check_fn(runner, cache, inputs, reset)

@@ -21,6 +21,7 @@ masks) becomes a dense boolean mask.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from typing import Optional, Sequence
@@ -42,6 +43,7 @@ _BANK_MODULE = "ptv2_prefix"
 _ROLES = ("encoder", "decoder", "cross")
 
 
+@functools.cache  # the installed release does not change within a process; decode loops call this every step
 def cache_keyword() -> str:
     """The keyword under which the installed transformers' models take a KV cache.
 
