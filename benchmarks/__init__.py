@@ -3,7 +3,7 @@
 Run it with ``python benchmarks/run.py`` (see ``benchmarks/README.md``). The modules, each small and separate:
 
 * :mod:`benchmarks.env` — the device, Triton's CPU interpreter when there is no GPU, versions and commit;
-* :mod:`benchmarks.workloads` — the shapes (DESIGN.md section 6), the suites, inputs, FLOP and byte counts;
+* :mod:`benchmarks.workloads` — the shapes (docs/design.md §6), the suites, inputs, FLOP and byte counts;
 * :mod:`benchmarks.providers` — the attention implementations compared at the kernel level;
 * :mod:`benchmarks.models` — the model-level workloads: a P-Tuning v2 training step and decode steps;
 * :mod:`benchmarks.check` — the correctness check every provider passes before it is timed;

@@ -1,9 +1,9 @@
 """What the device can do at all, measured in the same run: copy bandwidth and matmul throughput.
 
-DESIGN.md's targets are fractions of these (P4: 80 % of measured HBM bandwidth), and the report prints them next
+The targets (docs/design.md §6) are fractions of these (P4: 80 % of measured HBM bandwidth); the report prints them next
 to the attention numbers. Provider name: ``torch``.
 
-* ``copy-<size>`` — ``dst.copy_(src)``; bytes counted as read plus written (DESIGN.md's ~3.0 TB/s on an H100).
+* ``copy-<size>`` — ``dst.copy_(src)``; bytes counted as read plus written (~3.0 TB/s on an H100, docs/design.md §6).
 * ``matmul-<n>`` — an ``n × n × n`` product in the workload's dtype on random data.
 """
 

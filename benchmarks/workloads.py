@@ -1,4 +1,4 @@
-"""The workloads: shapes from DESIGN.md section 6, the suites that group them, their inputs and work counts.
+"""The workloads: shapes from docs/design.md §6, the suites that group them, their inputs and work counts.
 
 A :class:`Workload` is one shape of one kind of work:
 
@@ -42,7 +42,7 @@ class Workload:
     dtype: str = "bfloat16"
     model: Optional[str] = None  # model-level workloads: "bert" or "llama", with ``size`` "large"/"1b"/"tiny"
     size: str = ""
-    targets: tuple = ()  # DESIGN.md targets this shape is the measurement of
+    targets: tuple = ()  # the targets (docs/design.md §6) this shape measures
     note: str = ""
 
     @property
@@ -87,11 +87,11 @@ class Workload:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Work counts (DESIGN.md section 6)
+# Work counts (docs/design.md §6)
 # ----------------------------------------------------------------------------------------------------------------
 
 def visible_pairs(w: Workload) -> float:
-    """(query, key) pairs attended per (sample, head): Nq·P for the prefix plus the sequence part, which DESIGN.md
+    """(query, key) pairs per (sample, head): Nq·P for the prefix plus the sequence part, which docs/design.md §6
     halves when causal (exactly: the bottom-right-aligned visible count when Nq != N, e.g. a decode step)."""
     q_len, k_len = w.q_len, w.seq_len
     if not w.causal:

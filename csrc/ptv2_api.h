@@ -4,7 +4,7 @@
 // dtype, sizes, strides in elements), outputs and workspace are allocated by the caller, the stream is a plain
 // pointer (a cudaStream_t). api.cpp implements it on top of the kernel launchers (params.h, *.cu).
 //
-// The semantics are the op's (DESIGN.md section 4). Arguments arrive already checked and normalized by
+// The semantics are the op's (docs/design.md §4). Arguments arrive already checked and normalized by
 // ptv2_kernels/ops.py (a 4-D prefix bank; a mask either [B, Nk] or a dense mask expanded, as a view, to
 // [B, Hq, Nq, Nk]); check_problem() repeats the checks the kernels' memory safety depends on.
 #pragma once

@@ -3,7 +3,7 @@
 Everything the fused kernels avoid happens here on purpose: the prefix is gathered per sample, concatenated in
 front of the sequence keys/values, repeated over the query heads of each key/value head, and a full score matrix
 is masked and soft-maxed in float32 (or float64). It is short enough to check by eye against the contract in
-DESIGN.md section 4, and autograd gives its gradients for free, so every test and benchmark compares against it.
+docs/design.md §4, and autograd gives its gradients for free, so every test and benchmark compares against it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The benchmark suite's pre-timing check and workloads: a wrong provider is caught and never timed, right ones
-pass, the chunked oracle equals the whole one, and the work counts follow DESIGN.md section 6."""
+pass, the chunked oracle equals the whole one, and the work counts follow docs/design.md §6."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad arguments to ``prefix_attention`` raise TypeError/ValueError/IndexError naming the argument (DESIGN.md s. 4).
+"""Bad arguments to ``prefix_attention`` raise TypeError/ValueError/IndexError naming the argument (docs/design.md §4).
 
 Every test starts from a valid call (checked to succeed by ``test_valid_call_succeeds``) and breaks one thing.
 """

@@ -1,7 +1,7 @@
 """The oracle itself, and the op served by it.
 
 (a) ``attention_ref_backward`` (written by hand) equals autograd through ``attention_ref``;
-(b) ``attention_ref`` equals a deliberately naive per-(sample, head, query) loop written from DESIGN.md section 4;
+(b) ``attention_ref`` equals a deliberately naive per-(sample, head, query) loop written from docs/design.md §4;
 (c) ``prefix_attention(..., backend="reference")``: output layout and dtypes, gradients to all five inputs, bank
     gradients, the lse gradient, and dropout (reproducibility, keep rate, gradient).
 
@@ -178,7 +178,7 @@ def test_backward_with_dropout_matches_autograd(name):
 
 def naive_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None, attn_mask=None,
                     causal=False, scale=None):
-    """DESIGN.md section 4 one query at a time, in Python floats accumulated in float64."""
+    """docs/design.md §4 one query at a time, in Python floats accumulated in float64."""
     q, k, v = q.double(), k.double(), v.double()
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k[None], prefix_v[None]

@@ -3,7 +3,7 @@
 Bounds follow FlashAttention's tests: a kernel's error against the float64 oracle must stay within a small multiple
 of the error the same-precision PyTorch computation makes (``attention_ref(..., compute_dtype=q.dtype)``), plus an
 absolute floor of a few units in the last place of the dtype scaled by the values' magnitude. Without a GPU the
-kernels run in Triton's CPU interpreter (tests/conftest.py), where bfloat16 is not tested (see DESIGN.md).
+kernels run in Triton's CPU interpreter (tests/conftest.py), where bfloat16 is not tested (see docs/design.md §5).
 
 Every run happens with ``torch.use_deterministic_algorithms`` on, which fills memory from ``torch.empty`` with NaN:
 an element a kernel forgets to write shows up as NaN. The backward's reduction mode is chosen explicitly per test.
