@@ -1,4 +1,4 @@
-"""The report of the benchmark results: markdown, plots, the DESIGN.md targets, and the README's performance section.
+"""The report of the benchmark results: markdown, plots, the targets of docs/design.md §6, the README's section.
 
     python benchmarks/report.py                 # report.md and plots/ from benchmarks/results (GPU) or results-cpu
     python benchmarks/report.py --results DIR   # from another results folder
@@ -8,7 +8,10 @@
 Everything here reads ``results.csv`` (written by the suite, see :mod:`benchmarks.results`); nothing is typed by
 hand. The report lists, per device, the targets P1-P6 (met, or missed and by how much), then every workload with
 each provider's median time and quartiles, rates, peak memory and speedups against ``peft-path`` and
-``sdpa-precat`` (computed within one run), and the plots of speedup against N and against P.
+``sdpa-precat`` (computed within one run), and the plots: speedup at the target shapes (every run that has a
+tagged workload, the quick suite included), and speedup against N and against P (runs with sweeps: ``--full``).
+A plot's value axis is logarithmic when its values span more than ``LOG_SPAN`` (a CPU run, where Triton's
+interpreter is thousands of times slower than PyTorch, spans orders of magnitude).
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ FUNCTIONAL_BANNER = ("**Functional run (CPU), timings meaningless.** Triton kern
 REPORT_NAME = "report.md"
 PLOT_AXES = {"seq_len": "N", "prefix_len": "P"}
 PTV2 = ("ptv2-triton", "ptv2-cuda")
+DESIGN_REF = "docs/design.md §6"
+# The targets' bounds (docs/design.md §6): speedups are "at least", P2's time and P6's memory ratio "at most".
+BOUNDS = {"P1": 1.6, "P2": 1.0, "P3 fwd": 1.1, "P3 fwdbwd": 1.0, "P3 TFLOP/s": 450.0, "P4": 0.8, "P5": 0.95,
+          "P6 tokens/s": 1.3, "P6 memory": 0.85}
+# A plot axis goes logarithmic when its largest value is more than this many times its smallest.
+LOG_SPAN = 10.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -100,7 +109,7 @@ def by_device(rows: Sequence[dict]) -> list[DeviceResults]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Targets P1-P6 (DESIGN.md section 6)
+# Targets P1-P6 (docs/design.md §6)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _verdict(value: float, target: float, at_least: bool = True) -> tuple[str, str]:
@@ -124,16 +133,16 @@ def _target(target_id, what, provider, value, bound, unit, at_least=True, note="
 
 
 def evaluate_targets(d: DeviceResults) -> list[dict]:
-    """Each target of DESIGN.md section 6 for each ptv2 provider measured on device ``d``."""
+    """Each target of docs/design.md §6 that has workloads, for each ptv2 provider measured on device ``d``."""
     out = []
     ptv2 = [p for p in PTV2 if any(k[1] == p and k[2] == "time_median" for k in d.index)] or ["ptv2-triton"]
     for provider in ptv2:
         for w in d.tagged("P1"):
             out.append(_target("P1", f"{w}: fwd+bwd vs peft-path", provider,
-                               d.value(w, provider, "speedup_vs_peft-path"), 1.6, "×"))
+                               d.value(w, provider, "speedup_vs_peft-path"), BOUNDS["P1"], "×"))
         for w in d.tagged("P2"):
             out.append(_target("P2", f"{w}: time vs sdpa-precat (speedup ≥ 1 means time ≤ 1.0×)", provider,
-                               d.value(w, provider, "speedup_vs_sdpa-precat"), 1.0, "×"))
+                               d.value(w, provider, "speedup_vs_sdpa-precat"), BOUNDS["P2"], "×"))
         for w in d.tagged("P3"):
             kind = d.workloads[w]["kind"]
             baseline = "flash-attn" if math.isfinite(d.value(w, "flash-attn", "time_median")) else "sdpa-precat"
@@ -142,29 +151,30 @@ def evaluate_targets(d: DeviceResults) -> list[dict]:
                 if d.same_run(*keys) else math.nan
             note = "" if baseline == "flash-attn" else "flash-attn not measured: SDPA on the concatenated KV instead"
             out.append(_target("P3", f"{w}: {kind} vs {baseline}", provider, ratio,
-                               1.1 if kind == "fwd" else 1.0, "×", note=note))
+                               BOUNDS["P3 fwd"] if kind == "fwd" else BOUNDS["P3 fwdbwd"], "×", note=note))
             if kind == "fwd":
                 out.append(_target("P3", f"{w}: forward throughput", provider, d.value(w, provider, "tflops"),
-                                   450, " TFLOP/s"))
+                                   BOUNDS["P3 TFLOP/s"], " TFLOP/s"))
         for w in d.tagged("P4"):
             ceiling = _copy_ceiling(d)
             fraction = d.value(w, provider, "gbps") / ceiling if ceiling else math.nan
             out.append(_target("P4", f"{w}: bandwidth / measured copy bandwidth ({ceiling:.0f} GB/s)"
                                if ceiling else f"{w}: bandwidth / measured copy bandwidth (not measured)",
-                               provider, fraction, 0.8, ""))
+                               provider, fraction, BOUNDS["P4"], ""))
         mixed = {int(d.workloads[w]["num_tasks"]): w for w in d.tagged("P5")}
         if 1 in mixed and 8 in mixed:
             one, eight = mixed[1], mixed[8]
             keys = [(one, provider, "time_median"), (eight, provider, "time_median")]
             ratio = d.value(one, provider, "time_median") / d.value(eight, provider, "time_median") \
                 if d.same_run(*keys) else math.nan
-            out.append(_target("P5", f"{eight} vs {one}: throughput of 8 tasks / 1 task", provider, ratio, 0.95,
-                               "×"))
+            out.append(_target("P5", f"{eight} vs {one}: throughput of 8 tasks / 1 task", provider, ratio,
+                               BOUNDS["P5"], "×"))
         for w in d.tagged("P6"):
             out.append(_target("P6", f"{w}: tokens/s vs peft-path", provider,
-                               d.value(w, provider, "speedup_vs_peft-path"), 1.3, "×"))
+                               d.value(w, provider, "speedup_vs_peft-path"), BOUNDS["P6 tokens/s"], "×"))
             out.append(_target("P6", f"{w}: peak memory vs peft-path", provider,
-                               d.value(w, provider, "memory_vs_peft-path"), 0.85, "×", at_least=False))
+                               d.value(w, provider, "memory_vs_peft-path"), BOUNDS["P6 memory"], "×",
+                               at_least=False))
     return out
 
 
@@ -232,11 +242,11 @@ def render_markdown(rows: Sequence[dict], plots: Optional[dict] = None, results_
     lines += ["Times are medians of rounds timed with CUDA events (perf_counter on a CPU) after a warm-up, with the "
               "L2 cache flushed and the inputs rotated between rounds; every provider was checked against the "
               "reference before it was timed. Speedups are the baseline's median over the provider's, within one "
-              "run. FLOP and byte counts follow DESIGN.md section 6 (see benchmarks/workloads.py).", ""]
+              f"run. FLOP and byte counts follow {DESIGN_REF} (see benchmarks/workloads.py).", ""]
     for d in devices:
         lines += [f"## {d.device}" + (" — functional run (CPU), timings meaningless" if d.functional else ""), "",
                   d.environment(), ""]
-        lines += ["### Targets (DESIGN.md section 6)", ""] + targets_table(evaluate_targets(d)) + [""]
+        lines += [f"### Targets ({DESIGN_REF})", ""] + targets_table(evaluate_targets(d)) + [""]
         for path in (plots or {}).get(d.device, []):
             rel = Path(path).relative_to(results_dir) if results_dir else Path(path).name
             lines += [f"![{Path(path).stem}]({rel.as_posix()})", ""]
@@ -308,48 +318,120 @@ def _fixed_shape(row: dict, axis: str) -> str:
     return " ".join(parts)
 
 
-def write_plots(d: DeviceResults, out_dir: Path) -> list[Path]:
-    """PNG plots of speedup against N and against P (one panel per group and baseline); returns the files."""
+def log_scale_wanted(values, span: float = LOG_SPAN) -> bool:
+    """Whether an axis showing ``values`` should be logarithmic: its finite positive values span more than
+    ``span`` (max / min). Non-positive and non-finite values are ignored (a log axis cannot show them anyway)."""
+    positive = [v for v in values if math.isfinite(v) and v > 0]
+    return len(positive) >= 2 and max(positive) > span * min(positive)
+
+
+def target_series(d: DeviceResults, baseline: str) -> dict:
+    """{provider: [(workload, speedup vs ``baseline``), ...]} over the workloads tagged with a target, in report
+    order; the baseline itself is left out."""
+    metric = f"speedup_vs_{baseline}"
+    tagged = sorted((w for w, r in d.workloads.items() if r["targets"]),
+                    key=lambda w: (_group_order(d.workloads[w]["group"]), _shape_key(d.workloads[w])))
+    series: dict = defaultdict(list)
+    for w in tagged:
+        for provider in d.providers(w):
+            value = d.value(w, provider, metric)
+            if provider != baseline and math.isfinite(value):
+                series[provider].append((w, value))
+    return dict(series)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
+    return plt
+
+
+def _save(fig, d: DeviceResults, title: str, out_dir: Path, name: str) -> Path:
+    if d.functional:
+        title += " — functional run (CPU), timings meaningless"
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{results.slug(d.device)}-{name}.png"
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _value_axis(ax, values, which: str) -> None:
+    """Log scale on the value axis ``which`` ("x" or "y") when the values span orders of magnitude (callers include
+    1.0, the line the speedups are read against)."""
+    if log_scale_wanted(values):
+        (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+
+
+def write_target_plot(d: DeviceResults, out_dir: Path) -> Optional[Path]:
+    """Bars of each provider's speedup at the target shapes, one panel per baseline; None without tagged rows."""
+    panels = [(b, target_series(d, b)) for b in results.BASELINES]
+    panels = [(b, series) for b, series in panels if series]
+    if not panels:
+        return None
+    plt = _pyplot()
+    workloads_shown = max(len({w for points in series.values() for w, _ in points}) for _, series in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.0 * len(panels), 2.0 + 0.7 * workloads_shown),
+                             squeeze=False)
+    for ax, (baseline, series) in zip(axes.flat, panels):
+        names = list(dict.fromkeys(w for points in series.values() for w, _ in points))
+        rows = {w: i for i, w in enumerate(names)}
+        height = 0.8 / max(1, len(series))
+        values = []
+        for k, (provider, points) in enumerate(series.items()):
+            ys = [rows[w] - 0.4 + height * (k + 0.5) for w, _ in points]
+            xs = [v for _, v in points]
+            values += xs
+            ax.barh(ys, xs, height=height, label=provider)
+        ax.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        _value_axis(ax, values + [1.0], "x")
+        ax.set_yticks(range(len(names)), [f"{w}{_tags(d.workloads[w])}" for w in names], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"speedup vs {baseline} (×, higher is faster)")
+        ax.set_title(f"at the target shapes: speedup vs {baseline}", fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=min(4, len(series)))
+    return _save(fig, d, f"{d.device}: speedup at the target shapes", out_dir, "speedup-at-targets")
+
+
+def write_plots(d: DeviceResults, out_dir: Path) -> list[Path]:
+    """PNG plots: speedup at the target shapes, and speedup against N and against P (one panel per group and
+    baseline, where the results hold a sweep); returns the files."""
+    written = [p for p in [write_target_plot(d, out_dir)] if p is not None]
     groups = sorted({r["group"] for r in d.rows}, key=_group_order)
     for axis, label in PLOT_AXES.items():
         panels = [(g, b, *_sweep(d, g, axis, b)) for g in groups for b in results.BASELINES]
         panels = [p for p in panels if p[2]]
         if not panels:
             continue
+        plt = _pyplot()
         columns = min(3, len(panels))
         rows_ = math.ceil(len(panels) / columns)
         fig, axes = plt.subplots(rows_, columns, figsize=(5.2 * columns, 3.8 * rows_), squeeze=False)
         for ax, (group, baseline, series, example) in zip(axes.flat, panels):
-            ticks = set()
+            ticks, values = set(), []
             for provider, points in series.items():
                 xs, ys = zip(*points)
                 ticks.update(xs)
+                values += ys
                 ax.plot(xs, ys, marker="o", label=provider)
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+            _value_axis(ax, values + [1.0], "y")
             ax.set_title(f"{group} ({_fixed_shape(example, axis)}): speedup vs {baseline}", fontsize=10)
             ax.set_xlabel(label)
             ax.set_ylabel("× (higher is faster)")
             ax.legend(fontsize=8)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        title = f"{d.device}: speedup vs {label}"
-        if d.functional:
-            title += " — functional run (CPU), timings meaningless"
-        fig.suptitle(title, fontsize=11)
-        fig.tight_layout()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{results.slug(d.device)}-speedup-vs-{label}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, d, f"{d.device}: speedup vs {label}", out_dir, f"speedup-vs-{label}"))
     return written
 
 
@@ -381,7 +463,7 @@ def readme_section(rows: Sequence[dict], report_link: str = "benchmarks/results/
                              f"{_num(d.value(w, provider, 'speedup_vs_peft-path'))} | "
                              f"{_num(d.value(w, provider, 'speedup_vs_sdpa-precat'))} | "
                              f"{_num(d.value(w, provider, 'memory_vs_peft-path'))} |")
-        lines += ["", "Targets (DESIGN.md section 6):", ""] + targets_table(evaluate_targets(d)) + [""]
+        lines += ["", f"Targets ({DESIGN_REF}):", ""] + targets_table(evaluate_targets(d)) + [""]
     lines += [f"Every provider is checked against the reference before it is timed. Full tables and plots: "
               f"[{report_link}]({report_link})."]
     return "\n".join(lines) + "\n"

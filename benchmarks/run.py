@@ -1,6 +1,6 @@
 """Run the benchmark suite: ``python benchmarks/run.py`` (the quick start's main job).
 
-    python benchmarks/run.py                      # quick suite: the shapes of targets P1-P6
+    python benchmarks/run.py                      # quick suite: the shapes of targets P1-P6 (docs/design.md §6)
     python benchmarks/run.py --full               # plus the sweeps over N, P, B and the mixed-task batches
     python benchmarks/run.py --workload 'bert-*' --provider ptv2-triton --provider peft-path
     python benchmarks/run.py --list               # what would run, and which providers are available here
@@ -13,6 +13,9 @@ table; the results are merged into ``benchmarks/results/results.csv`` (GPU) with
 Without a GPU the suite runs small shapes — Triton kernels in Triton's CPU interpreter, the torch providers on the
 CPU — as a **functional run (CPU), timings meaningless**, written to ``benchmarks/results-cpu/`` (not committed).
 Exit status: 0 when no provider was wrong or failed, 1 otherwise, 2 for bad arguments.
+
+The tags in brackets after a workload's name (``--list``, the summary, the report) are the performance targets it
+measures; ``--help`` and ``--list`` explain them in one line each, and docs/design.md §6 states them in full.
 """
 
 from __future__ import annotations
@@ -140,13 +143,46 @@ def summary(measurements, run: dict) -> str:
     return "\n".join(lines)
 
 
+DESIGN_REF = "docs/design.md §6"
+
+
+def targets_help() -> str:
+    """The performance targets, one line each: the epilog of ``--help``."""
+    from benchmarks import workloads
+
+    lines = [f"performance targets (the tags in brackets after a workload's name; stated in full in {DESIGN_REF}):"]
+    lines += [f"  {target:<3} {text}" for target, text in workloads.TARGETS.items()]
+    return "\n".join(lines)
+
+
+def targets_lines(chosen) -> list[str]:
+    """For ``--list``: each target in one line, and which of the ``chosen`` workloads measure it."""
+    from benchmarks import workloads
+
+    tagged = {t for full in (False, True) for gpu in (False, True)
+              for w in workloads.suite("full" if full else "quick", gpu=gpu) for t in w.targets}
+    lines = [f"targets ({DESIGN_REF}):"]
+    for target, text in workloads.TARGETS.items():
+        measuring = [w.name for w in chosen if target in w.targets]
+        if measuring:
+            where = "measured by " + ", ".join(measuring)
+        elif target in tagged:
+            where = "no workload of this selection measures it (see --full, or without --workload)"
+        else:
+            where = "not measured by this suite yet: no workload carries the tag"
+        lines += [f"  {target:<3} {text}", f"        {where}"]
+    return lines
+
+
 def list_cases(args) -> int:
     from benchmarks import models, providers, workloads
 
     chosen = workloads.select(workloads.suite("full" if args.full else "quick"), args.workload)
-    print(f"{'full' if args.full else 'quick'} suite on {env.device_name()}: {len(chosen)} workloads")
+    print(f"{'full' if args.full else 'quick'} suite on {env.device_name()}: {len(chosen)} workloads "
+          "[the targets each measures]")
     for w in chosen:
         print(f"  {w.name}{'  [' + ' '.join(w.targets) + ']' if w.targets else ''}")
+    print("\n".join(targets_lines(chosen)))
     print("kernel providers:")
     sample = next((w for w in chosen if w.kind in workloads.KERNEL_KINDS), None)
     for p in providers.kernel_providers():
@@ -158,11 +194,12 @@ def list_cases(args) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python benchmarks/run.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=targets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the shapes of targets P1-P6 (the default)")
+    size.add_argument("--quick", action="store_true",
+                      help="the shapes of the targets that have a workload, P1-P6 (the default)")
     size.add_argument("--full", action="store_true", help="plus the sweeps over N, P, B and T")
     parser.add_argument("--workload", action="append", metavar="PATTERN",
                         help="only workloads whose name or group matches this glob or contains it (repeatable)")
@@ -172,9 +209,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-save", action="store_true", help="print the summary, write no files")
     parser.add_argument("--no-report", action="store_true", help="do not regenerate report.md and the plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--list", action="store_true", help="list the workloads and providers, run nothing")
+    parser.add_argument("--list", action="store_true",
+                        help="list the workloads (with their target tags), the targets and the providers; run nothing")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments, after --")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.list:
         return list_cases(args)
 

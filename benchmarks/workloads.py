@@ -23,6 +23,21 @@ import torch
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KERNEL_KINDS = ("fwd", "fwdbwd", "decode")
+
+# The performance targets, one line each (docs/design.md §6 has the full statements): the ids a workload's
+# ``targets`` may carry. Not every target has a workload yet (``python benchmarks/run.py --list`` says which do).
+TARGETS = {
+    "P1": "BERT-large fwd+bwd (B=32 H=16 N=256 P=64, key padding): >= 1.6x the PEFT path (expand + cat + SDPA)",
+    "P2": "the same shape: time <= 1.0x SDPA on K/V concatenated beforehand (the cat not timed)",
+    "P3": "LLM causal (B=4 Hq=32/8 D=128 N=4096 P=128): fwd >= 1.1x best SDPA/flash-attn, 450 TFLOP/s; fwd+bwd >= 1x",
+    "P4": "decode (B=64 Hq=32/8 D=128, 2048 cached tokens, shared P=128): >= 80 % of the measured copy bandwidth",
+    "P5": "a batch mixing 8 tasks: >= 0.95x the throughput of a one-task batch of the same size",
+    "P6": "BERT-large-config training step (B=32 N=256 P=64): >= 1.3x PEFT's tokens/s, peak memory <= 0.85x",
+    "P7": "host path (CPU): tiny eager op call <= 1.5x cat + SDPA; patched tiny-Llama decode step <= 1.1x unpatched",
+    "P8": "CPU: op fwd+bwd, tiny BERT training, tiny-Llama decode patched with auto: >= 1.0x the PEFT path / model",
+    "P9": "packed vs padded training step (skewed lengths, GPU): packed >= 1.5x the padded real-token throughput",
+    "S1": "static resources: the autotuner never picks a spilling or non-fitting config; spill-free on sm_80/90",
+}
 MODEL_KINDS = ("train", "generate")
 
 

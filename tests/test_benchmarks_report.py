@@ -257,3 +257,106 @@ def test_report_cli_with_readme_flag(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "report:" in out and "untouched" in out
     assert (tmp_path / "report.md").exists() and readme.read_text() == "no markers\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log axes, the plot at the target shapes, and the target tags in run.py's --help and --list
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values, wanted", [
+    ([0.5, 1.0, 2.0], False),             # a GPU run's speedups: linear
+    ([1.0, 10.0], False),                 # exactly 10x is not more than 10x
+    ([1.0, 10.5], True),
+    ([2e-4, 0.15, 1.0, 2.1], True),       # a CPU run: Triton's interpreter against PyTorch
+    ([0.0, -1.0, math.nan, math.inf, 3.0], False),  # only finite positive values count: one left
+    ([], False),
+])
+def test_log_axis_where_values_span_more_than_ten_times(values, wanted):
+    assert report.log_scale_wanted(values) is wanted
+    assert report.LOG_SPAN == 10.0
+
+
+def quick_style_run(spread: float):
+    """One shape per group, as the quick suite measures: ptv2-triton ``spread`` times slower than peft-path."""
+    run = results.new_run(CPU_ENV)
+    p1 = bert(targets=("P1", "P2"))
+    p4 = Workload("llm-decode", "decode", batch=2, q_heads=4, kv_heads=2, seq_len=64, prefix_len=8, head_dim=16,
+                  targets=("P4",))
+    untagged = bert(kind="fwd")
+    ms = []
+    for w in (p1, p4, untagged):
+        ms += [timed(w, "ptv2-triton", spread), timed(w, "peft-path", 1.0), timed(w, "sdpa-precat", 0.5)]
+    return run, ms, (p1, p4, untagged)
+
+
+@pytest.mark.parametrize("spread, log_axis", [(5000.0, True), (0.8, False)])
+def test_a_quick_run_writes_the_plot_at_the_target_shapes(tmp_path, monkeypatch, spread, log_axis):
+    import matplotlib.axes
+
+    scales = []
+    original = matplotlib.axes.Axes.set_xscale
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xscale",
+                        lambda self, value, **kw: (scales.append(value), original(self, value, **kw))[1])
+    run, ms, (p1, p4, untagged) = quick_style_run(spread)
+    results.save_run(tmp_path, run, ms)
+    path, plots = report.generate(tmp_path)
+    assert [p.name for p in plots] == ["cpu-test-2-cores-speedup-at-targets.png"]  # no sweep: no vs-N/vs-P plots
+    assert plots[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plots[0].stat().st_size > 5000
+    assert scales == (["log", "log"] if log_axis else [])  # one panel per baseline
+    assert "![cpu-test-2-cores-speedup-at-targets](plots/cpu-test-2-cores-speedup-at-targets.png)" in \
+        path.read_text()
+    device = report.by_device(results.read_csv(tmp_path / results.CSV_NAME))[0]
+    series = report.target_series(device, "peft-path")
+    assert set(series) == {"ptv2-triton", "sdpa-precat"}  # never the baseline against itself
+    assert [w for w, _ in series["ptv2-triton"]] == [p1.name, p4.name]  # tagged workloads only, report order
+    assert all(v == pytest.approx(1 / spread) for _, v in series["ptv2-triton"])
+
+
+def test_sweep_plots_take_a_log_axis_when_speedups_span_orders_of_magnitude(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    scales = []
+    original = matplotlib.axes.Axes.set_yscale
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale",
+                        lambda self, value, **kw: (scales.append(value), original(self, value, **kw))[1])
+    run = results.new_run(CPU_ENV)
+    ms = []
+    for n in (16, 32):
+        w = bert(n=n)
+        ms += [timed(w, "ptv2-triton", 1000.0 * n), timed(w, "peft-path", 1.0)]
+    results.save_run(tmp_path, run, ms)
+    _, plots = report.generate(tmp_path)
+    assert [p.name for p in plots] == ["cpu-test-2-cores-speedup-vs-N.png"]
+    assert scales == ["log"]
+
+
+def test_run_help_explains_every_target_in_one_line():
+    from benchmarks import run
+
+    text = run.build_parser().format_help()
+    assert "docs/design.md §6" in text
+    for target, description in workloads.TARGETS.items():
+        lines = [line for line in text.splitlines() if line.strip().startswith(f"{target} ")]
+        assert lines == [f"  {target:<3} {description}"], (target, lines)
+        assert len(lines[0]) <= 120
+    assert set(workloads.TARGETS) == {f"P{i}" for i in range(1, 10)} | {"S1"}
+
+
+def test_run_list_says_which_workloads_measure_each_target():
+    from benchmarks import run
+
+    chosen = workloads.suite("quick", gpu=True)
+    text = "\n".join(run.targets_lines(chosen))
+    p1 = next(w for w in chosen if "P1" in w.targets)
+    assert text.startswith("targets (docs/design.md §6):")
+    assert f"  P1  {workloads.TARGETS['P1']}\n        measured by {p1.name}" in text
+    untagged = [t for t in workloads.TARGETS
+                if not any(t in w.targets for full in ("quick", "full") for gpu in (True, False)
+                           for w in workloads.suite(full, gpu=gpu))]
+    for target in untagged:
+        assert f"  {target:<3} {workloads.TARGETS[target]}\n        not measured by this suite yet" in text
+    only_decode = [w for w in chosen if w.group == "llm-decode"]
+    assert "P1  " in "\n".join(run.targets_lines(only_decode)) and \
+        "no workload of this selection measures it" in "\n".join(run.targets_lines(only_decode))
+    every_tag = {t for w in workloads.suite("full", gpu=True) + workloads.suite("full", gpu=False) for t in w.targets}
+    assert every_tag <= set(workloads.TARGETS), "a workload carries a tag that TARGETS does not describe"

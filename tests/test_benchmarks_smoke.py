@@ -78,3 +78,6 @@ def test_list_shows_workloads_and_providers():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bert-fwdbwd/" in done.stdout and "peft-path" in done.stdout and "sdpa-precat" in done.stdout
     assert "[P1 P2]" in done.stdout
+    assert "targets (docs/design.md §6):" in done.stdout
+    for target in ("P1", "P7", "S1"):  # each target explained in one line, with the workloads measuring it
+        assert f"\n  {target:<3} " in done.stdout, target
