@@ -167,7 +167,8 @@ def kernel_reference(x: KernelInputs, backward: bool, compute_dtype: torch.dtype
         args = [cast(x.q[samples, q_heads_slice]), cast(x.k[samples, heads]), cast(x.v[samples, heads]), cast(pk),
                 cast(pv)]
         kwargs = dict(prefix_index=None if x.prefix_index is None else x.prefix_index[samples],
-                      attn_mask=None if x.attn_mask is None else x.attn_mask[samples], causal=x.causal,
+                      key_padding_mask=None if x.key_padding_mask is None else x.key_padding_mask[samples],
+                      causal=x.causal,
                       compute_dtype=compute_dtype)
         out, _ = attention_ref(*args, **kwargs)
         results["out"][samples, q_heads_slice] = out

@@ -158,16 +158,16 @@ def concat_mask(w: Workload, x: KernelInputs) -> Optional[torch.Tensor]:
     keys are visible."""
     batch, q_len, k_len, p = w.batch, w.q_len, w.seq_len, w.prefix_len
     device = x.q.device
-    if x.attn_mask is None and not (w.causal and q_len > 1):
+    if x.key_padding_mask is None and not (w.causal and q_len > 1):
         return None
     visible = torch.ones(batch, 1, q_len, p + k_len, dtype=torch.bool, device=device)
-    if x.attn_mask is not None:
-        visible[:, :, :, p:] &= x.attn_mask[:, None, None, :]
+    if x.key_padding_mask is not None:
+        visible[:, :, :, p:] &= x.key_padding_mask[:, None, None, :]
     if w.causal and q_len > 1:
         rows = torch.arange(q_len, device=device)[:, None]
         cols = torch.arange(k_len, device=device)[None, :]
         visible[:, :, :, p:] &= cols <= rows + (k_len - q_len)
-    if x.attn_mask is not None and not (w.causal and q_len > 1):
+    if x.key_padding_mask is not None and not (w.causal and q_len > 1):
         return visible[:, :, :1]  # [B, 1, 1, P + N]: key padding broadcasts over the queries
     return visible
 
@@ -245,7 +245,7 @@ class SdpaPrecat(Provider):
 
 
 def _precat_mask(w, x):
-    if w.causal and w.q_len > 1 and x.attn_mask is None:
+    if w.causal and w.q_len > 1 and x.key_padding_mask is None:
         from torch.nn.attention.bias import causal_lower_right
 
         return causal_lower_right(w.q_len, w.prefix_len + w.seq_len)
@@ -331,8 +331,8 @@ class FlexAttention(Provider):
         q, kc, vc = _leaves((x.q, kc, vc), fwdbwd)
         p, q_len, k_len = w.prefix_len, w.q_len, w.seq_len
         keep = None
-        if x.attn_mask is not None:
-            keep = torch.cat([torch.ones(w.batch, p, dtype=torch.bool, device=x.q.device), x.attn_mask], dim=1)
+        if x.key_padding_mask is not None:
+            keep = torch.cat([torch.ones(w.batch, p, dtype=torch.bool, device=x.q.device), x.key_padding_mask], dim=1)
         causal = w.causal and q_len > 1
         offset = p + k_len - q_len
 

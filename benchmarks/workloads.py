@@ -265,8 +265,8 @@ class KernelInputs:
     """One set of inputs of a kernel workload, laid out the way a model produces them.
 
     q/k/v are views ``[B, H, N, D]`` of ``[B, N, H, D]`` projections; the prefix is one shared ``[Hkv, P, D]``
-    tensor when T = 1 (``prefix_index`` None), else a ``[T, Hkv, P, D]`` bank indexed per sample. ``attn_mask`` is a
-    key-padding mask ``[B, N]`` (True = attend) or None; ``grad_out`` is dO for fwd+bwd workloads.
+    tensor when T = 1 (``prefix_index`` None), else a ``[T, Hkv, P, D]`` bank indexed per sample. ``key_padding_mask``
+    is a ``[B, N]`` bool mask (True = attend) or None; ``grad_out`` is dO for fwd+bwd workloads.
     """
 
     q: torch.Tensor
@@ -275,7 +275,7 @@ class KernelInputs:
     prefix_k: torch.Tensor
     prefix_v: torch.Tensor
     prefix_index: Optional[torch.Tensor]
-    attn_mask: Optional[torch.Tensor]
+    key_padding_mask: Optional[torch.Tensor]
     causal: bool
     grad_out: Optional[torch.Tensor]
 
@@ -302,7 +302,7 @@ class KernelInputs:
         return bank_k[self.prefix_index], bank_v[self.prefix_index]
 
     def op_kwargs(self) -> dict:
-        return dict(prefix_index=self.prefix_index, attn_mask=self.attn_mask, causal=self.causal)
+        return dict(prefix_index=self.prefix_index, key_padding_mask=self.key_padding_mask, causal=self.causal)
 
 
 def make_kernel_inputs(w: Workload, device: str, seed: int = 0) -> KernelInputs:
@@ -327,12 +327,12 @@ def make_kernel_inputs(w: Workload, device: str, seed: int = 0) -> KernelInputs:
         prefix_index = torch.randint(0, T, (B,), generator=gen)
         prefix_index[:T] = torch.arange(min(T, B))  # every entry in use
         prefix_index = prefix_index[torch.randperm(B, generator=gen)].to(device)
-    attn_mask = None
+    key_padding_mask = None
     if w.padding:
         lengths = torch.randint(max(1, N // 2), N + 1, (B,), generator=gen)
         lengths[0] = N
-        attn_mask = (torch.arange(N)[None, :] < lengths[:, None]).to(device)
+        key_padding_mask = (torch.arange(N)[None, :] < lengths[:, None]).to(device)
     grad_out = None
     if w.kind == "fwdbwd":
         grad_out = torch.randn(B, Nq, Hq, D, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
-    return KernelInputs(q, k, v, prefix_k, prefix_v, prefix_index, attn_mask, w.causal, grad_out)
+    return KernelInputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, w.causal, grad_out)

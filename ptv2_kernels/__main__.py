@@ -76,9 +76,10 @@ def _case_bank(dtype, device, generator):
     batch, q_heads, kv_heads, q_len, k_len, prefix_len, dim = 3, 4, 2, 7, 11, 5, 24
     return dict(
         **_contiguous_inputs(generator, batch, q_heads, kv_heads, q_len, k_len, 3, prefix_len, dim, dtype, device),
-        prefix_index=torch.tensor([2, 0, 2], device=device),
-        prefix_lengths=torch.tensor([5, 1, 3], dtype=torch.int32, device=device),
-        attn_mask=_key_padding([11, 6, 2], k_len, device),
+        # Index tensors as views with strides 2 and 3, as slicing a larger tensor of task ids gives.
+        prefix_index=torch.tensor([2, 1, 0, 1, 2], device=device)[::2],
+        prefix_lengths=torch.tensor([[5, 0, 0], [1, 0, 0], [3, 0, 0]], dtype=torch.int32, device=device)[:, 0],
+        key_padding_mask=_key_padding([11, 6, 2], k_len, device),
     )
 
 
@@ -118,7 +119,7 @@ def _case_nothing_visible(dtype, device, generator):
         **_contiguous_inputs(generator, batch, heads, heads, q_len, k_len, 2, prefix_len, dim, dtype, device),
         prefix_index=torch.tensor([0, 1], device=device),
         prefix_lengths=torch.tensor([0, 4], device=device),
-        attn_mask=_key_padding([0, 5], k_len, device),
+        key_padding_mask=_key_padding([0, 5], k_len, device),
     )
 
 
@@ -132,8 +133,21 @@ def _case_t5_bias(dtype, device, generator):
         **_contiguous_inputs(generator, batch, heads, heads, q_len, k_len, 2, prefix_len, dim, dtype, device),
         attn_bias=bias.to(device),
         prefix_index=torch.tensor([1, 0], device=device),
-        attn_mask=_key_padding([8, 5], k_len, device),
+        key_padding_mask=_key_padding([8, 5], k_len, device),
         scale=1.0,
+    )
+
+
+def _case_sdpa_float_mask(dtype, device, generator):
+    # scaled_dot_product_attention's mask convention: a 2-D additive float mask [Nq, Nk] with -inf entries; every
+    # sample uses bank entry 1 through an expanded (stride-0) index.
+    batch, heads, q_len, k_len, prefix_len, dim = 3, 2, 5, 9, 4, 16
+    mask = torch.randn(q_len, k_len, generator=generator)
+    mask = mask.masked_fill(torch.rand(q_len, k_len, generator=generator) < 0.3, float("-inf"))
+    return dict(
+        **_contiguous_inputs(generator, batch, heads, heads, q_len, k_len, 2, prefix_len, dim, dtype, device),
+        prefix_index=torch.tensor([1], device=device).expand(batch),
+        attn_mask=mask.to(device),
     )
 
 
@@ -147,6 +161,8 @@ CASES = (
     Case("sample 0 sees no key (zero-length prefix entry, all keys padded): out 0, lse -inf", _case_nothing_visible),
     Case("T5-style attn_bias [1,H,Nq,Nk] with -inf entries on the sequence keys (prefix unbiased), scale=1, key "
          "padding, bank of T=2", _case_t5_bias),
+    Case("SDPA-style additive float attn_mask [Nq,Nk] with -inf entries, stride-0 (expanded) prefix_index",
+         _case_sdpa_float_mask, quick=True),
 )
 
 _TENSORS = ("q", "k", "v", "prefix_k", "prefix_v")
@@ -205,9 +221,12 @@ def check_case(name: str, case: Case, dtype: torch.dtype, device: str, seed: int
     grad_lse = torch.randn(batch, heads, q_len, generator=generator).to(device)
 
     print_line(f"  [{name} {str(dtype).replace('torch.', '')}] {case.name}")
-    if "attn_bias" in inputs:
-        reason = backends.unsupported_reason(name, q, inputs["k"], inputs["prefix_k"], attn_bias=inputs["attn_bias"])
-        if reason is not None and "attn_bias" in reason:  # by design, not a failure
+    additive = inputs.get("attn_bias")
+    if additive is None and options.get("attn_mask") is not None and options["attn_mask"].is_floating_point():
+        additive = options["attn_mask"]
+    if additive is not None:
+        reason = backends.unsupported_reason(name, q, inputs["k"], inputs["prefix_k"], attn_bias=additive)
+        if reason is not None and "additive score bias" in reason:  # by design, not a failure
             print_line(f"      skipped: {reason}")
             return
     try:

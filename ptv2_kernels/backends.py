@@ -1,7 +1,8 @@
 """The backends behind :func:`ptv2_kernels.prefix_attention`: which exist here, which can serve a call, and why not.
 
-Every backend implements the same two functions on already-checked, normalized arguments (a 4-D prefix bank; the
-mask a 2-D key-padding mask or a dense mask expanded, as a view, to ``[B, Hq, Nq, Nk]``):
+Every backend implements the same two functions on arguments that :func:`ptv2_kernels.prefix_attention` checked
+and normalized (a 4-D prefix bank; contiguous index tensors; one bool mask, either a 2-D key-padding mask or a dense
+mask expanded, as a view, to ``[B, Hq, Nq, Nk]``; every additive term folded into one bias):
 
 * ``forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
   dropout_p, *, attn_bias=None) -> (out, lse)``
@@ -67,7 +68,8 @@ def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropou
         return reason
     if name == "cuda":
         if attn_bias is not None:
-            return "its kernels take no attn_bias (an additive score bias); the triton backend does"
+            return ("its kernels take no additive score bias (attn_bias or a float attn_mask); the triton "
+                    "backend does")
         from . import cuda_backend
 
         return cuda_backend.unsupported_reason(q, k, prefix_k, dropout_p)
@@ -141,7 +143,7 @@ class ReferenceBackend:
                 dropout_p, *, attn_bias=None):
         out, lse = reference.attention_ref(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-            attn_mask=attn_mask, attn_bias=attn_bias, causal=causal, scale=scale, dropout_p=dropout_p,
+            **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal, scale=scale, dropout_p=dropout_p,
             generator=_generator(seed, q))
         return _in_output_layout(out.to(q.dtype)), lse.float()
 
@@ -150,11 +152,18 @@ class ReferenceBackend:
                  out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
         grads = reference.attention_ref_backward(
             grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
-            prefix_lengths=prefix_lengths, attn_mask=attn_mask, attn_bias=attn_bias, causal=causal, scale=scale,
-            dropout_p=dropout_p, generator=_generator(seed, q))
+            prefix_lengths=prefix_lengths, **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal,
+            scale=scale, dropout_p=dropout_p, generator=_generator(seed, q))
         if grad_bias is not None and grad_bias.numel():
             grad_bias.copy_(grads[5])
         return grads[:5]
+
+
+def _reference_masks(attn_mask) -> dict:
+    """The backend form of the mask (2-D: key padding; 4-D: dense) as attention_ref's keyword arguments."""
+    if attn_mask is not None and attn_mask.dim() == 2:
+        return dict(key_padding_mask=attn_mask)
+    return dict(attn_mask=attn_mask)
 
 
 def _generator(seed, q):

@@ -8,6 +8,7 @@ implementations, so ``torch.compile(fullgraph=True)`` traces through them withou
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import weakref
@@ -32,6 +33,7 @@ def prefix_attention(
     *,
     prefix_index: Optional[Tensor] = None,
     prefix_lengths: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
     attn_bias: Optional[Tensor] = None,
     causal: bool = False,
@@ -50,12 +52,17 @@ def prefix_attention(
             their dtype may differ from q's (converted on load, gradient returned in their own dtype).
         prefix_index: ``[B]`` integer tensor, entries in ``[0, T)``: the bank entry of each sample. None needs T = 1.
         prefix_lengths: ``[T]`` integer tensor: entry t uses only its first ``prefix_lengths[t]`` keys.
-        attn_mask: bool, True = attend. ``[B, Nk]`` key padding, or a dense ``[B, 1|Hq, Nq, Nk]`` mask (size-1
-            dims broadcast). Masks apply to the sequence keys only; the prefix is always visible.
-        attn_bias: an additive bias on the sequence keys' scores (after ``scale``, before the softmax), float
-            ``[B, 1|Hq, Nq, Nk]`` (size-1 dims broadcast), e.g. T5's relative position bias; the prefix keys get
+            prefix_index and prefix_lengths may have any strides (views, expanded tensors).
+        key_padding_mask: ``[B, Nk]`` bool, True = attend: which sequence keys each sample may attend to (the
+            cheapest mask for the kernels).
+        attn_mask: as in :func:`torch.nn.functional.scaled_dot_product_attention`: a bool (True = attend) or
+            float (added to the scores) tensor broadcastable to ``[B, Hq, Nq, Nk]``, so a 2-D mask is
+            ``[Nq, Nk]``. A float mask is added like ``attn_bias`` (-inf hides a key).
+            Masks apply to the sequence keys only; the prefix is always visible.
+        attn_bias: an additive bias on the sequence keys' scores (after ``scale``, before the softmax), a float
+            tensor broadcastable to ``[B, Hq, Nq, Nk]``, e.g. T5's relative position bias; the prefix keys get
             no bias. -inf entries hide their key like a mask. Differentiable: its gradient sums over the
-            broadcast dims.
+            broadcast dims, without a buffer of the broadcast size.
         causal: causal over the sequence keys, aligned bottom-right (key j visible to query i iff
             ``j <= i + Nk - Nq``).
         scale: score scale, default ``1 / sqrt(D)``.
@@ -73,8 +80,9 @@ def prefix_attention(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    q, k, v, prefix_k, prefix_v, attn_mask, attn_bias = _checked(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale, dropout_p)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias = _checked(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
+        scale, dropout_p)
     name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
@@ -96,9 +104,19 @@ def _scale_or_default(scale: Optional[float], head_dim: int) -> float:
 # Argument checks
 # ----------------------------------------------------------------------------------------------------------------
 
-def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale,
-             dropout_p):
-    """Raise TypeError/ValueError/IndexError naming the bad argument; return the normalized tensors."""
+def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias,
+             causal, scale, dropout_p):
+    """Raise TypeError/ValueError/IndexError naming the bad argument; return the normalized arguments.
+
+    This is the one place where arguments are normalized, so every backend receives the same forms:
+
+    * the prefix as a 4-D bank ``[T, Hkv, P, D]``;
+    * ``prefix_index`` and ``prefix_lengths`` contiguous (a strided or expanded index is copied once here);
+    * the masks as one bool ``attn_mask``: None, a ``[B, Nk]`` key-padding mask, or a dense mask viewed as
+      ``[B, Hq, Nq, Nk]`` (the user's bool attn_mask, with the key-padding mask folded in when both are given);
+    * every additive term (``attn_bias`` and a float ``attn_mask``) as one float ``attn_bias`` of 4 dims whose
+      size-1 dims broadcast (not expanded: its gradient keeps that compact shape).
+    """
     for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -147,14 +165,24 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mas
         if num_prefixes != 1:
             raise ValueError(f"prefix_index is required when the bank holds several prefixes (T = {num_prefixes})")
     else:
-        _check_index_tensor("prefix_index", prefix_index, (batch,), q.device)
+        prefix_index = _checked_index_tensor("prefix_index", prefix_index, (batch,), q.device)
     if prefix_lengths is not None:
-        _check_index_tensor("prefix_lengths", prefix_lengths, (num_prefixes,), q.device)
+        prefix_lengths = _checked_index_tensor("prefix_lengths", prefix_lengths, (num_prefixes,), q.device)
 
+    full = (batch, q_heads, q_len, k_len)
+    mask = None
+    if key_padding_mask is not None:
+        mask = _checked_key_padding_mask(key_padding_mask, batch, k_len, q.device)
     if attn_mask is not None:
-        attn_mask = _checked_mask(attn_mask, batch, q_heads, q_len, k_len, q.device)
+        attn_mask = _checked_broadcastable("attn_mask", attn_mask, full, q.device, key_padding_hint=True)
+        _checked_mask_dtype(attn_mask)
+        if attn_mask.dtype == torch.bool:
+            dense = attn_mask if mask is None else attn_mask & mask[:, None, None, :]
+            mask = dense.expand(full)
+        else:
+            attn_bias = attn_mask if attn_bias is None else _checked_bias(attn_bias, full, q.device) + attn_mask
     if attn_bias is not None:
-        attn_bias = _checked_bias(attn_bias, batch, q_heads, q_len, k_len, q.device)
+        attn_bias = _checked_bias(attn_bias, full, q.device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
@@ -162,10 +190,11 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mas
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    return q, k, v, prefix_k, prefix_v, attn_mask, attn_bias
+    return q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, attn_bias
 
 
-def _check_index_tensor(name, t, shape, device):
+def _checked_index_tensor(name, t, shape, device) -> Tensor:
+    """The index tensor, contiguous: the kernels read entry ``i`` at offset ``i``."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -174,40 +203,54 @@ def _check_index_tensor(name, t, shape, device):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}; all inputs must share a device")
+    return t if t.is_contiguous() else t.contiguous()
 
 
 # The values of prefix_index/prefix_lengths live on the device: reading them costs a synchronization. They are
 # checked inside the custom op, which runs eagerly under torch.compile too. A model passes the same task-id tensor to
-# every layer, so the last tensors checked (and their versions, which in-place writes bump) are remembered and not
-# read again. While a CUDA graph is being captured nothing can be read; the kernels never read out of bounds
-# regardless: an index out of range gives NaN rows, a length is clamped to [0, P].
-_last_checked: list = [None, None, None]  # (weakref to prefix_index, weakref to prefix_lengths, bounds+versions)
+# every layer, and a server may alternate between a few, so the last few pairs of tensors checked (with their
+# versions, which in-place writes bump) are remembered and not read again. While a CUDA graph is being captured
+# nothing can be read; the kernels never read out of bounds regardless: an index out of range gives NaN rows, a
+# length is clamped to [0, P].
+_CHECKED_CAPACITY = 8
+_checked_values: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
 def _check_index_values(prefix_index, num_prefixes, prefix_lengths, prefix_len):
     if prefix_index is None and prefix_lengths is None:
         return
-    if prefix_index is not None and prefix_index.is_cuda and torch.cuda.is_current_stream_capturing():
+    if any(t is not None and t.is_cuda for t in (prefix_index, prefix_lengths)) and \
+            torch.cuda.is_current_stream_capturing():
         return
     # Inference tensors have no version counter: they are checked every time, never remembered.
     cacheable = not any(t is not None and t.is_inference() for t in (prefix_index, prefix_lengths))
-    key = (num_prefixes, prefix_len, _version(prefix_index), _version(prefix_lengths)) if cacheable else None
-    if (cacheable and _deref(_last_checked[0]) is prefix_index and _deref(_last_checked[1]) is prefix_lengths
-            and _last_checked[2] == key):
-        return
-    if prefix_index is not None and prefix_index.numel():
-        low, high = int(prefix_index.min()), int(prefix_index.max())
-        if low < 0 or high >= num_prefixes:
-            bad = low if low < 0 else high
-            raise IndexError(f"prefix_index entries must be in [0, {num_prefixes}) (the bank holds T = "
-                             f"{num_prefixes} prefixes), got {bad}")
-    if prefix_lengths is not None and prefix_lengths.numel():
-        low, high = int(prefix_lengths.min()), int(prefix_lengths.max())
-        if low < 0 or high > prefix_len:
-            raise ValueError(f"prefix_lengths entries must be in [0, P] with P = {prefix_len}, got "
-                             f"{low if low < 0 else high}")
+    slot = (id(prefix_index), id(prefix_lengths))
+    state = (num_prefixes, prefix_len, _version(prefix_index), _version(prefix_lengths)) if cacheable else None
     if cacheable:
-        _last_checked[:] = [_weak(prefix_index), _weak(prefix_lengths), key]
+        remembered = _checked_values.get(slot)
+        if (remembered is not None and _deref(remembered[0]) is prefix_index
+                and _deref(remembered[1]) is prefix_lengths and remembered[2] == state):
+            _checked_values.move_to_end(slot)
+            return
+    # One read of the device (min and max of both tensors together), not four.
+    extremes = [t.aminmax() for t in (prefix_index, prefix_lengths) if t is not None and t.numel()]
+    if extremes:
+        values = torch.stack([x.to(torch.int64) for pair in extremes for x in pair]).tolist()
+        if prefix_index is not None and prefix_index.numel():
+            (low, high), values = values[:2], values[2:]
+            if low < 0 or high >= num_prefixes:
+                raise IndexError(f"prefix_index entries must be in [0, {num_prefixes}) (the bank holds T = "
+                                 f"{num_prefixes} prefixes), got {low if low < 0 else high}")
+        if values:
+            low, high = values
+            if low < 0 or high > prefix_len:
+                raise ValueError(f"prefix_lengths entries must be in [0, P] with P = {prefix_len}, got "
+                                 f"{low if low < 0 else high}")
+    if cacheable:
+        _checked_values[slot] = (_weak(prefix_index), _weak(prefix_lengths), state)
+        _checked_values.move_to_end(slot)
+        while len(_checked_values) > _CHECKED_CAPACITY:
+            _checked_values.popitem(last=False)
 
 
 def _version(t):
@@ -222,41 +265,46 @@ def _deref(ref):
     return None if ref is None else ref()
 
 
-def _checked_mask(attn_mask, batch, q_heads, q_len, k_len, device):
-    if not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool:
-        raise TypeError(f"attn_mask must be a bool tensor (True = attend), got {attn_mask.dtype}")
-    if attn_mask.device != device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {device}")
-    if attn_mask.dim() == 2:
-        if tuple(attn_mask.shape) != (batch, k_len):
-            raise ValueError(f"a 2-D attn_mask is a key-padding mask [B, Nk] = [{batch}, {k_len}], got "
-                             f"{list(attn_mask.shape)}")
-        return attn_mask
-    if attn_mask.dim() == 4:
-        full = (batch, q_heads, q_len, k_len)
-        if any(size not in (1, want) for size, want in zip(attn_mask.shape, full)):
-            raise ValueError(f"a 4-D attn_mask must be [B, 1 or Hq, Nq, Nk] = [{batch}, 1 or {q_heads}, {q_len}, "
-                             f"{k_len}] (size-1 dims broadcast), got {list(attn_mask.shape)}")
-        return attn_mask.expand(full)
-    raise ValueError(f"attn_mask must be a [B, Nk] key-padding mask or a [B, 1|Hq, Nq, Nk] dense mask, got "
-                     f"{attn_mask.dim()}-D shape {list(attn_mask.shape)}")
+def _checked_key_padding_mask(mask, batch, k_len, device) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = attend), got {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {device}")
+    if tuple(mask.shape) != (batch, k_len):
+        raise ValueError(f"key_padding_mask must be [B, Nk] = [{batch}, {k_len}], got {list(mask.shape)}")
+    return mask
 
 
-def _checked_bias(attn_bias, batch, q_heads, q_len, k_len, device):
-    """The bias as a [B, Hq, Nq, Nk] view (broadcast dims with stride 0; autograd sums its gradient over them)."""
-    if not isinstance(attn_bias, Tensor):
-        raise TypeError(f"attn_bias must be a torch.Tensor or None, got {type(attn_bias).__name__}")
-    if not attn_bias.is_floating_point():
+def _checked_broadcastable(name, t, full, device, key_padding_hint=False) -> Tensor:
+    """``t`` (bool or float, broadcastable to ``full`` = [B, Hq, Nq, Nk] by torch's rules) viewed as 4-D with
+    its size-1 dims kept: a compact view, never expanded here."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    shape = tuple(t.shape)
+    if t.dim() > 4 or any(size not in (1, want) for size, want in zip(reversed(shape), reversed(full))):
+        message = (f"{name} must be broadcastable to [B, Hq, Nq, Nk] = {list(full)} (as in "
+                   f"scaled_dot_product_attention; a 2-D {name} is [Nq, Nk]), got shape {list(shape)}")
+        if key_padding_hint and shape == (full[0], full[3]):
+            message += "; for a [B, Nk] key-padding mask pass key_padding_mask= instead"
+        raise ValueError(message)
+    return t[(None,) * (4 - t.dim())]
+
+
+def _checked_mask_dtype(attn_mask):
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be a bool tensor (True = attend) or a float tensor (added to the scores), "
+                        f"got {attn_mask.dtype}")
+
+
+def _checked_bias(attn_bias, full, device) -> Tensor:
+    """The bias as a compact 4-D view (size-1 dims broadcast; the backends expand it, its gradient keeps it)."""
+    if isinstance(attn_bias, Tensor) and not attn_bias.is_floating_point():
         raise TypeError(f"attn_bias must have a floating-point dtype, got {attn_bias.dtype}")
-    if attn_bias.device != device:
-        raise ValueError(f"attn_bias is on {attn_bias.device} but q is on {device}")
-    full = (batch, q_heads, q_len, k_len)
-    if attn_bias.dim() != 4 or any(size not in (1, want) for size, want in zip(attn_bias.shape, full)):
-        raise ValueError(f"attn_bias must be [B, 1 or Hq, Nq, Nk] = [{batch}, 1 or {q_heads}, {q_len}, {k_len}] "
-                         f"(size-1 dims broadcast), got shape {list(attn_bias.shape)}")
-    return attn_bias.expand(full)
+    return _checked_broadcastable("attn_bias", attn_bias, full, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,7 +320,12 @@ def _prefix_attention_op(
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
     return backends.implementation(backend).forward(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
-        attn_bias=attn_bias)
+        attn_bias=_expanded_bias(attn_bias, q, k))
+
+
+def _expanded_bias(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """The compact bias as the [B, Hq, Nq, Nk] view the backends read (stride 0 along broadcast dims)."""
+    return None if attn_bias is None else attn_bias.expand(*q.shape[:3], k.shape[2])
 
 
 @_prefix_attention_op.register_fake
@@ -290,24 +343,62 @@ def _prefix_attention_backward_op(
     attn_bias: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float,
     dropout_p: float, backend: str, deterministic: bool, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The five input gradients, and the bias gradient ([B, Hq, Nq, Nk] in the bias's dtype) when ``bias_grad``,
+    """The five input gradients, and the bias gradient (in the compact bias's shape and dtype) when ``bias_grad``,
     else an empty tensor."""
-    grad_bias = _bias_grad_buffer(q, attn_bias, bias_grad)
-    grads = backends.implementation(backend).backward(
-        grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse,
-        causal, scale, dropout_p, deterministic, attn_bias=attn_bias, grad_bias=grad_bias)
-    grads = tuple(_laid_out_like(g, x) for g, x in zip(grads, (q, k, v, prefix_k, prefix_v)))
-    if grad_bias.numel():
-        grad_bias = grad_bias.to(attn_bias.dtype)
-    return (*grads, grad_bias)
+    impl = backends.implementation(backend)
+    bias = _expanded_bias(attn_bias, q, k)
+    inputs = (q, k, v, prefix_k, prefix_v)
+    if not bias_grad or attn_bias is None:
+        grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias)
+        return (*(_laid_out_like(g, x) for g, x in zip(grads, inputs)), q.new_empty(0, dtype=torch.float32))
+
+    # The backends write the bias gradient densely ([n, Hq, Nq, Nk] for n samples, in float32). A bias that broadcasts
+    # (T5's [1, H, N, N]) would need a buffer B * Hq / H times its own size for the whole batch at once, so the
+    # batch runs in chunks whose dense buffer is about the bias's size, each chunk summed into the compact gradient
+    # as it finishes (in a fixed order: deterministic). Dropout numbers its random streams by sample, so a call
+    # with dropout runs in one piece.
+    reduced = [dim for dim in range(4) if attn_bias.shape[dim] == 1 and bias.shape[dim] != 1]
+    batch, per_sample = q.shape[0], bias[0].numel() * 4
+    chunk = batch
+    if reduced and dropout_p == 0.0 and per_sample:
+        chunk = max(1, min(batch, max(attn_bias.numel() * 4, BIAS_GRAD_CHUNK_BYTES) // per_sample))
+    accumulate = torch.promote_types(torch.float32, attn_bias.dtype)  # float32, or float64 for a float64 bias
+    grad_bias = torch.zeros(attn_bias.shape, dtype=accumulate, device=q.device)
+    if chunk >= batch:
+        dense = torch.zeros(bias.shape, dtype=accumulate, device=q.device)
+        grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias,
+                              grad_bias=dense)
+        grads = tuple(_laid_out_like(g, x) for g, x in zip(grads, inputs))
+        grad_bias = dense.sum(reduced, keepdim=True) if reduced else dense
+        return (*grads, grad_bias.to(attn_bias.dtype))
+
+    grads = [torch.empty_like(x) for x in (q, k, v)]
+    prefix_grads = [torch.zeros(x.shape, dtype=torch.promote_types(torch.float32, x.dtype), device=x.device)
+                    for x in (prefix_k, prefix_v)]
+    for start in range(0, batch, chunk):
+        rows = slice(start, min(batch, start + chunk))
+        dense = torch.zeros((rows.stop - rows.start, *bias.shape[1:]), dtype=accumulate, device=q.device)
+        part = impl.backward(
+            grad_out[rows], None if grad_lse is None else grad_lse[rows], q[rows], k[rows], v[rows], prefix_k,
+            prefix_v, None if prefix_index is None else prefix_index[rows], prefix_lengths,
+            None if attn_mask is None else attn_mask[rows], seed, out[rows], lse[rows], causal, scale, dropout_p,
+            deterministic, attn_bias=bias[rows], grad_bias=dense)
+        for whole, piece in zip(grads, part[:3]):
+            whole[rows].copy_(piece)
+        for whole, piece in zip(prefix_grads, part[3:]):
+            whole += piece
+        if 0 in reduced:
+            grad_bias += dense.sum(reduced, keepdim=True)
+        else:
+            grad_bias[rows] = dense.sum(reduced, keepdim=True)
+    grads += [g.to(x.dtype) for g, x in zip(prefix_grads, (prefix_k, prefix_v))]
+    return (*(_laid_out_like(g, x) for g, x in zip(grads, inputs)), grad_bias.to(attn_bias.dtype))
 
 
-def _bias_grad_buffer(q, attn_bias, bias_grad) -> Tensor:
-    """Where a backend writes the bias gradient: float32 [B, Hq, Nq, Nk] zeros (keys a causal query never sees are
-    never visited), or an empty tensor when none is wanted."""
-    if attn_bias is None or not bias_grad:
-        return q.new_empty(0, dtype=torch.float32)
-    return torch.zeros(attn_bias.shape, dtype=torch.float32, device=q.device)
+# The most memory a dense bias-gradient chunk may take beyond the bias's own size (see the backward op).
+BIAS_GRAD_CHUNK_BYTES = 16 * 2**20
 
 
 def _laid_out_like(grad: Optional[Tensor], x: Tensor) -> Tensor:
@@ -325,8 +416,9 @@ def _laid_out_like(grad: Optional[Tensor], x: Tensor) -> Tensor:
 def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out,
       lse, causal, scale, dropout_p, backend, deterministic, bias_grad):
     grads = tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))
-    grad_bias = _bias_grad_buffer(q, attn_bias, bias_grad)
-    return (*grads, grad_bias.to(attn_bias.dtype) if grad_bias.numel() else grad_bias)
+    if not bias_grad or attn_bias is None:
+        return (*grads, q.new_empty(0, dtype=torch.float32))
+    return (*grads, torch.empty_like(attn_bias, memory_format=torch.contiguous_format))
 
 
 _BIAS_INPUT = 8  # the position of attn_bias among the forward op's inputs

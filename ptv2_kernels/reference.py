@@ -26,6 +26,7 @@ def attention_ref(
     *,
     prefix_index: Optional[Tensor] = None,
     prefix_lengths: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
     attn_bias: Optional[Tensor] = None,
     causal: bool = False,
@@ -37,7 +38,9 @@ def attention_ref(
 ) -> tuple[Tensor, Tensor]:
     """Attention of q over ``[prefix_k[prefix_index[b], :, :L] ; k]``, returned as ``(out, lse)``.
 
-    Takes the arguments of :func:`ptv2_kernels.prefix_attention` (checked by the caller), plus:
+    Takes the arguments of :func:`ptv2_kernels.prefix_attention` (checked by the caller; ``attn_mask`` and
+    ``attn_bias`` broadcast to ``[B, Hq, Nq, Nk]`` by torch's rules, a float ``attn_mask`` adds to the scores),
+    plus:
 
     * ``dropout_keep``: a bool tensor ``[B, Hq, Nq, P + Nk]`` that says which probabilities survive dropout
       (columns ``0..P-1`` are the prefix slots, the rest the sequence keys). Tests pass the mask a kernel used, so
@@ -49,8 +52,8 @@ def attention_ref(
     both in ``compute_dtype``.
     """
     keys, values, probs, lse, scale = _attention_probs(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale,
-        compute_dtype)
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
+        scale, compute_dtype)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
     return torch.matmul(_dropped(probs, keep, dropout_p), values), lse
 
@@ -66,6 +69,7 @@ def attention_ref_backward(
     *,
     prefix_index: Optional[Tensor] = None,
     prefix_lengths: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
     attn_mask: Optional[Tensor] = None,
     attn_bias: Optional[Tensor] = None,
     causal: bool = False,
@@ -76,14 +80,15 @@ def attention_ref_backward(
     compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, ...]:
     """Gradients of :func:`attention_ref` for ``q, k, v, prefix_k, prefix_v``, each in its input's dtype, and,
-    when ``attn_bias`` is given, a sixth: the gradient of ``attn_bias`` in its shape and dtype.
+    when ``attn_bias`` is given, a sixth: the gradient of ``attn_bias`` in its shape and dtype (a float
+    ``attn_mask`` gets no gradient here: pass it as ``attn_bias`` to have one).
 
     Written out by hand (the reference backend runs inside a custom op, where autograd is off); the tests check
     it against autograd through :func:`attention_ref`. ``generator`` must be in the state it had in the forward.
     """
     keys, values, probs, lse, scale = _attention_probs(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale,
-        compute_dtype)
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
+        scale, compute_dtype)
     dtype = probs.dtype
     grad_out = grad_out.to(dtype)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
@@ -115,14 +120,17 @@ def attention_ref_backward(
     if attn_bias is None:
         return grads
     grad_bias = grad_logits[..., prefix_len:]
-    broadcast = [dim for dim in range(4) if attn_bias.shape[dim] == 1 and grad_bias.shape[dim] != 1]
+    # Sum over the dims the bias was broadcast along: the leading dims it lacks, and its size-1 dims.
+    if grad_bias.dim() > attn_bias.dim():
+        grad_bias = grad_bias.sum(tuple(range(grad_bias.dim() - attn_bias.dim())))
+    broadcast = [dim for dim in range(attn_bias.dim()) if attn_bias.shape[dim] == 1 and grad_bias.shape[dim] != 1]
     if broadcast:
         grad_bias = grad_bias.sum(broadcast, keepdim=True)
     return (*grads, grad_bias.to(attn_bias.dtype))
 
 
-def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, scale,
-                     compute_dtype):
+def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask,
+                     attn_bias, causal, scale, compute_dtype):
     """The materialized keys/values [B, Hq, P + Nk, D], the softmax probabilities and lse, and the scale."""
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -141,10 +149,13 @@ def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, 
     values = values.repeat_interleave(group, dim=1)
 
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
-    if attn_bias is not None:  # on the sequence keys only: the prefix columns get a zero bias
-        bias = attn_bias.to(compute_dtype).expand(batch, q_heads, q.shape[2], k.shape[2])
+    additive = [t for t in (attn_bias, attn_mask) if t is not None and t.is_floating_point()]
+    for term in additive:  # on the sequence keys only: the prefix columns get a zero bias
+        bias = term.to(compute_dtype).expand(batch, q_heads, q.shape[2], k.shape[2])
         scores = scores + torch.cat([bias.new_zeros(*bias.shape[:3], prefix_k.shape[2]), bias], dim=-1)
-    visible = _visibility(q, k, prefix_k.shape[2], prefix_index, prefix_lengths, attn_mask, causal)
+    bool_mask = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
+    visible = _visibility(q, k, prefix_k.shape[2], prefix_index, prefix_lengths, key_padding_mask, bool_mask,
+                          causal)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # A query that sees nothing has lse = -inf; shifting by 0 instead keeps its probabilities at exp(-inf) = 0.
@@ -170,7 +181,7 @@ def _index_or_zeros(prefix_index, batch, device):
     return prefix_index.long()
 
 
-def _visibility(q, k, prefix_len, prefix_index, prefix_lengths, attn_mask, causal) -> Tensor:
+def _visibility(q, k, prefix_len, prefix_index, prefix_lengths, key_padding_mask, attn_mask, causal) -> Tensor:
     """Bool ``[B, Hq|1, Nq, P + Nk]``: which of the concatenated keys each query may attend to."""
     batch, _, q_len, _ = q.shape
     k_len = k.shape[2]
@@ -184,8 +195,10 @@ def _visibility(q, k, prefix_len, prefix_index, prefix_lengths, attn_mask, causa
     prefix_visible = prefix_visible[:, None, None, :].expand(batch, 1, q_len, prefix_len)
 
     seq_visible = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        seq_visible = seq_visible & key_padding_mask[:, None, None, :]
     if attn_mask is not None:
-        seq_visible = seq_visible & (attn_mask[:, None, None, :] if attn_mask.dim() == 2 else attn_mask)
+        seq_visible = seq_visible & attn_mask  # broadcast from the right, as in scaled_dot_product_attention
     if causal:
         rows = torch.arange(q_len, device=device)[:, None]
         cols = torch.arange(k_len, device=device)[None, :]

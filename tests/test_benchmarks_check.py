@@ -211,7 +211,7 @@ def test_kernel_inputs_are_laid_out_like_a_model_and_share_one_prefix():
     x = workloads.make_kernel_inputs(w, DEVICE)
     assert x.q.transpose(1, 2).is_contiguous() and x.k.transpose(1, 2).is_contiguous()
     assert x.prefix_k.shape == (w.kv_heads, w.prefix_len, w.head_dim) and x.prefix_index is None
-    assert x.attn_mask.shape == (w.batch, w.seq_len) and bool(x.attn_mask[0].all())
+    assert x.key_padding_mask.shape == (w.batch, w.seq_len) and bool(x.key_padding_mask[0].all())
     bank = workloads.make_kernel_inputs(tiny("fwd", num_tasks=3, batch=5), DEVICE)
     assert bank.prefix_k.shape[0] == 3 and sorted(set(bank.prefix_index.tolist())) == [0, 1, 2]
     again = workloads.make_kernel_inputs(w, DEVICE)

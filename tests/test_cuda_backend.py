@@ -33,7 +33,7 @@ from . import cuda_sim
 from .conftest import DEVICE
 from .test_triton_prefix_attention import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
     BANKS, GQA, HEAD_DIMS, LAYOUTS, MASKS, PREFIX_LENS, SHAPES, Case, _RecordOps, assert_close_to_reference,
-    check_against_reference, make_inputs, poison_uninitialized_memory, reference_results, run_backend,
+    backend_mask, check_against_reference, make_inputs, poison_uninitialized_memory, reference_results, run_backend,
 )
 
 ON_GPU = DEVICE == "cuda"
@@ -311,10 +311,10 @@ def test_decode_and_tiled_kernels_agree(impl):
     for algo in (1, 2):
         if impl is cuda_sim.SimBackend:
             impl.algo, impl.num_sms = algo, 64  # many splits
-            out, lse = impl.forward(*args, kwargs["prefix_index"], kwargs["prefix_lengths"], kwargs["attn_mask"],
+            out, lse = impl.forward(*args, kwargs["prefix_index"], kwargs["prefix_lengths"], backend_mask(kwargs),
                                     None, True, scale, 0.0)
         else:
-            out, lse = impl.forward(*args, kwargs["prefix_index"], kwargs["prefix_lengths"], kwargs["attn_mask"],
+            out, lse = impl.forward(*args, kwargs["prefix_index"], kwargs["prefix_lengths"], backend_mask(kwargs),
                                     None, True, scale, 0.0, algo=algo)
         outs.append((out, lse))
     oracle_out, oracle_lse = attention_ref(*[t.double() for t in args], **kwargs)
@@ -352,7 +352,7 @@ def test_dropout_matches_reference_given_the_kernel_mask(impl, case, dtype):
     args = [t.detach() for t in inputs]
     if args[3].dim() == 3:
         args[3], args[4] = args[3].unsqueeze(0), args[4].unsqueeze(0)
-    mask = kwargs.get("attn_mask")
+    mask = backend_mask(kwargs)
     if mask is not None and mask.dim() == 4:
         mask = mask.expand(case.batch, case.q_heads, case.q_len, case.k_len)
     scale = 1.0 / math.sqrt(case.head_dim)

@@ -138,6 +138,8 @@ class _OpSpy:
 
         def spy(q, k, v, prefix_k, prefix_v, **kwargs):
             mask = kwargs.get("attn_mask")
+            if mask is None:
+                mask = kwargs.get("key_padding_mask")
             self.calls.append((None if mask is None else tuple(mask.shape), kwargs.get("causal"),
                                tuple(prefix_k.shape), kwargs.get("prefix_index") is not None))
             return original(q, k, v, prefix_k, prefix_v, **kwargs)
@@ -167,8 +169,29 @@ def test_user_4d_masks_give_the_reference_result():
     torch.testing.assert_close(model(input_ids=input_ids, attention_mask=dense).logits, expected)
     additive = torch.zeros(2, 1, 6, 6).masked_fill(~dense, torch.finfo(torch.float32).min)
     torch.testing.assert_close(model(input_ids=input_ids, attention_mask=additive).logits, expected)
-    with pytest.raises(ValueError, match="additive biases are not supported"):
-        model(input_ids=input_ids, attention_mask=additive + 0.5)
+    # Any additive float mask is added to the sequence keys' scores as SDPA would (the prefix keys unbiased).
+    biased = model(input_ids=input_ids, attention_mask=additive + 0.5).logits
+    assert torch.isfinite(biased).all() and not torch.allclose(biased, expected)
+
+
+def test_user_float_4d_mask_reads_nothing_from_the_device():
+    """A float 4-D mask goes to the op as it is: no per-layer check of its values (a device read on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default)
+            return func(*args, **(kwargs or {}))
+
+    model = encoder_model("bert", "seq_cls")
+    ptv2_kernels.patch(model, _bank(model, prefix_len=3), backend="reference")
+    input_ids, mask = random_batch(2, 6, padding="right", seed=4)
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
+    with Reads():
+        model(input_ids=input_ids, attention_mask=additive)
+    assert Reads.count == 0
 
 
 def test_freeze_backbone_leaves_prefix_and_head():

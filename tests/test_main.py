@@ -161,16 +161,18 @@ def test_wrong_backend_makes_the_check_fail(bug, monkeypatch, capsys):
     assert out.rstrip().endswith("result: FAIL: reference")
 
 
-def test_a_backend_that_takes_no_bias_skips_the_bias_case(monkeypatch):
-    """The CUDA kernels take no attn_bias by design: the self-check says so for that case instead of failing."""
+@pytest.mark.parametrize("marker", ["attn_bias", "float attn_mask"])
+def test_a_backend_that_takes_no_bias_skips_the_bias_cases(monkeypatch, marker):
+    """The CUDA kernels take no additive score bias by design (attn_bias, or a float attn_mask, which the op adds
+    like one): the self-check says so for those cases instead of failing."""
+    reason = "its kernels take no additive score bias (test)"
     monkeypatch.setattr(backends, "unsupported_reason",
-                        lambda name, *args, attn_bias=None, **kwargs: "its kernels take no attn_bias (test)"
-                        if attn_bias is not None else None)
-    case = next(case for case in cli.CASES if "attn_bias" in case.name)
+                        lambda name, *args, attn_bias=None, **kwargs: reason if attn_bias is not None else None)
+    case = next(case for case in cli.CASES if marker in case.name)
     outcome, lines = cli.Outcome(), []
     cli.check_case("reference", case, torch.float32, "cpu", 0, outcome, lines.append)
     assert outcome.checks == outcome.failures == 0
-    assert lines[-1].strip() == "skipped: its kernels take no attn_bias (test)"
+    assert lines[-1].strip() == f"skipped: {reason}"
 
 
 def test_right_backend_passes_in_process(capsys):

@@ -29,7 +29,7 @@ def _inputs(case, seed=0, dtype=torch.float64, requires_grad=True):
     options = {}
     if case == "bank":
         options = dict(prefix_index=torch.tensor([2, 0]), prefix_lengths=torch.tensor([3, 1, 0]),
-                       attn_mask=torch.tensor([[True] * NK, [True, True, False, False, False]]), causal=True)
+                       key_padding_mask=torch.tensor([[True] * NK, [True, True, False, False, False]]), causal=True)
     elif case == "dense":
         options = dict(prefix_index=torch.tensor([1, 1]),
                        attn_mask=torch.rand(B, HQ, NQ, NK, generator=gen) < 0.5)
@@ -174,8 +174,8 @@ def test_argument_checks_still_raise_under_compile():
     compiled = torch.compile(_call, backend="aot_eager")
     with pytest.raises(ValueError, match="prefix_index"):
         compiled(*tensors, dict(options, prefix_index=None))
-    with pytest.raises(TypeError, match="attn_mask"):
-        compiled(*tensors, dict(options, attn_mask=options["attn_mask"].float()))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        compiled(*tensors, dict(options, key_padding_mask=options["key_padding_mask"].float()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def _op_args(case, dropout=False, layout="contiguous", prefix_dtype=None, prefix
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
         prefix_k = prefix_k.transpose(0, 2).contiguous().transpose(0, 2)
     q, k, v, prefix_k, prefix_v = (t.requires_grad_(requires_grad) for t in (q, k, v, prefix_k, prefix_v))
-    mask = options.get("attn_mask")
+    mask = options.get("attn_mask", options.get("key_padding_mask"))
     if mask is not None and mask.dim() == 4:
         mask = mask.expand(B, HQ, NQ, NK)
     lengths = options.get("prefix_lengths")
@@ -209,7 +209,7 @@ def _op_args(case, dropout=False, layout="contiguous", prefix_dtype=None, prefix
     attn_bias = None
     if bias:  # broadcast over the heads, as T5's position bias often is
         attn_bias = torch.randn(B, 1, NQ, NK, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-        attn_bias = attn_bias.requires_grad_(requires_grad).expand(B, HQ, NQ, NK)
+        attn_bias = attn_bias.requires_grad_(requires_grad)  # compact: the op expands it for the backends
     return (q, k, v, prefix_k, prefix_v, options.get("prefix_index"), lengths, mask, attn_bias, seed,
             options.get("causal", False), 0.4, 0.3 if dropout else 0.0, "reference", False)
 

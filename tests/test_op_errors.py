@@ -204,12 +204,15 @@ def _other_device():
     return torch.device("meta")
 
 
-@pytest.mark.parametrize("name", ["k", "v", "prefix_k", "prefix_v", "prefix_index", "prefix_lengths", "attn_mask"])
+@pytest.mark.parametrize("name", ["k", "v", "prefix_k", "prefix_v", "prefix_index", "prefix_lengths",
+                                  "key_padding_mask", "attn_mask", "attn_bias"])
 def test_device_mismatch(name):
     other = _other_device()
     args = _valid()
     args["prefix_lengths"] = torch.tensor([P, 1, 0])
-    args["attn_mask"] = torch.ones(B, NK, dtype=torch.bool)
+    args["key_padding_mask"] = torch.ones(B, NK, dtype=torch.bool)
+    args["attn_mask"] = torch.ones(B, 1, NQ, NK, dtype=torch.bool)
+    args["attn_bias"] = torch.zeros(1, HQ, NQ, NK)
     args[name] = args[name].to(other)
     assert args[name].device != args["q"].device
     _raises(args, ValueError, name, str(other))
@@ -367,14 +370,13 @@ def test_index_tensors_made_in_inference_mode():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# attn_mask
+# attn_mask and key_padding_mask
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.int64])
-@pytest.mark.parametrize("rank", [2, 4])
-def test_mask_wrong_dtype(dtype, rank):
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.int32])
+@pytest.mark.parametrize("shape", [(NQ, NK), (B, 1, NQ, NK)], ids=str)
+def test_mask_wrong_dtype(dtype, shape):
     args = _valid()
-    shape = (B, NK) if rank == 2 else (B, 1, NQ, NK)
     args["attn_mask"] = torch.ones(shape, dtype=dtype)
     _raises(args, TypeError, "attn_mask")
 
@@ -385,33 +387,57 @@ def test_mask_not_a_tensor():
     _raises(args, TypeError, "attn_mask")
 
 
-@pytest.mark.parametrize("shape", [(B, NK + 1), (B + 1, NK), (1, NK), (B, 1), (NK, B)], ids=str)
-def test_mask_2d_wrong_shape(shape):
+@pytest.mark.parametrize("shape", [(NQ + 1, NK), (NQ, NK + 1), (NK, NQ), (B, HQ + 1, NQ, NK), (B, HKV, NQ, NK),
+                                   (B + 1, 1, NQ, NK), (B, 1, NQ + 1, NK), (B, 1, NQ, NK - 1), (B, 1, NK, NQ),
+                                   (B, 1, 1, NQ, NK), (1, B, 1, 1, NK)], ids=str)
+def test_mask_not_broadcastable(shape):
     args = _valid()
     args["attn_mask"] = torch.ones(shape, dtype=torch.bool)
     _raises(args, ValueError, "attn_mask")
 
 
-@pytest.mark.parametrize("shape", [(B, HQ + 1, NQ, NK), (B, HKV, NQ, NK), (B + 1, 1, NQ, NK),
-                                   (B, 1, NQ + 1, NK), (B, 1, NQ, NK - 1), (B, 1, NK, NQ)], ids=str)
-def test_mask_4d_wrong_shape(shape):
+def test_mask_in_the_old_key_padding_form_says_what_to_pass():
+    """A [B, Nk] attn_mask (this op's key-padding form before it took SDPA's convention) is not [Nq, Nk]: the
+    error says to pass it as key_padding_mask."""
     args = _valid()
-    args["attn_mask"] = torch.ones(shape, dtype=torch.bool)
-    _raises(args, ValueError, "attn_mask")
+    args["attn_mask"] = torch.ones(B, NK, dtype=torch.bool)
+    _raises(args, ValueError, "attn_mask", "key_padding_mask")
 
 
-@pytest.mark.parametrize("shape", [(B, NQ, NK), (NK,), (B, 1, 1, NQ, NK), ()], ids=str)
-def test_mask_wrong_rank(shape):
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(), (NK,), (1, NK), (NQ, 1), (NQ, NK), (1, NQ, NK), (HQ, NQ, NK), (B, 1, NQ, NK),
+                                   (B, HQ, NQ, NK), (1, 1, NQ, NK), (B, 1, 1, NK), (B, HQ, 1, 1)], ids=str)
+def test_mask_broadcastable_shapes(shape, dtype):
+    """Any shape scaled_dot_product_attention broadcasts is accepted; an all-attend mask changes nothing."""
     args = _valid()
-    args["attn_mask"] = torch.ones(shape, dtype=torch.bool)
-    _raises(args, ValueError, "attn_mask")
+    args["attn_mask"] = torch.ones(shape, dtype=torch.bool) if dtype == torch.bool else torch.zeros(shape, dtype=dtype)
+    torch.testing.assert_close(_call(args), _call(_valid()), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("shape", [(B, NK), (B, 1, NQ, NK), (B, HQ, NQ, NK), (1, 1, NQ, NK), (B, 1, 1, NK)], ids=str)
-def test_mask_valid_shapes(shape):
+@pytest.mark.parametrize("mask, exc", [
+    ([[True] * NK] * B, TypeError),
+    (torch.ones(B, NK), TypeError),  # float: key padding is bool; an additive mask goes to attn_mask
+    (torch.ones(B, NK, dtype=torch.int64), TypeError),
+    (torch.ones(B, NK + 1, dtype=torch.bool), ValueError),
+    (torch.ones(B + 1, NK, dtype=torch.bool), ValueError),
+    (torch.ones(1, NK, dtype=torch.bool), ValueError),  # one row per sample, no broadcasting
+    (torch.ones(B, 1, 1, NK, dtype=torch.bool), ValueError),
+    (torch.ones(NK, dtype=torch.bool), ValueError),
+], ids=["list", "float", "int", "keys", "batch", "broadcast-batch", "4d", "1d"])
+def test_key_padding_mask_bad(mask, exc):
     args = _valid()
-    args["attn_mask"] = torch.ones(shape, dtype=torch.bool)
-    _call(args)
+    args["key_padding_mask"] = mask
+    _raises(args, exc, "key_padding_mask")
+
+
+def test_key_padding_mask_and_bool_mask_combine():
+    """Both masks given: a key is attended only where both allow it."""
+    gen = torch.Generator().manual_seed(3)
+    padding = torch.rand(B, NK, generator=gen) > 0.3
+    dense = torch.rand(B, HQ, NQ, NK, generator=gen) > 0.3
+    both = _call(dict(_valid(), key_padding_mask=padding, attn_mask=dense))
+    combined = _call(dict(_valid(), attn_mask=dense & padding[:, None, None, :]))
+    torch.testing.assert_close(both, combined, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bias, exc", [

@@ -59,7 +59,8 @@ class Case:
                        prefix_lengths=None if self.lengths is None else torch.tensor(self.lengths))
         if self.mask == "pad":
             visible = self.pad or torch.randint(0, self.Nk + 1, (self.B,), generator=gen).tolist()
-            options["attn_mask"] = torch.arange(self.Nk)[None, :] < torch.tensor(visible)[:, None]
+            options["key_padding_mask"] = torch.arange(self.Nk)[None, :] < torch.tensor(visible)[:, None]
+            options["attn_mask"] = None
         elif self.mask is not None:
             heads = 1 if self.mask == "dense1" else self.Hq
             options["attn_mask"] = torch.rand(self.B, heads, self.Nq, self.Nk, generator=gen) < 0.6
@@ -176,8 +177,8 @@ def test_backward_with_dropout_matches_autograd(name):
 # (b) against a naive loop written from the contract
 # ----------------------------------------------------------------------------------------------------------------
 
-def naive_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None, attn_mask=None,
-                    causal=False, scale=None):
+def naive_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengths=None, key_padding_mask=None,
+                    attn_mask=None, causal=False, scale=None):
     """docs/design.md §4 one query at a time, in Python floats accumulated in float64."""
     q, k, v = q.double(), k.double(), v.double()
     if prefix_k.dim() == 3:
@@ -197,13 +198,11 @@ def naive_attention(q, k, v, prefix_k, prefix_v, prefix_index=None, prefix_lengt
             for i in range(q_len):
                 keys = [(prefix_k[t, g, j], prefix_v[t, g, j]) for j in range(length)]
                 for j in range(k_len):
+                    if key_padding_mask is not None and not bool(key_padding_mask[b, j]):
+                        continue
                     if attn_mask is not None:
-                        if attn_mask.dim() == 2:
-                            allowed = bool(attn_mask[b, j])
-                        else:
-                            at = [x if n > 1 else 0 for x, n in zip((b, h, i, j), attn_mask.shape)]
-                            allowed = bool(attn_mask[tuple(at)])
-                        if not allowed:
+                        at = [x if n > 1 else 0 for x, n in zip((b, h, i, j), attn_mask.shape)]
+                        if not bool(attn_mask[tuple(at)]):
                             continue
                     if causal and j > i + (k_len - q_len):
                         continue
@@ -359,8 +358,9 @@ def test_op_bank_gradient_is_the_sum_over_the_samples_that_used_it():
     for b, t in enumerate(index):
         one = dict(q=tensors["q"][b:b + 1], k=tensors["k"][b:b + 1], v=tensors["v"][b:b + 1],
                    prefix_k=tensors["prefix_k"][t], prefix_v=tensors["prefix_v"][t])
-        one_options = dict(options, prefix_index=None, attn_mask=options["attn_mask"][b:b + 1],
-                           prefix_lengths=None)
+        one_options = dict(options, prefix_index=None, prefix_lengths=None,
+                           **{name: options[name][b:b + 1] for name in ("key_padding_mask", "attn_mask")
+                              if options.get(name) is not None})
         length = case.lengths[t]
         one["prefix_k"], one["prefix_v"] = one["prefix_k"][:, :length], one["prefix_v"][:, :length]
         out_b = _op(one, one_options)

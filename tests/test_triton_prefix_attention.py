@@ -61,7 +61,10 @@ class Case:
     num_prefixes: int = 1
     prefix_len: int = 7
     lengths: bool = False  # per-entry prefix lengths
-    mask: str = "none"  # "none" | "padding" | "dense" | "dense_heads"
+    # "none" | "padding" (key_padding_mask) | "dense" | "dense_heads" (bool attn_mask [B, 1|Hq, Nq, Nk]) |
+    # "padding_dense" (both) | "sdpa_bool" (bool attn_mask [Nq, Nk]) | "sdpa_float" (additive [Nq, Nk], -inf entries)
+    mask: str = "none"
+    index_layout: str = "contiguous"  # of prefix_index/prefix_lengths: "contiguous", "strided", "expanded" (stride 0)
     causal: bool = False
     layout: str = "bhnd"  # memory layout of q/k/v: "bhnd", "bnhd" (transformers), "packed" (slices of one buffer)
     prefix_layout: str = "bank"  # "bank" [T, Hkv, P, D] contiguous, "shared3d" [Hkv, P, D], "strided" permuted
@@ -103,22 +106,46 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
 
     kwargs = dict(causal=case.causal, scale=case.scale)
     if T > 1:
-        kwargs["prefix_index"] = torch.randint(0, T, (B,), generator=gen).to(DEVICE)
+        kwargs["prefix_index"] = _index_in_layout(torch.randint(0, T, (B,), generator=gen), case.index_layout)
     if case.lengths:
-        kwargs["prefix_lengths"] = torch.randint(0, P + 1, (T,), generator=gen).to(DEVICE)
-    if case.mask == "padding":
+        kwargs["prefix_lengths"] = _index_in_layout(torch.randint(0, P + 1, (T,), generator=gen), case.index_layout)
+    if case.mask in ("padding", "padding_dense"):
         keep = torch.rand(B, Nk, generator=gen) > 0.3
         keep[0] = False  # a sample whose sequence keys are all padding: it sees only its prefix
-        kwargs["attn_mask"] = keep.to(DEVICE)
-    elif case.mask in ("dense", "dense_heads"):
+        kwargs["key_padding_mask"] = keep.to(DEVICE)
+    if case.mask in ("dense", "dense_heads", "padding_dense"):
         heads = Hq if case.mask == "dense_heads" else 1
         kwargs["attn_mask"] = (torch.rand(B, heads, Nq, Nk, generator=gen) > 0.3).to(DEVICE)
+    elif case.mask == "sdpa_bool":
+        kwargs["attn_mask"] = (torch.rand(Nq, Nk, generator=gen) > 0.3).to(DEVICE)
+    elif case.mask == "sdpa_float":
+        additive = torch.randn(Nq, Nk, generator=gen)
+        kwargs["attn_mask"] = additive.masked_fill(torch.rand(Nq, Nk, generator=gen) < 0.3, float("-inf")).to(DEVICE)
     if case.bias == "heads":  # a float32 bias with half inputs, as a float32 position-bias table would give
         kwargs["attn_bias"] = (torch.randn(B, Hq, Nq, Nk, generator=gen) * 2).to(DEVICE)
     elif case.bias == "shared":  # broadcast over samples and heads; -inf entries hide keys like a mask
         bias = torch.randn(1, 1, Nq, Nk, generator=gen).to(dtype)
         kwargs["attn_bias"] = bias.masked_fill(torch.rand(1, 1, Nq, Nk, generator=gen) < 0.2, float("-inf")).to(DEVICE)
     return [q, k, v, prefix_k, prefix_v], kwargs
+
+
+def _index_in_layout(values: torch.Tensor, layout: str) -> torch.Tensor:
+    """``values`` as a contiguous tensor, as a strided view (every other element of a larger tensor), or (for
+    "expanded") its first value expanded with stride 0."""
+    if layout == "strided":
+        return torch.stack([values, values.flip(0) + 100]).t().reshape(-1).to(DEVICE)[::2]
+    if layout == "expanded":
+        return values[:1].to(DEVICE).expand(values.shape[0])
+    return values.to(DEVICE)
+
+
+def backend_mask(kwargs):
+    """The one bool mask the backends take (as the op normalizes it): key padding [B, Nk] or a dense mask."""
+    padding, dense = kwargs.get("key_padding_mask"), kwargs.get("attn_mask")
+    if dense is None:
+        return padding
+    dense = dense if padding is None else dense & padding[:, None, None, :]
+    return dense
 
 
 def run_backend(inputs, kwargs, deterministic=False, seed=1, backend="triton"):
@@ -194,17 +221,19 @@ PREFIX_LENS = [0, 1, 7, 64]
 GQA = [(4, 4), (4, 2), (4, 1)]
 HEAD_DIMS = [32, 64, 80, 16]
 LAYOUTS = ["bhnd", "bnhd"]
+INDEX_LAYOUTS = ["contiguous", "strided", "expanded"]  # of a bank's prefix_index and prefix_lengths
 
 GRID = []
 for i, (mask, causal, bank) in enumerate(itertools.product(MASKS, [False, True], BANKS)):
     (q_len, k_len) = SHAPES[i % len(SHAPES)]
     q_heads, kv_heads = GQA[i % len(GQA)]
+    index_layout = INDEX_LAYOUTS[(i // 2) % len(INDEX_LAYOUTS)] if bank["num_prefixes"] > 1 else "contiguous"
     case = Case(q_len=q_len, k_len=k_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=HEAD_DIMS[i % len(HEAD_DIMS)],
                 prefix_len=PREFIX_LENS[(i // 2) % len(PREFIX_LENS)], mask=mask, causal=causal,
-                layout=LAYOUTS[(i // 3) % len(LAYOUTS)], **bank)
+                layout=LAYOUTS[(i // 3) % len(LAYOUTS)], index_layout=index_layout, **bank)
     GRID.append(pytest.param(case, DTYPES[i % len(DTYPES)], id=f"{mask}-{'causal' if causal else 'full'}-"
-                             f"T{case.num_prefixes}-P{case.prefix_len}-{q_len}x{k_len}-h{q_heads}/{kv_heads}-"
-                             f"d{case.head_dim}-{str(DTYPES[i % len(DTYPES)])[6:]}"))
+                             f"T{case.num_prefixes}-{index_layout[:6]}-P{case.prefix_len}-{q_len}x{k_len}-"
+                             f"h{q_heads}/{kv_heads}-d{case.head_dim}-{str(DTYPES[i % len(DTYPES)])[6:]}"))
 
 
 @pytest.mark.parametrize("case, dtype", GRID)
@@ -232,6 +261,25 @@ def test_strided_inputs(layout, prefix_layout):
     case = Case(q_len=23, k_len=23, num_prefixes=2, lengths=True, layout=layout, prefix_layout=prefix_layout,
                 causal=True)
     check_against_reference(case, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("index_layout", ["strided", "expanded"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_index_tensor_layouts(backend, index_layout, deterministic):
+    """prefix_index and prefix_lengths as views with stride 2 (every other element of a larger tensor, whose
+    other elements are out of range) or stride 0 (one entry expanded to the batch): each sample gets its own entry."""
+    case = Case(batch=3, num_prefixes=3, lengths=True, index_layout=index_layout, mask="padding", q_len=9, k_len=14)
+    check_against_reference(case, torch.float32, deterministic=deterministic, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("mask", ["sdpa_bool", "sdpa_float", "padding_dense"])
+def test_sdpa_mask_conventions(backend, mask):
+    """attn_mask read as scaled_dot_product_attention reads it (a 2-D mask is [Nq, Nk]; a float one is added to
+    the scores, -inf hiding keys), and a key-padding mask together with a dense bool mask."""
+    case = Case(mask=mask, num_prefixes=2, causal=mask == "sdpa_float", q_len=9, k_len=13)
+    check_against_reference(case, torch.float16 if backend == "triton" else torch.float32, backend=backend)
 
 
 @pytest.mark.parametrize("q_dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
@@ -389,7 +437,7 @@ def _dropout_run(case, dropout_p, seed_value, dtype=torch.float32):
     args = [t.detach() for t in inputs]
     if args[3].dim() == 3:
         args[3], args[4] = args[3].unsqueeze(0), args[4].unsqueeze(0)
-    mask = kwargs.get("attn_mask")
+    mask = backend_mask(kwargs)
     scale = 1.0 / math.sqrt(case.head_dim)
     out, lse = triton_backend.forward(*args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, seed,
                                       case.causal, scale, dropout_p)
@@ -416,7 +464,7 @@ def test_dropout_matches_reference_given_the_kernel_mask(case, monkeypatch):
     gen = torch.Generator(device="cpu").manual_seed(7)
     grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
     grads = triton_backend.backward(grad_out, None, *args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"),
-                                    kwargs.get("attn_mask"), seed, out, lse, case.causal, scale, dropout_p, False)
+                                    backend_mask(kwargs), seed, out, lse, case.causal, scale, dropout_p, False)
     upstream = (grad_out, None)
     oracle = reference_results(args, kwargs, upstream, torch.float64, keep, dropout_p)
     same_precision = reference_results(args, kwargs, upstream, torch.float32, keep, dropout_p)

@@ -269,32 +269,27 @@ def _empty_prefix(key: Tensor) -> Tensor:
 
 
 def _op_mask(attention_mask, is_causal: bool, key: Tensor):
-    """The op's (attn_mask, causal) for the mask a model hands the attention function.
+    """The op's (key_padding_mask, attn_mask, causal) for the mask a model hands the attention function.
 
     Masks this module's mask function makes: None (causality from the module, as transformers' SDPA path does),
     ``[B, Nk]`` bool (key padding, not causal), ``[B, 1, Nk]`` bool (key padding, causal), or a dense 4-D bool
-    mask. A 4-D mask given by the user may also be an additive float mask (0 = attend, very negative = not).
+    mask. A 4-D mask given by the user may also be an additive float mask (0 = attend, very negative = not), which
+    the op adds to the scores as it is: no device read to convert it.
     """
     if attention_mask is None:
-        return None, is_causal
+        return None, None, is_causal
     if attention_mask.dim() == 2:
-        return attention_mask.to(torch.bool), False
+        return attention_mask.to(torch.bool), None, False
     if attention_mask.dim() == 3:
-        return attention_mask[:, 0].to(torch.bool), True
+        return attention_mask[:, 0].to(torch.bool), None, True
     if attention_mask.dim() != 4:
         raise ValueError(f"a patched model's attention got a {attention_mask.dim()}-D attention mask of shape "
                          f"{list(attention_mask.shape)}; expected a 2-D padding mask or a 4-D mask")
     if attention_mask.shape[-1] > key.shape[-2]:
         attention_mask = attention_mask[..., :key.shape[-2]]  # a static cache's mask may be longer than the keys
-    if attention_mask.dtype != torch.bool:
-        if not attention_mask.is_floating_point():
-            return attention_mask != 0, False
-        visible = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-        if not torch.compiler.is_compiling() and bool(((attention_mask != 0) & visible).any()):
-            raise ValueError("a float attention mask given to a patched model must hold only 0 (attend) and large "
-                             "negative values (do not attend); additive biases are not supported")
-        attention_mask = visible
-    return attention_mask, False
+    if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
+        attention_mask = attention_mask != 0
+    return None, attention_mask, False
 
 
 def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -308,12 +303,12 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
-    mask, causal = _op_mask(attention_mask, is_causal, key)
+    key_padding_mask, mask, causal = _op_mask(attention_mask, is_causal, key)
     prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs)
     # T5's relative position bias: on the sequence keys' scores; the prefix keys get none (zero bias columns).
     out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
-                           attn_mask=mask, attn_bias=kwargs.get("position_bias"), causal=causal, scale=scaling,
-                           dropout_p=float(dropout), backend=backend)
+                           key_padding_mask=key_padding_mask, attn_mask=mask, attn_bias=kwargs.get("position_bias"),
+                           causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend)
     return out.transpose(1, 2), None
 
 
