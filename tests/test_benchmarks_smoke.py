@@ -81,3 +81,12 @@ def test_list_shows_workloads_and_providers():
     assert "targets (docs/design.md §6):" in done.stdout
     for target in ("P1", "P7", "S1"):  # each target explained in one line, with the workloads measuring it
         assert f"\n  {target:<3} " in done.stdout, target
+
+
+def test_bias_gradient_memory_script_runs():
+    """benchmarks/bias_grad_memory.py (peak memory of a broadcast bias's backward, chunked vs one pass) works at
+    its small shape."""
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bias_grad_memory.py")
+    done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "one pass (before)" in done.stdout and "chunked (as shipped)" in done.stdout
