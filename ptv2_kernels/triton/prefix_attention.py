@@ -644,12 +644,15 @@ def _prefix_grad_finalize_kernel(
         grad_k = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         grad_v = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         for s in range(0, batch):
-            used = mask
+            # A scalar branch, not a mask: Triton 3.9's interpreter turns `block mask & scalar comparison` into
+            # an int32 mask, which tl.load then rejects ('mask has unsupported dtype').
+            entry = t
             if HAS_INDEX:
-                used = mask & (tl.load(PrefixIndex + s).to(tl.int64) == t)
-            base = (s * kv_heads + hkv) * prefix_len * HEAD_DIM
-            grad_k += tl.load(PartialK + base + tile, mask=used, other=0.0)
-            grad_v += tl.load(PartialV + base + tile, mask=used, other=0.0)
+                entry = tl.load(PrefixIndex + s).to(tl.int64)
+            if entry == t:
+                base = (s * kv_heads + hkv) * prefix_len * HEAD_DIM
+                grad_k += tl.load(PartialK + base + tile, mask=mask, other=0.0)
+                grad_v += tl.load(PartialV + base + tile, mask=mask, other=0.0)
     else:
         base = (t * kv_heads + hkv) * prefix_len * HEAD_DIM
         grad_k = tl.load(PartialK + base + tile, mask=mask, other=0.0)
