@@ -162,6 +162,22 @@ class PrefixEncoder(nn.Module):
 TaskIds = Union[int, str, Sequence[Union[int, str]], Tensor]
 
 
+def _to_device(ids: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor copied to ``device``; to a GPU from pinned memory without waiting for the copy, so that it
+    costs no synchronization (the pinned buffer is kept until the copy is done)."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids.to(device)
+
+
+def _tensor_key(t: Tensor):
+    """What identifies a tensor's current values without reading them: its memory and its version counter."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return t.data_ptr(), None
+
+
 class PrefixBank(nn.Module):
     """T task prefixes for one model: a :class:`PrefixEncoder` plus each task's own prefix length.
 
@@ -202,6 +218,7 @@ class PrefixBank(nn.Module):
                                      embed_dim=embed_dim, dropout=dropout, device=device, dtype=dtype)
         self.register_buffer("prefix_lengths", torch.tensor(lengths, dtype=torch.long, device=device))
         self.uniform_length = len(set(lengths)) == 1
+        self._host_lengths = (_tensor_key(self.prefix_lengths), tuple(lengths))  # what lengths() last read
 
     # --- shape -----------------------------------------------------------------------------------------------
 
@@ -219,7 +236,12 @@ class PrefixBank(nn.Module):
         return self.encoder.prefix_len
 
     def lengths(self) -> list[int]:
-        return [int(x) for x in self.prefix_lengths.tolist()]
+        """Each task's prefix length. Read from ``prefix_lengths`` only when it was written since the last read
+        (a device synchronization when it lives on a GPU): the bank knows its lengths from its configuration."""
+        key = _tensor_key(self.prefix_lengths)
+        if self.__dict__.get("_host_lengths") is None or self._host_lengths[0] != key:
+            self._host_lengths = (key, tuple(int(x) for x in self.prefix_lengths.tolist()))
+        return list(self._host_lengths[1])
 
     def forward(self) -> tuple[tuple[Tensor, Tensor], ...]:
         """One ``(key, value)`` pair ``[T, Hkv, P, D]`` per slot (views; see :class:`PrefixEncoder`)."""
@@ -231,12 +253,33 @@ class PrefixBank(nn.Module):
         return self
 
     def task_index(self, task_ids: TaskIds, device=None) -> Tensor:
-        """``task_ids`` (an int, a name, a sequence of them, or an integer tensor) as a long tensor on ``device``."""
+        """``task_ids`` (an int, a name, a sequence of them, or an integer tensor of at most one dim) as a 1-D long
+        tensor on ``device`` (default: a tensor's own device, else the bank's).
+
+        Ids given as ints or names, or as a CPU tensor bound for another device, are checked on the host
+        (IndexError when out of range) before they are moved; a tensor already on ``device`` is returned as it is
+        (the op checks its values where it is).
+        """
+        return self._task_index(task_ids, device)[0]
+
+    def _task_index(self, task_ids: TaskIds, device=None) -> tuple[Tensor, Optional[list[int]]]:
+        """:meth:`task_index`, and the ids as a list when they were checked on the host (else None)."""
+        if device is not None:
+            device = torch.device(device)
+        else:
+            device = task_ids.device if isinstance(task_ids, Tensor) else self.prefix_lengths.device
         if isinstance(task_ids, Tensor):
             if task_ids.is_floating_point() or task_ids.is_complex() or task_ids.dtype == torch.bool:
                 raise TypeError(f"task_ids must be an integer tensor, got {task_ids.dtype}")
-            ids = task_ids.to(device=device if device is not None else task_ids.device, dtype=torch.long)
-            return ids.reshape(-1) if ids.dim() == 0 else ids
+            if task_ids.dim() > 1:
+                raise ValueError(f"task_ids must be one id per sample ([B]) or one id, got shape "
+                                 f"{list(task_ids.shape)}")
+            ids = task_ids.reshape(1) if task_ids.dim() == 0 else task_ids  # the same tensor: the op remembers it
+            if ids.device.type == "cpu" and device.type != "cpu" and not torch.compiler.is_compiling():
+                host = ids.tolist()  # CPU memory: no device read
+                self._check_range(host)
+                return _to_device(ids.to(torch.long), device), host
+            return ids.to(device=device, dtype=torch.long), None
         items = [task_ids] if isinstance(task_ids, (int, str)) else list(task_ids)
         ids = []
         for item in items:
@@ -245,12 +288,16 @@ class PrefixBank(nn.Module):
                     raise KeyError(f"unknown task name {item!r}; the bank's tasks are {self.task_names}")
                 ids.append(self.task_names.index(item))
             elif isinstance(item, int) and not isinstance(item, bool):
-                if not 0 <= item < self.num_tasks:
-                    raise IndexError(f"task id {item} is out of range for a bank of {self.num_tasks} tasks")
                 ids.append(item)
             else:
                 raise TypeError(f"task ids must be ints or task names, got {item!r}")
-        return torch.tensor(ids, dtype=torch.long, device=device if device is not None else self.prefix_lengths.device)
+        self._check_range(ids)
+        return _to_device(torch.tensor(ids, dtype=torch.long), device), ids
+
+    def _check_range(self, ids: list) -> None:
+        for item in ids:
+            if not 0 <= item < self.num_tasks:
+                raise IndexError(f"task id {item} is out of range for a bank of {self.num_tasks} tasks")
 
     # --- construction ----------------------------------------------------------------------------------------
 

@@ -182,3 +182,33 @@ def test_load_rejects_other_files(tmp_path):
 
 def test_slot_width():
     assert PrefixSlot("layer.0", 4, 16).width == 128
+
+
+def test_task_index_checks_host_ids_before_moving_them():
+    """Ids the host holds (ints, names, a CPU tensor bound for another device) are checked before they are moved,
+    so a bad id is an IndexError here instead of a device read (or a kernel's NaN rows) later."""
+    bank = PrefixBank(SLOTS, num_tasks=3, prefix_len=2)
+    with pytest.raises(IndexError, match="task id 5 is out of range for a bank of 3 tasks"):
+        bank.task_index(torch.tensor([0, 5]), device="meta")  # "meta" stands in for a GPU
+    with pytest.raises(IndexError, match="task id -1"):
+        bank.task_index([0, -1], device="meta")
+    moved = bank.task_index(torch.tensor([2, 1], dtype=torch.int32), device="meta")
+    assert moved.device.type == "meta" and moved.dtype == torch.long and moved.shape == (2,)
+    with pytest.raises(ValueError, match=r"one id per sample.*\[2, 2\]"):
+        bank.task_index(torch.zeros(2, 2, dtype=torch.long))
+    same = torch.tensor([1, 0])
+    assert bank.task_index(same) is same  # already a long tensor where it goes: the op checks it (once) there
+    assert bank.task_index(torch.tensor(2)).tolist() == [2]
+
+
+def test_lengths_are_read_from_the_buffer_only_after_it_changes(monkeypatch):
+    bank = PrefixBank(SLOTS, num_tasks=3, prefix_len=[2, 5, 3])
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or tolist(t))
+    assert bank.lengths() == [2, 5, 3] and bank.lengths() == [2, 5, 3]
+    assert reads == []  # known from the configuration: no read of the buffer (a GPU synchronization)
+    with torch.no_grad():
+        bank.prefix_lengths[1] = 4
+    assert bank.lengths() == [2, 4, 3] and bank.lengths() == [2, 4, 3]
+    assert len(reads) == 1
