@@ -43,7 +43,8 @@ def test_unpatch_restores_the_model():
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert model.config._attn_implementation == implementation
     assert {n for n, _ in model.named_parameters()} == params
-    assert len(model._forward_pre_hooks) == hooks
+    # One hook stays: it rejects task_ids, which the unpatched model would otherwise silently ignore.
+    assert [type(h).__name__ for h in model._forward_pre_hooks.values()][hooks:] == ["_RejectTaskIds"]
     assert not any(hasattr(m, "_ptv2_prefix_slot") for m in model.modules())
     assert "generate" not in model.__dict__
     with pytest.raises(ValueError, match="not patched"):
@@ -111,7 +112,7 @@ def test_task_ids_errors():
         model(input_ids=input_ids)
     with pytest.raises(IndexError):
         model(input_ids=input_ids, task_ids=torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match="task_ids has 3 entries, but the model is called on a batch of 2"):
         model(input_ids=input_ids, task_ids=torch.tensor([0, 1, 2]))
     one = model(input_ids=input_ids, task_ids=1).logits  # one id for the whole batch
     both = model(input_ids=input_ids, task_ids=[1, 1]).logits

@@ -12,6 +12,8 @@ How a model is patched, on the instance only (no class is modified):
   function as a keyword argument (transformers forwards such keyword arguments to every attention call, also under
   gradient checkpointing). ``model(**batch, task_ids=ids)`` selects each sample's task.
 * ``generate`` gets an instance-level wrapper that accepts ``task_ids``; the cache holds real tokens only.
+* Hooks and the wrapper are instances of module-level classes (no closures), so a patched model deep-copies and
+  pickles whole; the copy is patched with its own bank.
 
 The mask function hands the op its cheap mask forms whenever they are exact: no mask, or a ``[B, Nk]`` key-padding
 mask, with causality given by a flag (the op's causal mask is aligned bottom-right, which is exact when the queries
@@ -21,8 +23,10 @@ masks) becomes a dense boolean mask.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import math
 import weakref
 from typing import Optional, Sequence
 
@@ -39,6 +43,7 @@ CONTEXT_KWARG = "ptv2_prefix_context"
 POSITIONS = ("shifted", "unshifted")
 _BINDING_ATTR = "_ptv2_prefix_slot"
 _STATE_ATTR = "_ptv2_patch_state"
+_GUARD_ATTR = "_ptv2_unpatched_guard"
 _BANK_MODULE = "ptv2_prefix"
 _ROLES = ("encoder", "decoder", "cross")
 
@@ -187,70 +192,173 @@ def prefix_layout(model, attentions: Optional[Sequence[str]] = None) -> tuple[li
 # Per-forward context: the bank's views and the samples' task ids
 # ----------------------------------------------------------------------------------------------------------------
 
+def _length_error(entries: int, batch: int) -> str:
+    return (f"task_ids has {entries} entries, but the model is called on a batch of {batch} samples: give one "
+            "task id per sample, or one (an int, a name, or a single-entry list or tensor) for the whole batch")
+
+
+def _normal_tensors():
+    """Under ``torch.inference_mode`` the tensors made here would be inference tensors, which have no version
+    counter: the op checks such index tensors on every call instead of once. Make normal tensors instead."""
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        return torch.inference_mode(False)
+    return contextlib.nullcontext()
+
+
+class _TaskSelection:
+    """Each sample's bank entry, validated once: for one forward, or for every forward of one ``generate`` call.
+
+    ``index`` is None (a one-task bank: the op shares its prefix) or ``[n]`` on the bank's device, ``n`` being the
+    batch the ids were given for, or 1 (one id for the whole batch). The attentions may run a larger batch when
+    the model repeats samples (a multiple-choice head flattens ``[B, C, N]`` to ``[B*C, N]``; generate repeats each
+    sample per beam or returned sequence): ``repeats`` holds the factors that may occur (None: any, inside
+    generate). Each expansion is made once and kept, so every layer and every decode step hands the op the same
+    index tensor, whose values the op then reads (one device synchronization) once.
+    """
+
+    __slots__ = ("bank", "index", "repeats", "expanded", "shifts", "max_length")
+
+    def __init__(self, bank: PrefixBank, index: Optional[Tensor], repeats, max_length: Optional[int]):
+        self.bank, self.index, self.repeats = bank, index, repeats
+        self.expanded = {} if index is None else {index.shape[0]: index}
+        self.shifts = {}
+        self.max_length = max_length  # the longest prefix among the samples' tasks, when the host knows it
+
+    def index_for(self, batch: int) -> Optional[Tensor]:
+        index = self.index
+        if index is None:
+            return None
+        found = self.expanded.get(batch)
+        if found is None:
+            entries = index.shape[0]
+            with _normal_tensors():
+                if entries == 1:
+                    found = index.expand(batch).contiguous()
+                elif batch % entries == 0 and (self.repeats is None or batch // entries in self.repeats):
+                    found = index.repeat_interleave(batch // entries)
+                else:
+                    raise ValueError(_length_error(entries, batch))
+            self.expanded[batch] = found
+        return found
+
+    def shift_for(self, batch: int) -> Tensor:
+        """Each sample's prefix length, ``[batch, 1]``."""
+        shift = self.shifts.get(batch)
+        if shift is None:
+            with _normal_tensors():
+                shift = self.bank.prefix_lengths[self.index_for(batch)].unsqueeze(-1)
+            self.shifts[batch] = shift
+        return shift
+
+    def longest_prefix(self) -> int:
+        """The longest prefix among the samples' tasks (read from the device once when only it knows)."""
+        if self.max_length is None:
+            self.max_length = int(self.bank.prefix_lengths[self.index].max()) if self.index.numel() else 0
+        return self.max_length
+
+
 class PrefixContext:
     """What one forward of a patched model hands every attention call: the bank's per-slot (key, value) views
-    (computed once), each sample's bank entry, and the entries' lengths."""
+    (computed once), the samples' task selection, and the entries' lengths."""
 
-    __slots__ = ("state", "kv", "index", "lengths", "shift", "expanded")
+    __slots__ = ("state", "kv", "tasks", "lengths", "shift")
 
-    def __init__(self, state, kv, index, lengths, shift):
-        self.state, self.kv, self.index, self.lengths, self.shift = state, kv, index, lengths, shift
-        self.expanded = {}  # batch -> repeated index: one tensor for all layers (the op checks each new one once)
+    def __init__(self, state, kv, tasks: _TaskSelection, lengths, shift):
+        self.state, self.kv, self.tasks, self.lengths, self.shift = state, kv, tasks, lengths, shift
+
+    @property
+    def index(self) -> Optional[Tensor]:
+        return self.tasks.index
 
     def index_for(self, batch: int) -> Optional[Tensor]:
         """The samples' bank entries for an attention batch of ``batch`` rows (a multiple of the task ids' batch
         when the model repeats samples, as multiple-choice heads and beam search do)."""
-        index = self.index
-        if index is None or index.shape[0] == batch:
-            return index
-        if batch not in self.expanded:
-            if batch % index.shape[0] != 0:
-                raise ValueError(f"task_ids has {index.shape[0]} entries, which does not divide the batch of "
-                                 f"{batch} samples the model runs")
-            self.expanded[batch] = index.repeat_interleave(batch // index.shape[0])
-        return self.expanded[batch]
+        return self.tasks.index_for(batch)
 
     def shift_for(self, batch: int):
         """Each sample's position shift (its prefix length): a python int when all are equal, else ``[B, 1]``."""
         if self.shift is not None:
             return self.shift
-        return self.state.bank.prefix_lengths[self.index_for(batch)].unsqueeze(-1)
+        return self.tasks.shift_for(batch)
+
+    def longest_prefix(self) -> int:
+        return self.shift if self.shift is not None else self.tasks.longest_prefix()
 
 
 class _PatchState:
-    def __init__(self, model, bank: PrefixBank, positions: str, backend: str):
-        self.model_ref = weakref.ref(model)
+    """What :func:`patch` changed on one model, and what its forwards share.
+
+    It lives on the model (and in its attention modules' bindings and hooks), so ``copy.deepcopy(model)`` and
+    ``torch.save(model)`` copy it with the model; what only the forward running now needs (its context, which
+    holds the bank's views: non-leaf tensors, which cannot be deep-copied) is left out of the copy.
+    """
+
+    def __init__(self, bank: PrefixBank, positions: str, backend: str, model_name: str):
         self.bank = bank
         self.positions = positions
         self.backend = backend
+        self.model_name = model_name
+        self.position_room: Optional[tuple[int, Optional[int]]] = None  # (positions, max_position_embeddings)
         self.bindings: list[nn.Module] = []
         self.hooks = []
         self.previous_implementations: list = []  # (sub-model, implementation before patching)
-        self.ambient_task_ids: list = []  # task ids given to generate, innermost last
+        self.generate_tasks: list = []  # the task selections of the generate calls running now, innermost last
         self.wrapped_generate = False
         self.current: Optional[PrefixContext] = None  # the context of the forward running now (for position hooks)
 
-    def context(self, task_ids) -> PrefixContext:
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["current"] = None
+        state["generate_tasks"] = []
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        _register()  # a model unpickled in a new process needs the attention and mask functions registered
+
+    def select(self, task_ids, batch: Optional[int] = None, repeats=frozenset()) -> _TaskSelection:
+        """Validate ``task_ids`` for a call on ``batch`` samples (when known): one id per sample or one for all.
+
+        Ids given as ints, names or a CPU tensor are checked on the host (no device read); a tensor already on the
+        bank's device is left to the op, which reads it once (one device synchronization) and remembers it.
+        """
         bank = self.bank
-        if task_ids is None and self.ambient_task_ids:
-            task_ids = self.ambient_task_ids[-1]
-        device = bank.prefix_lengths.device
         if task_ids is None:
             if bank.num_tasks != 1:
                 raise ValueError(f"the patched model's PrefixBank holds {bank.num_tasks} task prefixes: pass "
                                  "task_ids=... (one per sample, or one for the batch) to the model or to generate")
-            index = None
+            return _TaskSelection(bank, None, repeats, bank.prefix_len)
+        with _normal_tensors():
+            index, host_ids = bank._task_index(task_ids, device=bank.prefix_lengths.device)
+            if not torch.compiler.is_compiling() and index.is_inference():
+                index = index.clone()
+        entries = index.shape[0]
+        if batch is not None and entries not in (1, batch):
+            raise ValueError(_length_error(entries, batch))
+        if bank.num_tasks == 1:
+            if host_ids is None and entries and not torch.compiler.is_compiling():
+                low, high = torch.stack(index.aminmax()).tolist()  # one read
+                if low != 0 or high != 0:
+                    raise IndexError(f"task id {high if high else low} is out of range for a bank of 1 task")
+            return _TaskSelection(bank, None, repeats, bank.prefix_len)
+        if bank.uniform_length:
+            longest = bank.prefix_len
+        elif host_ids is not None and not torch.compiler.is_compiling():
+            lengths = bank.lengths()
+            longest = max((lengths[i] for i in host_ids), default=0)
         else:
-            index = bank.task_index(task_ids, device=device)
-            if index.dim() != 1:
-                raise ValueError(f"task_ids must be one id per sample ([B]), got shape {list(index.shape)}")
-            if bank.num_tasks == 1 and not torch.compiler.is_compiling():
-                if index.numel() and int(index.max()) != 0:
-                    raise IndexError(f"task id {int(index.max())} is out of range for a bank of 1 task")
-                index = None
+            longest = None
+        return _TaskSelection(bank, index, repeats, longest)
+
+    def context(self, task_ids=None, batch: Optional[int] = None, repeats=frozenset()) -> PrefixContext:
+        if task_ids is None and self.generate_tasks:
+            tasks = self.generate_tasks[-1]
+        else:
+            tasks = self.select(task_ids, batch, repeats)
+        bank = self.bank
         lengths = None if bank.uniform_length else bank.prefix_lengths
         shift = bank.prefix_len if bank.uniform_length else None  # None: each sample's own length
-        return PrefixContext(self, bank(), index, lengths, shift)
+        return PrefixContext(self, bank(), tasks, lengths, shift)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -375,6 +483,19 @@ def _argument(name, names, args, kwargs):
     return None
 
 
+# (input, how many trailing dims are not batch dims): multiple choice's [B, C, N] has leading dims (B, C)
+_BATCH_INPUTS = (("input_ids", 1), ("inputs_embeds", 2), ("decoder_input_ids", 1), ("decoder_inputs_embeds", 2))
+
+
+def _input_lead(names, args, kwargs) -> Optional[tuple]:
+    """The leading dims of a model call's inputs: ``(B,)``, or ``(B, C)`` for a multiple-choice head."""
+    for name, trailing in _BATCH_INPUTS:
+        value = _argument(name, names, args, kwargs)
+        if isinstance(value, Tensor) and value.dim() > trailing:
+            return tuple(value.shape[:-trailing])
+    return None
+
+
 def _padding_idx_embeddings(model):
     """RoBERTa-style embeddings (positions count from padding_idx + 1, padding keeps padding_idx), if any."""
     for module in model.modules():
@@ -383,20 +504,34 @@ def _padding_idx_embeddings(model):
     return None
 
 
-def _make_pre_hook(state: _PatchState, names: list[str], shift_positions: bool, roberta):
-    def hook(module, args, kwargs):
+class _PreHook:
+    """The forward pre-hook of a patched model and of its sub-models: makes the forward's context (the bank's views
+    and the samples' task ids, once per forward) and, with ``positions="shifted"``, shifts the positions.
+
+    A module-level class rather than a closure, so that a patched model pickles (``torch.save(model)``) and
+    deep-copies with its hooks (which then refer to the copy's state).
+    """
+
+    def __init__(self, state: _PatchState, names: list[str], shift_positions: bool, roberta):
+        self.state, self.names, self.shift_positions, self.roberta = state, names, shift_positions, roberta
+
+    def __call__(self, module, args, kwargs):
+        state = self.state
         context = kwargs.get(CONTEXT_KWARG)
         if context is not None and context.state is state:
             state.current = context
             return None
-        context = state.context(kwargs.pop("task_ids", None))
+        task_ids = kwargs.pop("task_ids", None)
+        lead = _input_lead(self.names, args, kwargs)
+        batch = lead[0] if lead else None
+        # A multiple-choice head runs its B questions' C choices as B*C samples: one task id per question.
+        repeats = frozenset([math.prod(lead[1:])]) if lead and len(lead) > 1 else frozenset()
+        context = state.context(task_ids, batch=batch, repeats=repeats)
         kwargs[CONTEXT_KWARG] = context
         state.current = context
-        if shift_positions:
-            _shift_positions(context, names, args, kwargs, roberta)
+        if self.shift_positions:
+            _shift_positions(context, self.names, args, kwargs, self.roberta)
         return args, kwargs
-
-    return hook
 
 
 def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
@@ -411,15 +546,17 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
         return
     if "position_ids" in names and names.index("position_ids") < len(args):
         raise ValueError("give position_ids by keyword to a patched model with positions='shifted'")
+    cache = _argument("cache", names, args, kwargs)  # transformers >= 5.24; before, past_key_values
+    if cache is None:
+        cache = _argument("past_key_values", names, args, kwargs)
+    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    position_ids = _argument("position_ids", names, args, kwargs)
+    _check_position_room(context, past, length, position_ids,
+                         offset=roberta.padding_idx + 1 if roberta is not None else 0)
     shift = context.shift_for(lead[0])
     if not isinstance(shift, int):  # [B, 1] -> [B, 1, ..., 1] for inputs like multiple choice's [B, C, N]
         shift = shift.view(lead[0], *([1] * len(lead)))
-    position_ids = _argument("position_ids", names, args, kwargs)
     if position_ids is None:
-        cache = _argument("cache", names, args, kwargs)  # transformers >= 5.24; before, past_key_values
-        if cache is None:
-            cache = _argument("past_key_values", names, args, kwargs)
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if roberta is not None and input_ids is not None:
             # RoBERTa counts positions from padding_idx + 1 and leaves padding at padding_idx.
             real = input_ids.ne(roberta.padding_idx).long()
@@ -431,6 +568,47 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
     else:
         position_ids = position_ids + shift
     kwargs["position_ids"] = position_ids
+
+
+def _check_position_room(context: PrefixContext, past, length: int, position_ids: Optional[Tensor],
+                         room: Optional[tuple[int, Optional[int]]] = None, offset: int = 0):
+    """Raise a ValueError before the model's position embedding fails on an index past its table (an IndexError on
+    the CPU, a device-side assert on a GPU): with ``positions="shifted"`` the real tokens sit after the prefix.
+
+    ``room`` is (positions the table has room for, max_position_embeddings); ``offset`` is what the model adds to
+    a position before it looks it up, beyond the positions counted in ``room``. The check reads nothing from the
+    device unless the sequence comes within the longest prefix of the end of the table.
+    """
+    state = context.state
+    room = room or state.position_room
+    if room is None or not isinstance(past, int) or torch.compiler.is_compiling():
+        return
+    positions, size = room
+    tokens = past + length  # given position ids (generate's, from the attention mask) are below this
+    if tokens + state.bank.prefix_len <= positions:
+        return
+    prefix = context.longest_prefix()
+    if position_ids is not None and tokens + prefix > positions and position_ids.numel():
+        # Given position ids count from 0 (RoBERTa's from padding_idx + 1, which offset takes out).
+        tokens = int(position_ids.max()) + 1 - offset
+    if tokens + prefix > positions:
+        limit = f"max_position_embeddings = {size}" if size is not None else "its position table"
+        raise ValueError(
+            f"{state.model_name} has room for {positions} positions ({limit}), but with positions='shifted' the "
+            f"real tokens come after the prefix: the prefix of {prefix} tokens and the sequence of {tokens} tokens "
+            f"need {prefix + tokens}. Give a shorter sequence, or patch with positions='unshifted'")
+
+
+def _position_room(model, roberta) -> Optional[tuple[int, Optional[int]]]:
+    """(positions, max_position_embeddings) of the learned absolute position table (BERT's
+    ``position_embeddings``, GPT-2's ``wpe``) of a decoder-only or encoder-only model, or None when it has none
+    (rotary and relative positions have no table to run past)."""
+    for path, module in model.named_modules():
+        if path.split(".")[-1] in ("position_embeddings", "wpe") and isinstance(module, nn.Embedding):
+            start = roberta.padding_idx + 1 if roberta is not None else 0
+            text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+            return module.num_embeddings - start, getattr(text_config, "max_position_embeddings", None)
+    return None
 
 
 def _learned_position_modules(model, roles):
@@ -449,25 +627,29 @@ def _learned_position_modules(model, roles):
     return found
 
 
-def _make_position_hook(state: _PatchState):
+class _PositionHook:
     """A forward hook on a learned position embedding that re-embeds the positions shifted by the prefix length
-    (the position ids are ``arange(past, past + N)`` there, ``past`` being the cache length of real tokens)."""
+    (the position ids are ``arange(past, past + N)`` there, ``past`` being the cache length of real tokens).
+    A module-level class, so that the model pickles."""
 
-    def hook(module, args, kwargs, output):
-        context = state.current
+    def __init__(self, state: _PatchState, max_positions: Optional[int]):
+        self.state, self.max_positions = state, max_positions
+
+    def __call__(self, module, args, kwargs, output):
+        context = self.state.current
         if context is None:
             return None
         input_ids = args[0] if args else kwargs.get("input_ids")
         past = args[1] if len(args) > 1 else kwargs.get("cache_length", kwargs.get("past_key_values_length", 0))
         position_ids = args[2] if len(args) > 2 else kwargs.get("position_ids")
         batch, length = input_ids.shape[:2]
+        _check_position_room(context, past, length, position_ids,
+                             room=(module.num_embeddings - module.offset, self.max_positions))
         if position_ids is None:
             position_ids = torch.arange(length, device=module.weight.device) + past
         position_ids = position_ids.reshape(-1, length)
         shift = context.shift_for(batch)
         return nn.functional.embedding(position_ids + shift + module.offset, module.weight)
-
-    return hook
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -503,20 +685,61 @@ def _sub_models(model):
     return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
 
 
+def _check_slots(model, prefix: PrefixBank, modules) -> dict:
+    """Each bank slot's index by name, after checking that the bank fits the model: for each role it prefixes
+    (``layer``, or ``encoder``/``decoder``/``cross``), one slot per attention of that role, of that attention's
+    shape."""
+    by_name = {name: (path, module) for name, path, module in modules}
+    model_roles, bank_roles = {}, {}
+    for name in by_name:
+        model_roles.setdefault(name.split(".")[0], []).append(name)
+    for slot in prefix.slots:
+        bank_roles.setdefault(slot.name.split(".")[0], []).append(slot.name)
+    model_name = type(model).__name__
+    for role, names in bank_roles.items():
+        have = model_roles.get(role, [])
+        if len(names) != len(have) or set(names) != set(have):
+            extra = [name for name in names if name not in by_name]
+            missing = [name for name in have if name not in names]
+            details = "; ".join(part for part in (
+                f"slots the model does not have: {', '.join(repr(n) for n in extra)}" if extra else "",
+                f"attentions without a slot: {', '.join(repr(n) for n in missing)}" if missing else "") if part)
+            raise ValueError(f"the PrefixBank has {len(names)} {role!r} slots but {model_name} has {len(have)} "
+                             f"{role!r} attention layers ({details}): build the bank for this model "
+                             "(PrefixBank.for_model)")
+    slot_index = {}
+    for i, slot in enumerate(prefix.slots):
+        path, module = by_name[slot.name]
+        config = getattr(module, "config", None) or model.config
+        shape = _module_kv_shape(module, config)
+        if shape != (slot.num_kv_heads, slot.head_dim):
+            raise ValueError(f"slot {slot.name!r} of the PrefixBank has (num_kv_heads, head_dim) = "
+                             f"{(slot.num_kv_heads, slot.head_dim)}, but {path} has {shape}")
+        slot_index[slot.name] = i
+    return slot_index
+
+
 def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str = "auto") -> PatchHandle:
     """Make ``model`` attend over ``prefix``'s per-layer keys/values in every attention, with the fused op.
 
     Args:
         model: a transformers ``PreTrainedModel`` instance (the instance is changed; its class is not).
-        prefix: a :class:`~ptv2_kernels.PrefixBank` shaped for the model (``PrefixBank.for_model``). It becomes
+        prefix: a :class:`~ptv2_kernels.PrefixBank` shaped for the model (``PrefixBank.for_model``): one slot per
+            attention layer (of each role it prefixes, for encoder-decoder models), else a ValueError. It becomes
             the submodule ``model.ptv2_prefix`` (so ``model.parameters()``, ``.to()``, DDP and optimizers see it).
         positions: ``"shifted"`` puts the real tokens at positions ``L..L+N-1`` (L = the sample's prefix length),
             which is what PEFT and P-Tuning v2 do (the prefix sits in their cache); ``"unshifted"`` keeps 0..N-1.
+            A model with a learned position table (BERT, GPT-2) then has room for that many fewer tokens: a call
+            past its end raises a ValueError.
         backend: the op's backend (``"auto"``, ``"triton"``, ``"cuda"``, ``"reference"``).
 
-    Afterwards ``model(**batch, task_ids=ids)`` and ``model.generate(..., task_ids=ids)`` pick each sample's task
-    (ids, names, or one for the whole batch; may be omitted for a one-task bank). Returns a handle that is also a
-    context manager; :func:`unpatch` restores the model.
+    Afterwards ``model(**batch, task_ids=ids)`` and ``model.generate(..., task_ids=ids)`` pick each sample's task:
+    one id (or name) per sample of the batch, or one for the whole batch (an int, a name, or a single-entry list
+    or tensor); any other length is a ValueError. Repeats the model makes itself (a multiple-choice head's choices,
+    generate's beams and returned sequences) keep their sample's task. A one-task bank needs no ``task_ids``.
+
+    A patched model can be deep-copied and pickled whole (``torch.save(model)``): the copy stays patched, with its
+    own bank. Returns a handle that is also a context manager; :func:`unpatch` restores the model.
     """
     _check_model(model)
     if not isinstance(prefix, PrefixBank):
@@ -538,19 +761,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
     names, var_kwargs = _forward_parameters(model)
     if not var_kwargs:
         raise _unsupported(model, "its forward takes no **kwargs to pass the prefix to its attention")
-    by_name = {name: (path, module) for name, path, module in modules}
-    slot_index = {}
-    for i, slot in enumerate(prefix.slots):
-        if slot.name not in by_name:
-            raise ValueError(f"the PrefixBank has a slot {slot.name!r} that {type(model).__name__} does not have "
-                             f"(its attentions: {', '.join(by_name)})")
-        path, module = by_name[slot.name]
-        config = getattr(module, "config", None) or model.config
-        shape = _module_kv_shape(module, config)
-        if shape != (slot.num_kv_heads, slot.head_dim):
-            raise ValueError(f"slot {slot.name!r} of the PrefixBank has (num_kv_heads, head_dim) = "
-                             f"{(slot.num_kv_heads, slot.head_dim)}, but {path} has {shape}")
-        slot_index[slot.name] = i
+    slot_index = _check_slots(model, prefix, modules)
     try:
         parameter = next(iter(model.parameters()))
     except StopIteration:
@@ -560,7 +771,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
                          f"{parameter.device}; move one of them first")
 
     _register()
-    state = _PatchState(model, prefix, positions, backend)
+    state = _PatchState(prefix, positions, backend, type(model).__name__)
     previous = [(sub, sub.config._attn_implementation) for sub in _sub_models(model)]
     try:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -576,6 +787,9 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
         _restore_implementations(previous)
         raise
     state.previous_implementations = previous
+    guard = model.__dict__.pop(_GUARD_ATTR, None)  # left by an earlier unpatch
+    if guard is not None:
+        guard.remove()
 
     for name, path, module in modules:
         if name in slot_index:
@@ -587,31 +801,79 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
         if not sub_var_kwargs:
             continue
         shift = positions == "shifted" and "position_ids" in sub_names and not _is_encoder_decoder(model)
-        handle = sub.register_forward_pre_hook(_make_pre_hook(state, sub_names, shift, roberta), with_kwargs=True)
+        handle = sub.register_forward_pre_hook(_PreHook(state, sub_names, shift, roberta), with_kwargs=True)
         state.hooks.append(handle)
+    if positions == "shifted" and not _is_encoder_decoder(model):
+        state.position_room = _position_room(model, roberta)
     if positions == "shifted" and _is_encoder_decoder(model):
         roles = {slot.name.split(".")[0] for slot in prefix.slots}
+        max_positions = getattr(model.config, "max_position_embeddings", None)
         for embedding in _learned_position_modules(model, roles):
-            state.hooks.append(embedding.register_forward_hook(_make_position_hook(state), with_kwargs=True))
+            state.hooks.append(embedding.register_forward_hook(_PositionHook(state, max_positions),
+                                                               with_kwargs=True))
     if hasattr(model, "generate") and "generate" not in model.__dict__:
-        model.generate = _make_generate(state, model.generate)
+        model.generate = _GenerateWithTasks(model)
         state.wrapped_generate = True
     model.add_module(_BANK_MODULE, prefix)
     object.__setattr__(model, _STATE_ATTR, state)
     return PatchHandle(model)
 
 
-def _make_generate(state: _PatchState, generate):
-    def generate_with_tasks(*args, task_ids=None, **kwargs):
-        state.ambient_task_ids.append(task_ids)
+def _generate_batch(model, args, kwargs) -> int:
+    """The batch that ``generate(*args, **kwargs)`` starts from, before it repeats samples, found as generate
+    finds it: its inputs (ids or embeddings), else the encoder outputs or another tensor argument, else 1."""
+    inputs = args[0] if args else kwargs.get("inputs")
+    candidates = [inputs, kwargs.get(getattr(model, "main_input_name", "input_ids")), kwargs.get("input_ids"),
+                  kwargs.get("inputs_embeds")]
+    encoder_outputs = kwargs.get("encoder_outputs")
+    if encoder_outputs is not None:
+        candidates.append(getattr(encoder_outputs, "last_hidden_state", None))
+        if isinstance(encoder_outputs, (tuple, list)) and encoder_outputs:
+            candidates.append(encoder_outputs[0])
+    candidates.extend(kwargs.values())
+    for value in candidates:
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return 1
+
+
+class _GenerateWithTasks:
+    """``generate`` of a patched model (set on the instance): takes ``task_ids`` for the batch given to it (one per
+    sample, or one for all), validates them once, and keeps them for every forward of the call, so every decode
+    step hands the op the same index tensor; the samples generate repeats (beams, returned sequences) keep their
+    task. A module-level class (not a closure), so that the model pickles and deep-copies."""
+
+    def __init__(self, model):
+        self.model = model
+
+    @property
+    def __wrapped__(self):
+        return type(self.model).generate.__get__(self.model)
+
+    def __call__(self, *args, task_ids=None, **kwargs):
+        model = self.model
+        generate = type(model).generate.__get__(model)
+        state = getattr(model, _STATE_ATTR, None)
+        if task_ids is None or state is None:
+            return generate(*args, **kwargs)
+        state.generate_tasks.append(state.select(task_ids, batch=_generate_batch(model, args, kwargs),
+                                                 repeats=None))
         try:
             return generate(*args, **kwargs)
         finally:
-            state.ambient_task_ids.pop()
+            state.generate_tasks.pop()
 
-    generate_with_tasks.__doc__ = generate.__doc__
-    generate_with_tasks.__wrapped__ = generate
-    return generate_with_tasks
+
+class _RejectTaskIds:
+    """Left on a model by :func:`unpatch`: a forward pre-hook that rejects ``task_ids``. (transformers models take
+    any keyword into their ``**kwargs``; without it ``task_ids`` would be silently ignored.)"""
+
+    def __call__(self, module, args, kwargs):
+        if "task_ids" in kwargs:
+            raise TypeError(f"{type(module).__name__}.forward() got an unexpected keyword argument 'task_ids': the "
+                            "model is not patched any more (ptv2_kernels.unpatch), so it has no prefix bank to "
+                            "pick tasks from")
+        return None
 
 
 def _restore_implementations(previous):
@@ -621,7 +883,11 @@ def _restore_implementations(previous):
 
 
 def unpatch(model) -> None:
-    """Undo :func:`patch`: the original attention implementation, no hooks, no bindings, no ``ptv2_prefix``."""
+    """Undo :func:`patch`: the original attention implementation, no hooks, no bindings, no ``ptv2_prefix``.
+
+    One forward pre-hook stays, which raises a TypeError when the model is still given ``task_ids`` (until the
+    model is patched again).
+    """
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError(f"this {type(model).__name__} is not patched by ptv2_kernels")
@@ -635,6 +901,8 @@ def unpatch(model) -> None:
     if _BANK_MODULE in model._modules:
         del model._modules[_BANK_MODULE]
     object.__delattr__(model, _STATE_ATTR)
+    if "task_ids" not in _forward_parameters(model)[0] and _GUARD_ATTR not in model.__dict__:
+        model.__dict__[_GUARD_ATTR] = model.register_forward_pre_hook(_RejectTaskIds(), with_kwargs=True)
 
 
 def freeze_backbone(model, *, train_head: bool = True) -> list[str]:
