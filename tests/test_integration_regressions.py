@@ -255,6 +255,63 @@ def test_task_ids_after_unpatch_are_an_error():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Item 9: freeze_backbone and LM heads
+# ----------------------------------------------------------------------------------------------------------------
+
+_TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=64, pad_token_id=1)
+
+
+def _causal_lm(family):
+    if family == "gpt2_untied":
+        return decoder_model("gpt2", tie_word_embeddings=False)
+    if family in ("llama", "qwen2", "mistral"):
+        return decoder_model(family)
+    config_class, model_class, extra = {
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(num_key_value_heads=2)),
+        "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(tie_word_embeddings=False)),
+        "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(num_key_value_heads=2)),
+        "glm": ("GlmConfig", "GlmForCausalLM", dict(num_key_value_heads=2, head_dim=8)),
+    }[family]
+    config = getattr(transformers, config_class)(**_TINY, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_class)(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2_untied", "phi3", "gpt_neox", "olmo", "glm"])
+def test_freeze_backbone_freezes_an_untied_lm_head(family):
+    model = _causal_lm(family)
+    head = model.get_output_embeddings()
+    assert head is not None and head.weight is not model.get_input_embeddings().weight  # untied
+    ptv2_kernels.patch(model, ptv2_kernels.PrefixBank.for_model(model, prefix_len=2))
+    assert ptv2_kernels.freeze_backbone(model) == ["ptv2_prefix.encoder.embedding.weight"]
+    assert not head.weight.requires_grad
+    trainable = ptv2_kernels.freeze_backbone(model, train_lm_head=True)
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == trainable
+    assert head.weight.requires_grad and len(trainable) == 1 + len(list(head.parameters()))
+    assert all(name.startswith("ptv2_prefix.") or dict(model.named_parameters())[name] in set(head.parameters())
+               for name in trainable)
+
+
+def test_freeze_backbone_keeps_task_heads_and_freezes_lm_heads():
+    classifier = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**_TINY, num_labels=3))
+    ptv2_kernels.patch(classifier, ptv2_kernels.PrefixBank.for_model(classifier, prefix_len=2))
+    assert ptv2_kernels.freeze_backbone(classifier) == ["score.weight", "ptv2_prefix.encoder.embedding.weight"]
+    # A masked-LM head (transform and decoder bias included) is a language-model head too.
+    mlm = transformers.BertForMaskedLM(transformers.BertConfig(**{**_TINY, "num_attention_heads": 2}))
+    ptv2_kernels.patch(mlm, ptv2_kernels.PrefixBank.for_model(mlm, prefix_len=2))
+    assert ptv2_kernels.freeze_backbone(mlm) == ["ptv2_prefix.encoder.embedding.weight"]
+    assert "cls.predictions.transform.dense.weight" in ptv2_kernels.freeze_backbone(mlm, train_lm_head=True)
+    # GPT-2's double-heads model: the multiple-choice head trains, the LM head does not.
+    double = transformers.GPT2DoubleHeadsModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64, tie_word_embeddings=False))
+    ptv2_kernels.patch(double, ptv2_kernels.PrefixBank.for_model(double, prefix_len=2))
+    trainable = ptv2_kernels.freeze_backbone(double)
+    assert trainable and all(n.startswith(("multiple_choice_head.", "ptv2_prefix.")) for n in trainable)
+    assert not double.lm_head.weight.requires_grad
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Item 10: prefix + tokens beyond the position table
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -905,12 +905,37 @@ def unpatch(model) -> None:
         model.__dict__[_GUARD_ATTR] = model.register_forward_pre_hook(_RejectTaskIds(), with_kwargs=True)
 
 
-def freeze_backbone(model, *, train_head: bool = True) -> list[str]:
-    """Freeze everything but the prefix (and, with ``train_head``, the task head), as P-Tuning v2 trains.
+def _lm_head_parameters(model) -> set:
+    """The ids of the language-model head's parameters: the output embeddings (``get_output_embeddings()``), with
+    the module around them outside the base model (BERT's ``cls``, RoBERTa's ``lm_head`` with its transform)."""
+    try:
+        output = model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        output = None
+    if not isinstance(output, nn.Module):
+        return set()
+    base = model.base_model
+    for name, child in model.named_children():
+        if child is base or name == _BANK_MODULE:
+            continue
+        if any(module is output for module in child.modules()):
+            return {id(p) for p in child.parameters()}
+    return {id(p) for p in output.parameters()}
 
-    The task head is what the model holds outside its base model (``model.base_model``), less parameters shared
-    with the base model (a language-model head tied to the input embeddings stays frozen). Returns the names of
-    the parameters left trainable.
+
+def freeze_backbone(model, *, train_head: bool = True, train_lm_head: bool = False) -> list[str]:
+    """Freeze everything but the prefix and the task head, as P-Tuning v2 trains.
+
+    * The prefix (the bank's parameters) stays trainable.
+    * With ``train_head`` (the default), so does the task head: the parameters the model holds outside its base
+      model (``model.base_model``), less those shared with it. That is ``classifier``, ``score``, ``qa_outputs``,
+      a token-classification head, GPT-2's ``multiple_choice_head``, and the like.
+    * A language-model head (``model.get_output_embeddings()``, e.g. ``lm_head``, with the module around it outside
+      the base model, such as BERT's ``cls`` with its transform and bias) is not a task head: prefix tuning keeps
+      it as pretrained, so it is frozen, tied to the input embeddings or not. ``train_lm_head=True`` leaves it
+      trainable; an LM head tied to the input embeddings then trains them too (it is the same tensor).
+
+    Returns the names of the parameters left trainable.
     """
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
@@ -918,11 +943,13 @@ def freeze_backbone(model, *, train_head: bool = True) -> list[str]:
     base = model.base_model
     base_params = {id(p) for p in base.parameters()} if base is not model else set()
     bank_params = {id(p) for p in state.bank.parameters()}
-    trainable = []
+    lm_head_params = _lm_head_parameters(model) - bank_params
     for name, param in model.named_parameters(remove_duplicate=False):
-        keep = id(param) in bank_params or (train_head and base is not model and id(param) not in base_params)
+        if id(param) in bank_params:
+            keep = True
+        elif id(param) in lm_head_params:
+            keep = train_lm_head
+        else:
+            keep = train_head and base is not model and id(param) not in base_params
         param.requires_grad_(keep)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            trainable.append(name)
-    return trainable
+    return [name for name, param in model.named_parameters() if param.requires_grad]
