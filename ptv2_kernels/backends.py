@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import reference
 
-NAMES = ("triton", "cuda", "reference")
+NAMES = ("triton", "cuda", "native", "reference")
 
 # Head dims the fused kernels serve; Triton pads other sizes to the next power of two internally.
 MAX_HEAD_DIM = 256
@@ -45,7 +45,7 @@ def triton_interpreting() -> bool:
 
 def unavailable_reason(name: str) -> Optional[str]:
     """None if backend ``name`` can run on this machine at all, else a sentence saying why it cannot."""
-    if name == "reference":
+    if name in ("reference", "native"):
         return None
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
@@ -61,11 +61,16 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 
 def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
-                       attn_bias: Optional[Tensor] = None) -> Optional[str]:
-    """None if backend ``name`` can serve a call with these inputs, else why not (machine first, then the case)."""
+                       attn_bias: Optional[Tensor] = None, bias_grad: bool = False) -> Optional[str]:
+    """None if backend ``name`` can serve a call with these inputs, else why not (machine first, then the case).
+    ``bias_grad``: the additive bias requires a gradient."""
     reason = unavailable_reason(name)
     if reason is not None or name == "reference":
         return reason
+    if name == "native":
+        from . import native
+
+        return "; ".join(native.unsupported_reasons(q, prefix_k, dropout_p, attn_bias, bias_grad)) or None
     if name == "cuda":
         if attn_bias is not None:
             return ("its kernels take no additive score bias (attn_bias or a float attn_mask); the triton "
@@ -97,11 +102,14 @@ def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropou
 
 
 def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
-           attn_bias: Optional[Tensor] = None) -> str:
+           attn_bias: Optional[Tensor] = None, bias_grad: bool = False) -> str:
     """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
-    fastest one that supports the case; CPU tensors go to the reference (the interpreter is for tests)."""
+    fastest one that supports the case. Off CUDA that is torch's fused attention (``native``) where it can serve,
+    else the reference (Triton's interpreter is for tests)."""
     if requested == "auto":
         if q.device.type != "cuda":
+            if unsupported_reason("native", q, k, prefix_k, dropout_p, attn_bias, bias_grad) is None:
+                return "native"
             return "reference"
         # Triton first until a GPU benchmark shows the CUDA kernels faster; CUDA where Triton cannot serve.
         reasons = {}
@@ -114,7 +122,7 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
                       f"{q.device}, no fused kernel can serve it (triton: {reasons['triton']}; cuda: "
                       f"{reasons['cuda']})", RuntimeWarning, stacklevel=3)
         return "reference"
-    reason = unsupported_reason(requested, q, k, prefix_k, dropout_p, attn_bias)
+    reason = unsupported_reason(requested, q, k, prefix_k, dropout_p, attn_bias, bias_grad)
     if reason is not None:
         raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
     return requested
@@ -130,6 +138,10 @@ def implementation(name: str):
         from . import cuda_backend
 
         return cuda_backend
+    if name == "native":
+        from . import native
+
+        return native
     if name == "reference":
         return ReferenceBackend
     raise ValueError(f"no implementation of backend {name!r}")

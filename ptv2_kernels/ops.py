@@ -69,8 +69,9 @@ def prefix_attention(
         dropout_p: dropout on the attention probabilities (prefix and sequence alike), drawn from torch's RNG.
         return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (float32, natural log; -inf where a query sees no
             key). It is differentiable.
-        backend: ``"auto"``, ``"triton"``, ``"cuda"`` or ``"reference"``. A backend named explicitly that cannot
-            serve the call raises ValueError saying why; ``"auto"`` picks the fastest one that can.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"native"`` (torch's fused CPU attention, prefix and
+            sequence parts merged by log-sum-exp) or ``"reference"``. A backend named explicitly that cannot serve
+            the call raises ValueError saying why; ``"auto"`` picks the fastest one that can.
         deterministic: bitwise-reproducible prefix gradients (the batch reduction runs in a fixed order instead of
             with atomics). None follows ``torch.are_deterministic_algorithms_enabled()`` or ``PTV2_DETERMINISTIC=1``.
 
@@ -83,7 +84,8 @@ def prefix_attention(
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias = _checked(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
         scale, dropout_p)
-    name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias)
+    bias_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
+    name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))

@@ -553,7 +553,10 @@ def test_auto_says_when_a_cuda_call_falls_back_to_the_reference():
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float64, D), (torch.float32, 300)])
 def test_auto_serves_what_the_reference_serves(dtype, head_dim):
+    """On CPU auto takes the native backend (torch's fused attention), which sums in another order than the
+    reference: equal to rounding."""
     args = _valid(dtype=dtype, head_dim=head_dim)
     expected = _call(args)
     args["backend"] = "auto"
-    torch.testing.assert_close(_call(args), expected, rtol=0, atol=0)
+    torch.testing.assert_close(_call(args), expected, **(dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64
+                                                         else dict(rtol=1e-5, atol=1e-6)))

@@ -583,7 +583,7 @@ def test_out_of_range_index_never_reads_out_of_bounds():
 
 def test_auto_backend_choice():
     inputs, kwargs = make_inputs(Case(), torch.float32)
-    assert backends.choose("auto", inputs[0], inputs[1], inputs[3]) == ("triton" if ON_GPU else "reference")
+    assert backends.choose("auto", inputs[0], inputs[1], inputs[3]) == ("triton" if ON_GPU else "native")
     if not ON_GPU:
         with pytest.raises(ValueError, match="bfloat16"):
             backends.choose("triton", inputs[0].bfloat16(), inputs[1].bfloat16(), inputs[3])
