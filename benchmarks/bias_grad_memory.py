@@ -36,7 +36,7 @@ dtype = torch.bfloat16 if device == "cuda" else torch.float32
 q, k, v = (torch.randn(B, H, N, D, generator=gen).to(device, dtype) for _ in range(3))
 prefix_k, prefix_v = (torch.randn(1, H, P, D, generator=gen).to(device, dtype) for _ in range(2))
 bias = torch.randn(1, H, N, N, generator=gen).to(device)
-backend = backends.choose("auto", q, k, prefix_k, 0.0, bias)
+backend = backends.choose("auto", q, k, prefix_k, 0.0, bias, bias_grad=True)
 if backend == "reference" and device == "cuda":
     raise SystemExit("no fused kernel can serve this call here")
 
