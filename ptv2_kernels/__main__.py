@@ -225,7 +225,8 @@ def check_case(name: str, case: Case, dtype: torch.dtype, device: str, seed: int
     if additive is None and options.get("attn_mask") is not None and options["attn_mask"].is_floating_point():
         additive = options["attn_mask"]
     if additive is not None:
-        reason = backends.unsupported_reason(name, q, inputs["k"], inputs["prefix_k"], attn_bias=additive)
+        reason = backends.unsupported_reason(name, q, inputs["k"], inputs["prefix_k"], attn_bias=additive,
+                                             bias_grad=True)  # every input is differentiated below
         if reason is not None and "additive score bias" in reason:  # by design, not a failure
             print_line(f"      skipped: {reason}")
             return

@@ -91,6 +91,21 @@ def test_cli_triton_self_check():
     assert out.rstrip().endswith("result: PASS (triton)")
 
 
+@pytest.mark.parametrize("name", ["native", "reference"])
+def test_cli_full_self_check_of_fast_backends(name):
+    # Every case, not only the quick ones: a case a backend declines by design (native and a bias gradient) is
+    # reported as skipped with the reason, never as a failure.
+    if backends.unavailable_reason(name) is not None:
+        pytest.skip(backends.unavailable_reason(name))
+    result = _run_cli("--backend", name)
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert out.rstrip().endswith(f"result: PASS ({name})")
+    assert "FAIL" not in out
+    if name == "native" and not torch.cuda.is_available():
+        assert "skipped: torch's fused CPU attention gives no gradient for an additive score bias" in out
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A backend that disagrees with the reference makes the self-check fail
 # ----------------------------------------------------------------------------------------------------------------
