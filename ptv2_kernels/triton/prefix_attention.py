@@ -695,16 +695,21 @@ def _configs(shapes):
 
 
 # (BLOCK_M, BLOCK_N, warps, stages). Large query blocks with 3-stage pipelines suit Ampere and Hopper alike at long
-# sequences; the small-BLOCK_M ones serve decode and short queries; head dim 256 keeps to what fits shared memory.
+# sequences; the small-BLOCK_M ones serve decode and short queries. prune_configs keeps, per call, those that fit
+# the GPU's registers and shared memory at the call's head dim. The 8-warp backward tiles 32x64 (keys) and 64x64
+# (queries) exist for head dim 128, where the 4-warp ones spill (benchmarks/static_report.py; 64x64 keys with 8
+# warps spill there too).
 _FORWARD_CONFIGS = _configs([
     (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
     (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2),
 ])
 _KEY_GRAD_CONFIGS = _configs([
-    (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2),
+    (64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3),
+    (16, 64, 4, 2), (16, 32, 4, 2),
 ])
 _QUERY_GRAD_CONFIGS = _configs([
-    (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+    (128, 64, 8, 3), (64, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2),
+    (16, 64, 4, 2),
 ])
 # The interpreter cannot time configurations and runs each program in Python: one small block shape.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -717,26 +722,105 @@ PACK_GQA_MAX_QUERIES = 16
 # Split-KV forward (decode with too few programs for the GPU): the fewest keys a split takes, and the most splits.
 MIN_KEYS_PER_SPLIT = 256
 MAX_KV_SPLITS = 32
+# Register budget (fp32 tile elements live per thread, see _live_per_thread) above which a configuration spills:
+# fitted to the compiled kernels at the target shapes (benchmarks/static_report.py), per architecture major.
+_REGISTER_BUDGET = {"forward": {9: 160, 8: 128}, "backward": {9: 192, 8: 128}}
+_SHARED_SLACK = 2048  # bytes beyond the tiles: row statistics, reductions
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop block shapes that overflow shared memory at large head dims or waste work on short queries."""
-    d_pad, q_len_class = kwargs.get("D_PAD", named_args.get("D_PAD")), named_args["q_len_class"]
-    kept = [c for c in configs
-            if (d_pad < 256 or (c.kwargs["BLOCK_N"] <= 64 and c.kwargs["BLOCK_M"] <= 64 and c.num_stages <= 2))
-            and c.kwargs["BLOCK_M"] <= max(16, q_len_class)]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]))]
+def _kernel_kind(kernel_name: str) -> str:
+    return {"_backward_key_kernel": "keys", "_backward_query_kernel": "queries"}.get(kernel_name, "forward")
+
+
+def _live_per_thread(kind, block_m, block_n, d_pad, warps):
+    """fp32 tile elements each thread holds at the kernel's peak: the accumulators, the score-sized tiles, and the
+    16-bit operand tiles kept in registers (counted at half). Forward: acc [M, D], scores [M, N], q [M, D]. Key
+    gradients: dK, dV [N, D], k and v [N, D], scores and dP [M, N]. Query gradients: dQ [M, D], q and dO [M, D],
+    scores and dP [M, N]."""
+    m, n, d = block_m, block_n, d_pad
+    live = {"forward": m * d + m * n + m * d / 2, "keys": 2 * n * d + n * d + 2 * m * n,
+            "queries": m * d + m * d + 2 * m * n}[kind]
+    return live / (32 * warps)
+
+
+def shared_memory_estimate(kind, block_m, block_n, d_pad, stages, element_size):
+    """Upper bound of a configuration's shared memory in bytes: ``stages`` buffers of the pipelined operand tiles
+    (Triton's pipeliner allocates that many on Hopper, one fewer on Ampere) and the resident tiles, plus slack.
+    Checked against the compiled kernels by benchmarks/static_report.py."""
+    m, n, d = block_m, block_n, d_pad
+    tiles = {"forward": stages * 2 * n * d + m * d,   # k, v pipelined; q resident
+             "keys": stages * 2 * m * d + 2 * n * d,  # q, dO pipelined; k, v resident
+             "queries": stages * 2 * n * d + 2 * m * d}[kind]  # k, v pipelined; q, dO resident
+    return tiles * element_size + _SHARED_SLACK
+
+
+def prune_configs(configs, args, kernel_name, capability, shared_per_block):
+    """The configurations worth timing for a launch of the kernel named ``kernel_name`` with arguments ``args``
+    (by name, constexprs included) on a GPU of compute ``capability`` (major, minor) whose blocks may use
+    ``shared_per_block`` bytes of shared memory: those whose tiles fit its shared memory and its register budget
+    (_REGISTER_BUDGET: beyond it they spill), and whose query block is not much longer than the queries. If none
+    is left, the smallest configuration."""
+    kind = _kernel_kind(kernel_name)
+    d_pad, q_len_class = args["D_PAD"], args["q_len_class"]
+    major = capability[0]
+    budget = _REGISTER_BUDGET["forward" if kind == "forward" else "backward"][9 if major >= 9 else 8]
+    element_size = max(t.element_size() for t in (args.get("Q"), args.get("PK")) if hasattr(t, "element_size"))
+
+    def fits(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if _live_per_thread(kind, m, n, d_pad, c.num_warps) > budget:
+            return False
+        if shared_memory_estimate(kind, m, n, d_pad, c.num_stages, element_size) > shared_per_block:
+            return False
+        # Key blocks of 32 only where the 64-wide ones cannot be used (large head dims); at head dim 64 the 16x32
+        # tile spills on sm_90 where 16x64 does not.
+        return not (kind == "keys" and n < 64 and d_pad < 128)
+
+    kept = [c for c in configs if fits(c) and c.kwargs["BLOCK_M"] <= max(16, q_len_class)]
+    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(device: torch.device):
+    """(compute capability, opt-in shared memory per block in bytes) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or {
+        (8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448}.get(
+            (props.major, props.minor), 101376)
+    return (props.major, props.minor), shared
+
+
+def _autotuning() -> bool:
+    """False with PTV2_TRITON_AUTOTUNE=0 (read at each new autotuning key): then no configuration is timed and each
+    launch takes the first one prune_configs keeps — for correctness runs (tests, the self-check,
+    compute-sanitizer) that would otherwise spend most of their time compiling every configuration."""
+    import os
+
+    return os.environ.get("PTV2_TRITON_AUTOTUNE", "1").strip() not in ("0", "")
+
+
+def _prune(configs, named_args, kernel_name="", **kwargs):
+    """The autotuner's early prune: :func:`prune_configs` for the device the call runs on (only the first
+    configuration kept with PTV2_TRITON_AUTOTUNE=0)."""
+    args = {**named_args, **kwargs}
+    device = args["Q"].device
+    capability, shared = _device_limits(device) if device.type == "cuda" else ((9, 0), 232448)
+    kept = prune_configs(configs, args, kernel_name, capability, shared)
+    return kept if _autotuning() else kept[:1]
 
 
 class _Launcher:
-    """A kernel autotuned over ``configs`` on a GPU; in the interpreter, run with the interpreter's block shape."""
+    """A kernel autotuned over ``configs`` on a GPU; in the interpreter, run with the interpreter's block shape.
+    ``kernel`` and ``configs`` stay readable (benchmarks/static_report.py compiles every configuration)."""
 
     def __init__(self, kernel, configs, reset_to_zero=None, extra_key=()):
+        self.kernel, self.configs = kernel, configs
         if triton_interpreting():
             self._kernel, self._meta = kernel, _INTERPRETER_CONFIG
         else:
+            prune = functools.partial(_prune, kernel_name=kernel.__name__)
             self._kernel = triton.autotune(configs, key=_AUTOTUNE_KEY + list(extra_key),
-                                           prune_configs_by={"early_config_prune": _prune},
+                                           prune_configs_by={"early_config_prune": prune},
                                            reset_to_zero=reset_to_zero)(kernel)
             self._meta = {}
 
