@@ -16,8 +16,17 @@ The lse's own gradient (``return_lse=True`` with a loss on lse) adds ``p_j * g``
 computed with one more fused forward (the probabilities applied to the keys, for dQ) and backward (for dK) per
 part, only when that gradient is present.
 
-What torch's fused CPU kernels cannot do is stated in :func:`unsupported_reasons` (dropout, a bias gradient, other
-devices), and ``auto`` then falls back to the reference.
+Two things torch's fused CPU kernels cannot do — dropout, and the gradient of an additive score bias — are done
+the way torch's own ``scaled_dot_product_attention`` does them on a CPU, by its math composition (matmul,
+softmax, dropout, matmul), here per part: the prefix scores ``[B, Hq, Nq, P]`` and the sequence scores
+``[B, Hq, Nq, Nk]`` share one log-sum-exp, grouped-query heads multiply their key/value head without a copy, and
+the dropout mask is drawn from the call's seed in the layout the reference draws it (``[B, Hq, Nq, P + Nk]``,
+prefix columns first), so that a call with dropout equals the reference backend's with the same seed. The
+backward is written out (the custom op runs with autograd off), the bias gradient being the sequence part's
+score gradient. Still nothing of the size of the concatenated keys/values is written.
+
+What the backend cannot do is stated in :func:`unsupported_reasons` (other devices, other dtypes), and ``auto``
+then falls back to the reference.
 """
 
 from __future__ import annotations
@@ -45,11 +54,6 @@ def unsupported_reasons(q: Tensor, prefix_k: Tensor, dropout_p: float, attn_bias
         reasons.append(f"it supports q/k/v of dtype float16, bfloat16, float32 or float64, got {q.dtype}")
     if prefix_k.dtype not in DTYPES:
         reasons.append(f"it supports prefix_k/prefix_v of a floating dtype of {DTYPES}, got {prefix_k.dtype}")
-    if dropout_p > 0.0:
-        reasons.append("torch's fused CPU attention has no dropout")
-    if attn_bias is not None and bias_grad:
-        reasons.append("torch's fused CPU attention gives no gradient for an additive score bias (attn_bias or a "
-                       "float attn_mask that requires grad)")
     return reasons
 
 
@@ -134,25 +138,47 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    merged, merged_lse = _merged_forward(
-        q, _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal), scale)
-    out.copy_(merged)
-    lse.copy_(merged_lse)
+    parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal)
+    if dropout_p > 0.0 and parts:
+        merged, merged_lse = _Composed(q, parts, scale, dropout_p, seed).forward()
+        out.copy_(merged)
+        lse.copy_(merged_lse)
+    else:
+        _merged_forward(q, parts, scale, out, lse)
     return out, lse
 
 
-def _merged_forward(q, parts, scale):
-    """The merged output (float32, float64 for float64 inputs) and lse of the parts' fused forwards."""
-    outs, lses = [], []
+def _merged_forward(q, parts, scale, out=None, lse=None):
+    """The merged output and lse of the parts' fused forwards, written into ``out`` and ``lse`` when given (else
+    new tensors: the output in q's dtype, the lse in float32, float64 for float64 inputs).
+
+    With two parts the prefix part's weight exp(l_p - l) is sigmoid(l_p - l_s), and the merge is one lerp from
+    the sequence part's output towards the prefix part's, written straight into the output's layout."""
+    if out is None:
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:3], dtype=_mask_dtype(q))
+    results = []
     for keys, values, mask, kernel_causal, rows_seeing in parts:
         part_out, part_lse = _fused(q, keys, values, 0.0, kernel_causal, attn_mask=mask, scale=scale)
-        outs.append(part_out)
-        lses.append(_part_lse(part_lse, rows_seeing))
-    merged_lse, weights = _merge_weights(lses)
-    if merged_lse is None:  # no key at all (P = 0 and Nk = 0)
-        return q.new_zeros(q.shape, dtype=_mask_dtype(q)), q.new_full(q.shape[:3], float("-inf"), dtype=_mask_dtype(q))
-    merged = sum(w.unsqueeze(-1) * o.to(w.dtype) for w, o in zip(weights, outs))
-    return merged, merged_lse
+        results.append((part_out, _part_lse(part_lse, rows_seeing)))
+    if not results:  # no key at all (P = 0 and Nk = 0)
+        return out.zero_(), lse.fill_(float("-inf"))
+    if len(results) == 1:
+        (part_out, part_lse), = results
+        out.copy_(part_out)
+        lse.copy_(part_lse)
+    else:
+        (prefix_out, prefix_lse), (sequence_out, sequence_lse) = results
+        prefix_weight = torch.sigmoid(prefix_lse - sequence_lse).unsqueeze(-1)
+        if out.dtype == prefix_weight.dtype:
+            torch.lerp(sequence_out, prefix_out.to(out.dtype), prefix_weight, out=out)
+        else:  # float16/bfloat16: merged in float32, rounded once
+            out.copy_(torch.lerp(sequence_out.float(), prefix_out.float(), prefix_weight))
+        lse.copy_(torch.logaddexp(prefix_lse, sequence_lse))
+    if any(rows_seeing is not None for *_, rows_seeing in parts):
+        # a row that sees no key of either part: its weight is NaN (-inf - -inf); its output is 0, its lse -inf
+        out.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0)
+    return out, lse
 
 
 def _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal):
@@ -180,46 +206,65 @@ def _merge_weights(lses):
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
              lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
-    if grad_bias is not None and grad_bias.numel():
-        raise ValueError("the native backend computes no attn_bias gradient (the op does not choose it then)")
-    dq = torch.zeros(q.shape, dtype=_mask_dtype(q), device=q.device)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    d_prefix = [torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)]
-    if q.numel() == 0:
-        return dq.to(q.dtype), dk, dv, *d_prefix
+    parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal)
+    # what no part writes: the sequence's gradients without sequence keys, the prefix's without prefix keys
+    dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if k.shape[2] == 0 or q.numel() == 0 else (None, None)
+    d_prefix = [torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)] if prefix_k.shape[2] == 0 or q.numel() == 0 \
+        else None
+    if q.numel() == 0 or not parts:
+        return torch.zeros_like(q), dk, dv, *d_prefix
     grad_out = grad_out.to(q.dtype)
     has_prefix = prefix_k.shape[2] > 0
-    parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal)
+    if dropout_p > 0.0 or (grad_bias is not None and grad_bias.numel()):
+        composed = _Composed(q, parts, scale, dropout_p, seed, sequence_last=k.shape[2] > 0)
+        dq, part_grads, sequence_score_grad = composed.backward(grad_out, grad_lse)
+        for number, (part_dk, part_dv) in enumerate(part_grads):
+            if number == 0 and has_prefix:
+                d_prefix = _reduce_prefix((part_dk, part_dv), prefix_index, prefix_k, prefix_v)
+            else:
+                dk, dv = part_dk, part_dv
+        if grad_bias is not None and grad_bias.numel():
+            if sequence_score_grad is None:  # no sequence key: the bias has no entry
+                grad_bias.zero_()
+            else:
+                grad_bias.copy_(sequence_score_grad)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_prefix
     if q.dtype == torch.float64:  # the saved lse is float32: recompute both in full precision
         out, lse = _merged_forward(q, parts, scale)
     out, lse = out.to(q.dtype), lse.to(_mask_dtype(q))
-    # A row that sees no key has lse = -inf: exp(s - lse) would be NaN; with +inf its probabilities are 0.
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    if any(rows_seeing is not None for *_, rows_seeing in parts):
+        # A row that sees no key has lse = -inf: exp(s - lse) would be NaN; with +inf its probabilities are 0.
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     extra = _lse_gradient_terms(grad_lse, q, parts, scale) if grad_lse is not None else None
+    dq = None
     for number, (keys, values, mask, kernel_causal, _) in enumerate(parts):
         part_dq, part_dk, part_dv = _fused_backward(grad_out, q, keys, values, out, lse, 0.0, kernel_causal,
                                                     attn_mask=mask, scale=scale)
-        dq += part_dq
+        # the parts' dq summed in float32 (float64), each fused backward's result being a fresh tensor
+        dq = part_dq.to(_mask_dtype(q)) if dq is None else dq.add_(part_dq)
         if extra is not None:
             dq += extra.dq[number]
             part_dk = part_dk + extra.dk[number]
         if number == 0 and has_prefix:
-            _reduce_prefix(d_prefix, (part_dk, part_dv), prefix_index, prefix_k.shape[0])
+            d_prefix = _reduce_prefix((part_dk, part_dv), prefix_index, prefix_k, prefix_v)
         else:
             dk, dv = part_dk, part_dv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_prefix
 
 
-def _reduce_prefix(d_prefix, per_sample, prefix_index, num_prefixes):
-    """Each bank entry's gradient: the sum over the samples that used it (float32 or float64, then its dtype)."""
-    for target, grad in zip(d_prefix, per_sample):
-        accumulate = torch.promote_types(torch.float32, target.dtype)
+def _reduce_prefix(per_sample, prefix_index, prefix_k, prefix_v):
+    """[dK, dV] of the bank: each entry's gradient summed over the samples that used it (in float32, float64 for
+    float64, then in the bank's dtype)."""
+    reduced = []
+    for bank, grad in zip((prefix_k, prefix_v), per_sample):
+        accumulate = torch.promote_types(torch.float32, bank.dtype)
         if prefix_index is None:
-            target.copy_(grad.to(accumulate).sum(0, keepdim=True))
+            total = grad.to(accumulate).sum(0, keepdim=True)
         else:
-            total = torch.zeros(target.shape, dtype=accumulate, device=target.device)
+            total = torch.zeros(bank.shape, dtype=accumulate, device=bank.device)
             total.index_add_(0, prefix_index.long(), grad.to(accumulate))
-            target.copy_(total)
+        reduced.append(total.to(bank.dtype))
+    return reduced
 
 
 class _LseTerms:
@@ -248,3 +293,94 @@ def _lse_gradient_terms(grad_lse, q, parts, scale):
                                          attn_mask=mask, scale=scale)
         terms.dk.append(key_grad)
     return terms
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dropout and the bias gradient: torch's math composition, per part
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Composed:
+    """The two parts' attention by matmul and softmax in float32 (float64 for float64 inputs), sharing one lse.
+
+    Grouped-query heads: q [B, Hq, Nq, D] is viewed as [B, Hkv, G * Nq, D] (query head h uses key/value head
+    h // G), so one batched matmul per part serves every group with the keys/values read in place.
+    ``sequence_last``: the last part is the sequence's (it has keys), whose score gradient is the bias gradient.
+    """
+
+    def __init__(self, q, parts, scale, dropout_p, seed, sequence_last=False):
+        self.dtype = _mask_dtype(q)
+        self.q, self.parts, self.scale, self.dropout_p = q.to(self.dtype), parts, scale, dropout_p
+        self.sequence_last = sequence_last
+        widths = [keys.shape[2] for keys, *_ in parts]
+        self.columns = [slice(sum(widths[:n]), sum(widths[:n + 1])) for n in range(len(widths))]
+        self.keep = None
+        if dropout_p > 0.0:
+            generator = torch.Generator(device=q.device)
+            generator.manual_seed(int(seed))
+            self.keep = torch.rand((*q.shape[:3], sum(widths)), generator=generator, device=q.device) >= dropout_p
+
+    @staticmethod
+    def _grouped(x, kv_heads):
+        batch, heads, rows, cols = x.shape
+        return x.reshape(batch, kv_heads, heads // kv_heads * rows, cols)
+
+    def _probabilities(self):
+        """(each part's probabilities [B, Hq, Nq, n], the lse [B, Hq, Nq] with -inf where a row sees no key)."""
+        batch, heads, q_len, _ = self.q.shape
+        scores = []
+        for keys, _, mask, kernel_causal, _ in self.parts:
+            part = torch.matmul(self._grouped(self.q, keys.shape[1]), keys.to(self.dtype).transpose(-1, -2))
+            part = part.view(batch, heads, q_len, keys.shape[2]) * self.scale
+            if kernel_causal:  # the square causal call the fused kernel takes without a mask
+                upper = torch.ones(q_len, q_len, dtype=torch.bool, device=part.device).triu(1)
+                part = part.masked_fill(upper, float("-inf"))
+            if mask is not None:
+                part = part + mask
+            scores.append(part)
+        lse = torch.logsumexp(torch.stack([torch.logsumexp(s, -1) for s in scores]), 0)
+        shift = lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1)  # then exp(s - shift) = 0
+        return [torch.exp(s - shift) for s in scores], lse
+
+    def _drop(self, x, number):
+        """``x`` (probabilities or their gradient) of part ``number`` through dropout: kept entries / (1 - p)."""
+        if self.keep is None:
+            return x
+        return x * self.keep[..., self.columns[number]] / (1.0 - self.dropout_p)
+
+    def _apply(self, weights, values):
+        """weights [B, Hq, Nq, n] @ values [B, Hkv, n, D] -> [B, Hq, Nq, D]."""
+        batch, heads, q_len, _ = weights.shape
+        grouped = torch.matmul(self._grouped(weights, values.shape[1]), values.to(self.dtype))
+        return grouped.view(batch, heads, q_len, values.shape[-1])
+
+    def _output(self, probs):
+        return sum(self._apply(self._drop(p, n), values) for n, (p, (_, values, *_)) in
+                   enumerate(zip(probs, self.parts)))
+
+    def forward(self):
+        probs, lse = self._probabilities()
+        return self._output(probs), lse
+
+    def backward(self, grad_out, grad_lse):
+        """(dq, [(dK, dV) per part], the sequence part's score gradient [B, Hq, Nq, Nk] or None)."""
+        probs, lse = self._probabilities()
+        grad_out = grad_out.to(self.dtype)
+        row_term = (grad_out * self._output(probs)).sum(-1, keepdim=True)
+        if grad_lse is not None:  # lse's gradient adds p_j * g to each score's gradient
+            g = grad_lse.to(self.dtype).masked_fill(~torch.isfinite(lse) | ~torch.isfinite(grad_lse), 0.0)
+            row_term = row_term - g.unsqueeze(-1)
+        dq = torch.zeros_like(self.q)
+        grads, score_grad = [], None
+        for number, (p, (keys, values, *_)) in enumerate(zip(probs, self.parts)):
+            kv_heads = keys.shape[1]
+            grouped_grad_out = self._grouped(grad_out, kv_heads)
+            grad_p = torch.matmul(grouped_grad_out, values.to(self.dtype).transpose(-1, -2)).view(p.shape)
+            grad_scores = p * (self._drop(grad_p, number) - row_term)
+            grouped_scores = self._grouped(grad_scores, kv_heads)
+            dq += torch.matmul(grouped_scores, keys.to(self.dtype)).view(dq.shape) * self.scale
+            part_dk = torch.matmul(grouped_scores.transpose(-1, -2), self._grouped(self.q, kv_heads)) * self.scale
+            part_dv = torch.matmul(self._grouped(self._drop(p, number), kv_heads).transpose(-1, -2),
+                                   grouped_grad_out)
+            grads.append((part_dk, part_dv))
+            score_grad = grad_scores
+        return dq, grads, score_grad if self.sequence_last else None

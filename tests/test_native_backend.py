@@ -1,5 +1,6 @@
 """The native backend (torch's fused CPU attention over the prefix and the sequence, merged by log-sum-exp) against
-the float64 reference: the shared grid of the kernel backends, the cases it must decline, and patched models."""
+the float64 reference: the shared grid of the kernel backends, dropout and the bias gradient (by torch's math
+composition per part), what it declines, and patched models."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from ptv2_kernels import backends, prefix_attention
 
 from .hf_models import decoder_model, encoder_model, logits_of, loss_of, patch_with_random_bank, random_batch
 from .test_triton_prefix_attention import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
-    GRID, Case, assert_close_to_reference, check_against_reference, make_inputs, poison_uninitialized_memory,
-    reference_results,
+    GRID, Case, assert_close_to_reference, backend_mask, check_against_reference, make_inputs,
+    poison_uninitialized_memory, reference_results,
 )
 
 @pytest.fixture(autouse=True)
@@ -79,20 +80,108 @@ def _small():
     return q, k, k.clone(), torch.randn(2, 4, 8, generator=gen), torch.randn(2, 4, 8, generator=gen)
 
 
-@pytest.mark.parametrize("call, reason", [
-    (dict(dropout_p=0.1), "no dropout"),
-    (dict(attn_bias=torch.zeros(1, 1, 3, 5, requires_grad=True)), "no gradient for an additive score bias"),
-    (dict(attn_mask=torch.zeros(3, 5, requires_grad=True)), "no gradient for an additive score bias"),
-], ids=["dropout", "bias-grad", "float-mask-grad"])
-def test_declines_what_the_fused_kernel_cannot_do_and_auto_falls_back(call, reason):
+def _native_dropout_run(case, dropout_p, seed_value, grad_lse=False):
+    """The backend's forward and backward with dropout called directly, and the keep mask the reference draws from
+    the same seed (``[B, Hq, Nq, P + Nk]``, prefix columns first)."""
+    import math
+
+    from ptv2_kernels import native
+
+    inputs, kwargs = make_inputs(case, torch.float32)
+    args = [t.detach() for t in inputs]
+    if args[3].dim() == 3:
+        args[3], args[4] = args[3].unsqueeze(0), args[4].unsqueeze(0)
+    seed = torch.tensor(seed_value, dtype=torch.int64)
+    mask, scale = backend_mask(kwargs), 1.0 / math.sqrt(case.head_dim)
+    extra = (kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, seed)
+    out, lse = native.forward(*args, *extra, case.causal, scale, dropout_p)
+    gen = torch.Generator().manual_seed(7)
+    upstream = (torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen) if grad_lse else None)
+    grads = native.backward(*upstream, *args, *extra, out, lse, case.causal, scale, dropout_p, False)
+    drawn = torch.Generator().manual_seed(seed_value)
+    keep = torch.rand(case.batch, case.q_heads, case.q_len, case.prefix_len + case.k_len, generator=drawn) >= dropout_p
+    return args, kwargs, upstream, (out, lse), grads, keep
+
+
+@pytest.mark.parametrize("case", [Case(num_prefixes=3, lengths=True, mask="padding", causal=True),
+                                  Case(q_len=1, k_len=30, prefix_len=16, q_heads=4, kv_heads=1),
+                                  Case(q_len=7, k_len=20, q_heads=6, kv_heads=2, mask="dense_heads", causal=True),
+                                  Case(q_len=6, k_len=6, causal=True, num_prefixes=2, index_layout="expanded"),
+                                  Case(k_len=0, q_len=4, num_prefixes=2, lengths=True)],
+                         ids=["bank-padding-causal", "decode-mqa", "gqa-dense-causal", "square-causal",
+                              "prefix-only"])
+@pytest.mark.parametrize("grad_lse", [False, True], ids=["out", "out+lse"])
+def test_dropout_matches_reference_with_the_same_mask(case, grad_lse):
+    """Forward and every gradient equal the reference run with the keep mask drawn from the call's seed."""
+    dropout_p = 0.25
+    args, kwargs, upstream, (out, lse), grads, keep = _native_dropout_run(case, dropout_p, 1234, grad_lse)
+    oracle = reference_results(args, kwargs, upstream, torch.float64, keep, dropout_p)
+    same_precision = reference_results(args, kwargs, upstream, torch.float32, keep, dropout_p)
+    assert_close_to_reference("out", out, oracle[0], same_precision[0], torch.float32)
+    assert_close_to_reference("lse", lse, oracle[1], same_precision[1], torch.float32)
+    for name, grad, want, pt in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, oracle[2],
+                                    same_precision[2]):
+        assert_close_to_reference(name, grad, want, pt, torch.float32)
+
+
+def test_dropout_through_the_op_equals_the_reference_backend_and_follows_torch_seed():
+    case = Case(num_prefixes=2, lengths=True, mask="padding", q_heads=4, kv_heads=2)
+    inputs, kwargs = make_inputs(case, torch.float32)
+
+    def run(backend, seed):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        torch.manual_seed(seed)
+        out = prefix_attention(*leaves, **kwargs, dropout_p=0.3, backend=backend)
+        return (out, *torch.autograd.grad(out.square().sum(), leaves))
+
+    native, again, other = run("native", 5), run("native", 5), run("native", 6)
+    assert all(torch.equal(a, b) for a, b in zip(native, again))
+    assert not torch.equal(native[0], other[0])
+    for got, want in zip(native, run("reference", 5)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)  # one float32 computation against another
+
+
+@pytest.mark.parametrize("bias", ["heads", "shared"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_bias_gradient(bias, dropout_p):
+    """An additive bias that requires its gradient (T5's trained position bias, a float attn_mask with grad):
+    the gradient of the sequence part's scores, summed over what the bias broadcasts along, as the reference's."""
+    case = Case(bias=bias, num_prefixes=2, lengths=True, mask="padding", causal=True, q_heads=4, kv_heads=2)
+    inputs, kwargs = make_inputs(case, torch.float32)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    bias_leaf = kwargs["attn_bias"].detach().requires_grad_()
+
+    def run(backend):
+        torch.manual_seed(3)
+        options = dict(kwargs, attn_bias=bias_leaf)
+        out, lse = prefix_attention(*leaves, **options, return_lse=True, backend=backend, dropout_p=dropout_p)
+        gen = torch.Generator().manual_seed(1)
+        loss = (out * torch.randn(out.shape, generator=gen)).sum() + (lse * torch.randn(lse.shape, generator=gen)).sum()
+        return (out, lse, *torch.autograd.grad(loss, [*leaves, bias_leaf]))
+
+    assert backends.choose("auto", leaves[0], leaves[1], leaves[3], dropout_p, bias_leaf, bias_grad=True) == "native"
+    got, want = run("native"), run("reference")
+    assert got[-1].shape == bias_leaf.shape
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)  # both float32 computations of the same math
+
+
+def test_float_mask_gradient_and_auto():
     tensors = _small()
-    with pytest.raises(ValueError, match=f"backend='native' cannot serve this call: .*{reason}"):
-        prefix_attention(*tensors, **call, backend="native")
-    q, k, _, prefix_k, _ = tensors
-    bias = call.get("attn_bias", call.get("attn_mask"))
-    assert backends.choose("auto", q, k, prefix_k[None], call.get("dropout_p", 0.0), bias,
-                           bias_grad=bias is not None) == "reference"
-    prefix_attention(*tensors, **call)  # auto serves it (with the reference)
+    mask = torch.randn(3, 5).requires_grad_()
+    out = prefix_attention(*tensors, attn_mask=mask, backend="native")
+    (grad,) = torch.autograd.grad(out.sum(), mask)
+    mask_again = mask.detach().requires_grad_()
+    (want,) = torch.autograd.grad(prefix_attention(*tensors, attn_mask=mask_again, backend="reference").sum(),
+                                  mask_again)
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
+
+
+def test_declines_other_devices_and_dtypes():
+    q, k, _, prefix_k, _ = _small()
+    assert "got tensors on meta" in backends.unsupported_reason("native", q.to("meta"), k.to("meta"),
+                                                               prefix_k.to("meta"))
+    assert "dtype" in backends.unsupported_reason("native", q.to(torch.int32), k, prefix_k)
 
 
 def test_auto_takes_native_on_cpu():
@@ -120,13 +209,22 @@ def test_writes_nothing_of_the_concatenated_size():
                     Shapes.seen.append(tuple(t.shape))
             return result
 
+    from ptv2_kernels import native
+
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, N, D, generator=gen).requires_grad_() for _ in range(3))
-    prefix_k, prefix_v = (torch.randn(H, P, D, generator=gen).requires_grad_() for _ in range(2))
-    with Shapes():
-        out = prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, backend="native")
-        out.sum().backward()
-    assert all(shape[-2:] != (P + N, D) for shape in Shapes.seen)
+    q, k, v = (torch.randn(B, H, N, D, generator=gen) for _ in range(3))
+    prefix_k, prefix_v = (torch.randn(1, H, P, D, generator=gen) for _ in range(2))
+    grad_out, grad_lse = torch.randn(B, H, N, D, generator=gen), torch.randn(B, H, N, generator=gen)
+    scale = D ** -0.5
+    # The backend's own functions, so that the mode sees every op inside them (it would see the op as one call).
+    for dropout_p, seed in ((0.0, None), (0.1, torch.tensor(3))):
+        Shapes.seen.clear()
+        with Shapes():
+            out, lse = native.forward(q, k, v, prefix_k, prefix_v, None, None, None, seed, True, scale, dropout_p)
+            native.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, None, None, None, seed, out, lse, True,
+                            scale, dropout_p, False)
+        assert len(Shapes.seen) > 10  # the backend's ops were seen
+        assert all(shape[-2:] != (P + N, D) for shape in Shapes.seen)
 
 
 # ----------------------------------------------------------------------------------------------------------------
