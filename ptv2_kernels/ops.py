@@ -3,7 +3,9 @@
 The public function checks and normalizes its arguments (a 3-D prefix becomes a bank of one, a mask becomes a
 key-padding mask or a dense mask viewed as ``[B, Hq, Nq, Nk]``), picks a backend and calls the custom op
 ``ptv2_kernels::prefix_attention``. That op and its backward are opaque ``torch.library`` custom ops with fake
-implementations, so ``torch.compile(fullgraph=True)`` traces through them without a graph break.
+implementations, so ``torch.compile(fullgraph=True)`` traces through them without a graph break. In eager mode the
+same forward and backward run through a plain ``autograd.Function`` instead, which skips the dispatcher's
+per-call cost; both paths share their bodies and autograd rule.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def prefix_attention(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)
-    out, lse = torch.ops.ptv2_kernels.prefix_attention(
+    out, lse = _run(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, bool(causal),
         _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, bool(deterministic))
     return (out, lse) if return_lse else out
@@ -313,16 +315,23 @@ def _checked_bias(attn_bias, full, device) -> Tensor:
 # The custom ops and their autograd
 # ----------------------------------------------------------------------------------------------------------------
 
+def _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal,
+                  scale, dropout_p, backend, deterministic):
+    """(out, lse): the forward, shared by the custom op and the eager path."""
+    _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
+    return backends.implementation(backend).forward(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
+        attn_bias=_expanded_bias(attn_bias, q, k))
+
+
 @torch.library.custom_op("ptv2_kernels::prefix_attention", mutates_args=())
 def _prefix_attention_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_index: Optional[Tensor],
     prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor], attn_bias: Optional[Tensor],
     seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
-    return backends.implementation(backend).forward(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
-        attn_bias=_expanded_bias(attn_bias, q, k))
+    return _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
+                         causal, scale, dropout_p, backend, deterministic)
 
 
 def _expanded_bias(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
@@ -347,6 +356,13 @@ def _prefix_attention_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The five input gradients, and the bias gradient (in the compact bias's shape and dtype) when ``bias_grad``,
     else an empty tensor."""
+    return _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
+                          attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad)
+
+
+def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
+                   attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad):
+    """The backward, shared by the custom op and the eager path."""
     impl = backends.implementation(backend)
     bias = _expanded_bias(attn_bias, q, k)
     inputs = (q, k, v, prefix_k, prefix_v)
@@ -430,20 +446,66 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale, dropout_p,
      backend, deterministic) = inputs
     out, lse = output
+    ctx.set_materialize_grads(False)  # an unused lse gets no gradient: the backends skip its terms
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
                           out, lse)
     ctx.options = (causal, scale, dropout_p, backend, deterministic)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse, backward_fn=None):
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     bias_grad = attn_bias is not None and ctx.needs_input_grad[_BIAS_INPUT]
-    *grads, grad_bias = torch.ops.ptv2_kernels.prefix_attention_backward(
+    *grads, grad_bias = (backward_fn or torch.ops.ptv2_kernels.prefix_attention_backward)(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
         out, lse, *ctx.options, bias_grad)
     return (*grads, None, None, None, grad_bias if bias_grad else None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("ptv2_kernels::prefix_attention", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The eager path
+# ----------------------------------------------------------------------------------------------------------------
+
+class _EagerPrefixAttention(torch.autograd.Function):
+    """The op in eager mode: the custom ops' own forward and backward bodies and autograd rule, without the
+    dispatcher's per-call cost (tens of microseconds a call, paid per layer per step). The registered custom ops
+    remain what torch.compile traces, and what serves fake tensors, tensor subclasses, functorch transforms and
+    dispatch modes (see :func:`_eager_path_serves`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward_body(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse):
+        return _backward(ctx, grad_out, grad_lse, backward_fn=_backward_body)
+
+
+def _eager_path_serves(tensors) -> bool:
+    """True where :class:`_EagerPrefixAttention` gives what the custom op would: plain tensors on a real device,
+    outside torch.compile, functorch transforms and dispatch modes (which must see the op, not its pieces)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return False
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(t is None or (type(t) is Tensor and t.device.type != "meta") for t in tensors)
+
+
+def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
+         dropout_p, backend, deterministic):
+    inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
+              dropout_p, backend, deterministic)
+    if EAGER_PATH and _eager_path_serves(inputs[:10]):
+        return _EagerPrefixAttention.apply(*inputs)
+    return torch.ops.ptv2_kernels.prefix_attention(*inputs)
+
+
+# False: every call goes through the registered custom op (the tests compare the two paths).
+EAGER_PATH = True

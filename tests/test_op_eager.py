@@ -1,0 +1,118 @@
+"""The op's eager path (a plain ``autograd.Function``) against the registered custom ops it stands in for.
+
+In eager mode ``prefix_attention`` skips the dispatcher: the same forward and backward bodies run through an
+``autograd.Function``. Both paths must give bit-identical outputs and gradients (same bodies, same order), and the
+custom ops must still serve what needs the dispatcher: dispatch modes, fake tensors, ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ptv2_kernels import backends, ops, prefix_attention
+
+B, HQ, HKV, NQ, NK, D, P, T = 2, 4, 2, 5, 7, 8, 3, 3
+
+
+def _inputs(case, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+
+    bank = (HKV, P, D) if case == "plain" else (T, HKV, P, D)
+    tensors = [randn(B, HQ, NQ, D), randn(B, HKV, NK, D), randn(B, HKV, NK, D), randn(*bank), randn(*bank)]
+    options = {}
+    if case == "bank":
+        options = dict(prefix_index=torch.tensor([2, 0]), prefix_lengths=torch.tensor([3, 1, 0]),
+                       key_padding_mask=torch.tensor([[True] * NK, [True, True, False, False, False, True, True]]),
+                       causal=True)
+    elif case == "bias":
+        options = dict(prefix_index=torch.tensor([1, 1]), attn_bias=randn(1, HQ, NQ, NK))
+    elif case == "dropout":
+        options = dict(prefix_index=torch.tensor([0, 2]), dropout_p=0.3)
+    return tensors, options
+
+
+def _run(tensors, options, backend):
+    torch.manual_seed(11)  # the dropout seed
+    out, lse = prefix_attention(*tensors, **options, return_lse=True, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    leaves = list(tensors) + [t for t in options.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad((out, lse), leaves, (torch.randn(out.shape, generator=gen),
+                                                    torch.randn(lse.shape, generator=gen)))
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("case", ["plain", "bank", "bias", "dropout"])
+def test_eager_path_equals_the_custom_op(monkeypatch, case, backend):
+    tensors, options = _inputs(case)
+    eager = _run(tensors, options, backend)
+    monkeypatch.setattr(ops, "EAGER_PATH", False)
+    custom = _run(tensors, options, backend)
+    assert torch.equal(eager[0], custom[0]) and torch.equal(eager[1], custom[1])
+    assert len(eager[2]) == len(custom[2])
+    for a, b in zip(eager[2], custom[2]):
+        assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+
+
+def test_eager_calls_take_the_light_path_and_the_others_the_custom_op():
+    tensors, options = _inputs("plain")
+    out = prefix_attention(*tensors)
+    assert type(out.grad_fn).__name__ == "_EagerPrefixAttentionBackward"
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():  # a dispatch mode must see the op itself
+        prefix_attention(*tensors).sum().backward()
+    assert "ptv2_kernels.prefix_attention.default" in seen
+    assert "ptv2_kernels.prefix_attention_backward.default" in seen
+
+
+def test_fake_and_meta_tensors_go_through_the_custom_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, prefix = torch.empty(B, HQ, NQ, D), torch.empty(B, HKV, NK, D), torch.empty(HKV, P, D)
+        out = prefix_attention(q, k, k, prefix, prefix, backend="reference")
+        assert out.shape == q.shape
+    meta = [t.to("meta") for t in (torch.empty(B, HQ, NQ, D), torch.empty(B, HKV, NK, D), torch.empty(HKV, P, D))]
+    assert not ops._eager_path_serves(meta)
+
+
+def test_no_unused_lse_gradient_is_materialized(monkeypatch):
+    """Through either path, a loss on the output alone gives the backend no lse gradient (it would cost native an
+    extra fused forward and backward per part)."""
+    seen = []
+    impl = backends.implementation("native")
+    original = impl.backward
+
+    def spy(grad_out, grad_lse, *args, **kwargs):
+        seen.append(grad_lse)
+        return original(grad_out, grad_lse, *args, **kwargs)
+
+    monkeypatch.setattr(impl, "backward", spy)
+    tensors, _ = _inputs("plain")
+    for eager in (True, False):
+        monkeypatch.setattr(ops, "EAGER_PATH", eager)
+        prefix_attention(*tensors, backend="native").sum().backward()
+    assert seen == [None, None]
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_double_backward_is_refused(monkeypatch, eager):
+    """The backward is not differentiable: a second derivative raises, through either path, never a wrong value."""
+    monkeypatch.setattr(ops, "EAGER_PATH", eager)
+    tensors, _ = _inputs("plain", dtype=torch.float64)
+    out = prefix_attention(*tensors, backend="reference")
+    (grad_q,) = torch.autograd.grad(out.square().sum(), tensors[0], create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad_q.sum().backward()
