@@ -19,6 +19,7 @@ the same dropout mask from it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import warnings
@@ -43,6 +44,32 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem() -> Optional[str]:
+    """Why Triton's CPU interpreter cannot run the kernels with the installed packages, or None.
+
+    Before Triton 3.7 the interpreter turns a loop bound into an int by ``int()`` of a one-element array, which
+    numpy 2.4 and later refuse ("only 0-dimensional arrays can be converted to Python scalars")."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton_version, numpy_version = version("triton"), version("numpy")
+    except PackageNotFoundError:
+        return None
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s CPU interpreter fails with numpy {numpy_version} (numpy >= 2.4 refuses "
+                "its int() of one-element arrays); install numpy<2.4 or triton>=3.7")
+    return None
+
+
+def _release(text: str) -> tuple:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def unavailable_reason(name: str) -> Optional[str]:
     """None if backend ``name`` can run on this machine at all, else a sentence saying why it cannot."""
     if name in ("reference", "native"):
@@ -52,6 +79,8 @@ def unavailable_reason(name: str) -> Optional[str]:
             return "the triton package is not installed"
         if not (torch.cuda.is_available() or triton_interpreting()):
             return "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run its CPU interpreter)"
+        if not torch.cuda.is_available():
+            return _interpreter_problem()
         return None
     if name == "cuda":
         from . import cuda_backend

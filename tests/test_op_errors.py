@@ -560,3 +560,23 @@ def test_auto_serves_what_the_reference_serves(dtype, head_dim):
     args["backend"] = "auto"
     torch.testing.assert_close(_call(args), expected, **(dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64
                                                          else dict(rtol=1e-5, atol=1e-6)))
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.1", "2.4.6", False), ("3.10.0", "3.0.0", False),
+])
+def test_triton_interpreter_and_numpy_versions(monkeypatch, triton_version, numpy_version, refused):
+    """Triton < 3.7's interpreter cannot run with numpy >= 2.4: the triton backend says so rather than fail inside
+    a kernel, and auto (which never takes the interpreter) is unaffected."""
+    import importlib.metadata
+
+    versions = {"triton": triton_version, "numpy": numpy_version}
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    backends._interpreter_problem.cache_clear()
+    try:
+        problem = backends._interpreter_problem()
+    finally:
+        backends._interpreter_problem.cache_clear()
+    assert (problem is not None) == refused
+    if refused:
+        assert f"Triton {triton_version}" in problem and "numpy<2.4 or triton>=3.7" in problem

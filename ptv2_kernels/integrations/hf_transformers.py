@@ -437,8 +437,7 @@ def _module_prefix(module, query, key, kwargs):
 def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                           mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs):
     """The mask function registered as ``"ptv2_prefix"`` (see :func:`_op_mask` for the forms it returns)."""
-    from transformers import masking_utils
-
+    masking_utils = _MASKING_UTILS[0] if _MASKING_UTILS else _masking_utils()
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
     bidirectional = mask_function is masking_utils.bidirectional_mask_function
@@ -458,8 +457,23 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
                                    allow_is_bidirectional_skip=False, **kwargs)
 
 
+# transformers.masking_utils, imported once when the functions are registered (eagerly): an import inside the mask
+# function would run under torch.compile, whose older releases cannot trace transformers' lazy top-level module.
+_MASKING_UTILS: list = []
+
+
+def _masking_utils():
+    import importlib
+
+    if not _MASKING_UTILS:
+        _MASKING_UTILS.append(importlib.import_module("transformers.masking_utils"))
+    return _MASKING_UTILS[0]
+
+
 def _register():
     from transformers import AttentionInterface, AttentionMaskInterface
+
+    _masking_utils()
 
     AttentionInterface.register(ATTENTION_NAME, prefix_attention_forward)
     AttentionMaskInterface.register(ATTENTION_NAME, prefix_attention_mask)
