@@ -79,12 +79,18 @@ def _sequence_mask(q, k, attn_mask, attn_bias, causal):
     gives a row that sees no key lse = 0 (not -inf), so such rows are found from the mask.
     """
     q_len, k_len = q.shape[2], k.shape[2]
+    if causal and q_len == 1:  # bottom-right aligned, a single query (a decode step) sees every key
+        causal = False
     if attn_mask is None and attn_bias is None:
         if not causal or q_len == k_len:
             return None, causal, None
         rows = torch.arange(q_len, device=q.device)[:, None]
         visible = torch.arange(k_len, device=q.device)[None, :] <= rows + (k_len - q_len)
         mask = torch.zeros(q_len, k_len, dtype=_mask_dtype(q), device=q.device).masked_fill_(~visible, float("-inf"))
+        return mask, False, visible.any(-1)
+    if attn_bias is None and not causal and attn_mask.dim() == 2:  # key padding alone: [B, 1, 1, Nk]
+        visible = attn_mask[:, None, None, :]
+        mask = torch.zeros(visible.shape, dtype=_mask_dtype(q), device=q.device).masked_fill_(~visible, float("-inf"))
         return mask, False, visible.any(-1)
     mask = torch.zeros((), dtype=_mask_dtype(q), device=q.device)
     if attn_bias is not None:
@@ -177,7 +183,9 @@ def _merged_forward(q, parts, scale, out=None, lse=None):
         lse.copy_(torch.logaddexp(prefix_lse, sequence_lse))
     if any(rows_seeing is not None for *_, rows_seeing in parts):
         # a row that sees no key of either part: its weight is NaN (-inf - -inf); its output is 0, its lse -inf
-        out.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0)
+        sees_nothing = torch.isneginf(lse)
+        if sees_nothing.any():  # a CPU backend: the check costs no device synchronization
+            out.masked_fill_(sees_nothing.unsqueeze(-1), 0.0)
     return out, lse
 
 
@@ -213,7 +221,7 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
         else None
     if q.numel() == 0 or not parts:
         return torch.zeros_like(q), dk, dv, *d_prefix
-    grad_out = grad_out.to(q.dtype)
+    grad_out = _in_kernel_layout(grad_out.to(q.dtype))
     has_prefix = prefix_k.shape[2] > 0
     if dropout_p > 0.0 or (grad_bias is not None and grad_bias.numel()):
         composed = _Composed(q, parts, scale, dropout_p, seed, sequence_last=k.shape[2] > 0)
@@ -250,6 +258,17 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
         else:
             dk, dv = part_dk, part_dv
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_prefix
+
+
+def _in_kernel_layout(grad_out: Tensor) -> Tensor:
+    """``grad_out`` in [B, Nq, Hq, D] memory (viewed as [B, Hq, Nq, D]): the fused backward copies it there
+    otherwise, once per part."""
+    if grad_out.transpose(1, 2).is_contiguous():
+        return grad_out
+    batch, heads, length, dim = grad_out.shape
+    laid_out = grad_out.new_empty(batch, length, heads, dim)
+    laid_out.copy_(grad_out.transpose(1, 2))
+    return laid_out.transpose(1, 2)
 
 
 def _reduce_prefix(per_sample, prefix_index, prefix_k, prefix_v):

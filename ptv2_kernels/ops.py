@@ -361,15 +361,18 @@ def _prefix_attention_backward_op(
 
 
 def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
-                   attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad):
-    """The backward, shared by the custom op and the eager path."""
+                   attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad,
+                   exact_layout=True):
+    """The backward, shared by the custom op and the eager path. ``exact_layout``: each gradient in the layout of
+    ``empty_like`` of its input, as the custom op's fake implementation promises (a copy where a backend's layout
+    differs); the eager path promises nothing and takes the backend's layout as autograd does any other op's."""
     impl = backends.implementation(backend)
     bias = _expanded_bias(attn_bias, q, k)
     inputs = (q, k, v, prefix_k, prefix_v)
     if not bias_grad or attn_bias is None:
         grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                               attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias)
-        return (*(_laid_out_like(g, x) for g, x in zip(grads, inputs)), q.new_empty(0, dtype=torch.float32))
+        return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)), q.new_empty(0, dtype=torch.float32))
 
     # The backends write the bias gradient densely ([n, Hq, Nq, Nk] for n samples, in float32). A bias that broadcasts
     # (T5's [1, H, N, N]) would need a buffer B * Hq / H times its own size for the whole batch at once, so the
@@ -388,7 +391,7 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
         grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                               attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias,
                               grad_bias=dense)
-        grads = tuple(_laid_out_like(g, x) for g, x in zip(grads, inputs))
+        grads = tuple(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs))
         grad_bias = dense.sum(reduced, keepdim=True) if reduced else dense
         return (*grads, grad_bias.to(attn_bias.dtype))
 
@@ -412,22 +415,33 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
         else:
             grad_bias[rows] = dense.sum(reduced, keepdim=True)
     grads += [g.to(x.dtype) for g, x in zip(prefix_grads, (prefix_k, prefix_v))]
-    return (*(_laid_out_like(g, x) for g, x in zip(grads, inputs)), grad_bias.to(attn_bias.dtype))
+    return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)), grad_bias.to(attn_bias.dtype))
 
 
 # The most memory a dense bias-gradient chunk may take beyond the bias's own size (see the backward op).
 BIAS_GRAD_CHUNK_BYTES = 16 * 2**20
 
 
-def _laid_out_like(grad: Optional[Tensor], x: Tensor) -> Tensor:
+def _laid_out_like(grad: Optional[Tensor], x: Tensor, exact: bool = True) -> Tensor:
     """``grad`` in the layout of ``torch.empty_like(x)``, which the fake implementation promises (the kernels
-    allocate it that way; the reference returns slices). An unused gradient comes back as zeros."""
+    allocate it that way; the reference returns slices), or as it is when not ``exact``. An unused gradient comes
+    back as zeros."""
+    if grad is not None and not exact:
+        return grad
+    if grad is not None and grad.stride() == x.stride() and grad.storage_offset() == 0 and _dense(x):
+        return grad  # empty_like(x) keeps the strides of a dense x: the same layout, no need to make one
     out = torch.empty_like(x)
     if grad is None:
         return out.zero_()
     if grad.stride() == out.stride() and grad.storage_offset() == 0:
         return grad
     return out.copy_(grad)
+
+
+def _dense(x: Tensor) -> bool:
+    """x is non-overlapping and dense in the two layouts the op meets (contiguous, or [B, N, H, D] memory viewed as
+    [B, H, N, D]), for which ``empty_like`` keeps x's strides."""
+    return x.is_contiguous() or (x.dim() == 4 and x.transpose(1, 2).is_contiguous())
 
 
 @_prefix_attention_backward_op.register_fake
@@ -485,7 +499,11 @@ class _EagerPrefixAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, grad_lse):
-        return _backward(ctx, grad_out, grad_lse, backward_fn=_backward_body)
+        return _backward(ctx, grad_out, grad_lse, backward_fn=_eager_backward_body)
+
+
+def _eager_backward_body(*args):
+    return _backward_body(*args, exact_layout=False)
 
 
 def _eager_path_serves(tensors) -> bool:
