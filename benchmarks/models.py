@@ -3,9 +3,10 @@
 Models are built from configs with random weights (no downloads): a BERT-large-config sequence classifier and a
 Llama-style ~1B-config causal LM (small configs of both in the CPU run). Providers:
 
-* ``ptv2-triton`` / ``ptv2-cuda`` — the model patched with :func:`ptv2_kernels.patch` and a
-  :class:`ptv2_kernels.PrefixBank` (``positions="shifted"``, as PEFT places the real tokens), that backend for
-  every attention, :func:`ptv2_kernels.freeze_backbone` (the prefix and the head train);
+* ``ptv2-triton`` / ``ptv2-cuda`` / ``ptv2-native`` / ``ptv2-auto`` — the model patched with
+  :func:`ptv2_kernels.patch` and a :class:`ptv2_kernels.PrefixBank` (``positions="shifted"``, as PEFT places the
+  real tokens), that backend for every attention (``auto``: what a user who names none gets),
+  :func:`ptv2_kernels.freeze_backbone` (the prefix and the head train);
 * ``peft-path`` — ``peft.get_peft_model(model, PrefixTuningConfig(task_type=..., num_virtual_tokens=P))`` on the
   same model with transformers' SDPA attention.
 
@@ -35,7 +36,7 @@ from . import check  # noqa: E402
 from .harness import Case, Unavailable  # noqa: E402
 from .workloads import MODEL_KINDS, Workload  # noqa: E402
 
-PROVIDERS = ("ptv2-triton", "ptv2-cuda", "peft-path")
+PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-native", "ptv2-auto", "peft-path")
 LEARNING_RATE = 5e-3  # P-Tuning v2's range is 5e-3..6e-2; the value does not change the work
 
 
@@ -256,7 +257,7 @@ def model_case(w: Workload, provider: str) -> Case:
         from ptv2_kernels import backends
 
         backend = provider.split("-", 1)[1]
-        why = backends.unavailable_reason(backend)
+        why = None if backend == "auto" else backends.unavailable_reason(backend)
         if why:
             raise Unavailable(why)
         return _ptv2_train(w, backend) if w.kind == "train" else _ptv2_generate(w, backend)

@@ -6,7 +6,9 @@ into the quantities the correctness check compares (``out`` and, for fwd+bwd, th
 prefix in the inputs' shapes). Work that a provider's users do once, outside the step (concatenating K/V
 beforehand for ``sdpa-precat``, building a block mask), happens in ``prepare`` and is not timed.
 
-* ``ptv2-triton``, ``ptv2-cuda``, ``reference`` — :func:`ptv2_kernels.prefix_attention` with that backend.
+* ``ptv2-triton``, ``ptv2-cuda``, ``ptv2-native``, ``reference`` — :func:`ptv2_kernels.prefix_attention` with that
+  backend (``native``: torch's own fused attention on the prefix and on the sequence, merged by log-sum-exp, the
+  strongest path a user could assemble from torch alone).
 * ``peft-path`` — what HF PEFT and the P-Tuning v2 code do on every forward: expand the prefix to the batch (or
   gather each sample's bank entry), ``cat`` it in front of K/V, build nothing else, and run SDPA the way
   transformers' ``sdpa_attention_forward`` calls it (``repeat_kv`` for GQA when a mask is passed); in backward
@@ -31,7 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from .harness import Unavailable  # noqa: E402
-from .workloads import KERNEL_KINDS, KernelInputs, Workload
+from .workloads import CPU_TIMING_GROUP, KERNEL_KINDS, KernelInputs, Workload
 
 BASELINES = ("peft-path", "sdpa-precat")
 OPTIONAL = ("flash-attn", "flex-attention")  # third-party comparisons: their failures do not fail a run
@@ -108,6 +110,10 @@ class Ptv2(Provider):
         reason = backends.unavailable_reason(self.backend)
         if reason is None and self.backend == "reference":
             reason = _reference_memory_reason(w, x)
+        if reason is None and self.backend == "triton" and backends.triton_interpreting() \
+                and w.group == CPU_TIMING_GROUP:
+            reason = ("Triton's CPU interpreter runs each program in Python: minutes at these CPU-timing shapes, "
+                      "whose target (P8) is the native backend's")
         return reason
 
     def prepare(self, w, x):
@@ -383,7 +389,7 @@ def _flex_function():
 
 def kernel_providers() -> list[Provider]:
     """Every kernel-level provider, in the order the reports list them."""
-    return [Ptv2("triton"), Ptv2("cuda"), Ptv2("reference"), PeftPath(), SdpaPrecat(), FlashAttn(), FlexAttention()]
+    return [Ptv2("triton"), Ptv2("cuda"), Ptv2("native"), Ptv2("reference"), PeftPath(), SdpaPrecat(), FlashAttn(), FlexAttention()]
 
 
 KERNEL_PROVIDER_NAMES = tuple(p.name for p in kernel_providers())

@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence
 
 BASELINES = ("peft-path", "sdpa-precat")
 # The order reports list providers in (kernel level, model level and the device ceilings use the same names).
-PROVIDER_ORDER = ("ptv2-triton", "ptv2-cuda", "reference", "peft-path", "sdpa-precat", "flash-attn",
+PROVIDER_ORDER = ("ptv2-triton", "ptv2-cuda", "ptv2-native", "ptv2-auto", "reference", "peft-path", "sdpa-precat", "flash-attn",
                   "flex-attention", "torch")
 MODEL_KINDS = ("train", "generate")
 SHAPE_COLUMNS = ("group", "kind", "batch", "q_heads", "kv_heads", "q_len", "seq_len", "prefix_len", "head_dim",
