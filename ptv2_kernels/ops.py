@@ -513,7 +513,8 @@ def _eager_path_serves(tensors) -> bool:
         return False
     if torch._C._len_torch_dispatch_stack() > 0:
         return False
-    return all(t is None or (type(t) is Tensor and t.device.type != "meta") for t in tensors)
+    # the inputs share q's device (checked by _checked)
+    return tensors[0].device.type != "meta" and all(t is None or type(t) is Tensor for t in tensors)
 
 
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
@@ -521,6 +522,8 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, a
     inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
               dropout_p, backend, deterministic)
     if EAGER_PATH and _eager_path_serves(inputs[:10]):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:10])):
+            return _forward_body(*inputs)  # nothing to differentiate: no autograd node to build
         return _EagerPrefixAttention.apply(*inputs)
     return torch.ops.ptv2_kernels.prefix_attention(*inputs)
 

@@ -119,3 +119,15 @@ def test_double_backward_is_refused(monkeypatch, eager):
     (grad_q,) = torch.autograd.grad(out.square().sum(), tensors[0], create_graph=True)
     with pytest.raises(RuntimeError):
         grad_q.sum().backward()
+
+
+@pytest.mark.parametrize("case", ["plain", "bank", "bias"])
+def test_calls_without_gradients_equal_the_custom_op(monkeypatch, case):
+    """Under no_grad (and for inputs that need no gradient) the eager path builds no autograd node at all."""
+    tensors, options = _inputs(case)
+    with torch.no_grad():
+        eager = prefix_attention(*tensors, **options, return_lse=True, backend="native")
+        monkeypatch.setattr(ops, "EAGER_PATH", False)
+        custom = prefix_attention(*tensors, **options, return_lse=True, backend="native")
+    assert eager[0].grad_fn is None and not eager[0].requires_grad
+    assert all(torch.equal(a, b) for a, b in zip(eager, custom))
