@@ -9,6 +9,9 @@ import os
 import pytest
 import torch
 
+# The shared kernel helpers assert like the test modules that call them: with pytest's detailed failure messages.
+pytest.register_assert_rewrite("tests.kernel_cases")
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

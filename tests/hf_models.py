@@ -2,7 +2,8 @@
 
 Every model has dropout off (so outputs are deterministic) and runs in float32. ``peft_twin`` wraps a deep copy of
 a model in a PEFT prefix-tuning model with a random prefix, and ``patched_twin`` patches another deep copy with a
-bank imported from that PEFT model, so both carry the same prefix values.
+bank imported from that PEFT model, so both carry the same prefix values. ``OpSpy`` records the masks a patched model
+hands the op.
 """
 
 from __future__ import annotations
@@ -165,3 +166,23 @@ def logits_of(output):
     if getattr(output, "logits", None) is not None:
         return output.logits
     return torch.stack([output.start_logits, output.end_logits])
+
+
+class OpSpy:
+    """Records the mask arguments the integration hands the op."""
+
+    def __init__(self, monkeypatch):
+        from ptv2_kernels.integrations import hf_transformers
+
+        self.calls = []
+        original = hf_transformers.prefix_attention
+
+        def spy(q, k, v, prefix_k, prefix_v, **kwargs):
+            mask = kwargs.get("attn_mask")
+            if mask is None:
+                mask = kwargs.get("key_padding_mask")
+            self.calls.append((None if mask is None else tuple(mask.shape), kwargs.get("causal"),
+                               tuple(prefix_k.shape), kwargs.get("prefix_index") is not None))
+            return original(q, k, v, prefix_k, prefix_v, **kwargs)
+
+        monkeypatch.setattr(hf_transformers, "prefix_attention", spy)

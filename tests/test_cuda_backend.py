@@ -11,8 +11,8 @@ Every test runs in one of two modes (the ``impl`` fixture):
   landing early or late (PTV2_SIM_SCHEDULE, PTV2_SIM_CP_ASYNC; see tests/cuda_sim/ptv2_sim.h): the whole module
   passes under each, and test_barriers_under_adversarial_schedules keeps two of them in every run.
 
-Bounds and helpers are those of tests/test_triton_prefix_attention.py (FlashAttention-style: a small multiple of
-the same-precision PyTorch error plus a floor), imported, not copied.
+Bounds and helpers are those of tests/kernel_cases.py (FlashAttention-style: a small multiple of the same-precision
+PyTorch error plus a floor), shared with the other backends' tests.
 """
 
 from __future__ import annotations
@@ -30,13 +30,12 @@ from ptv2_kernels import backends
 from ptv2_kernels.reference import attention_ref
 
 from . import cuda_sim
-from .conftest import DEVICE
-from .test_triton_prefix_attention import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
-    BANKS, GQA, HEAD_DIMS, LAYOUTS, MASKS, PREFIX_LENS, SHAPES, Case, _RecordOps, assert_close_to_reference,
-    backend_mask, check_against_reference, make_inputs, poison_uninitialized_memory, reference_results, run_backend,
+from .kernel_cases import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
+    BANKS, DEVICE, GQA, HEAD_DIMS, LAYOUTS, MASKS, ON_GPU, PREFIX_LENS, SHAPES, Case, RecordOps,
+    assert_close_to_reference, backend_mask, check_against_reference, make_inputs, poison_uninitialized_memory,
+    reference_results, run_backend,
 )
 
-ON_GPU = DEVICE == "cuda"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
 
@@ -411,7 +410,7 @@ def test_op_layer_makes_no_copies(impl):
                 prefix_dtype=torch.float32)
     inputs, kwargs = make_inputs(case, torch.float16)
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    with _RecordOps() as recorded:
+    with RecordOps() as recorded:
         out, lse = ptv2_kernels.prefix_attention(*leaves, **kwargs, dropout_p=0.1, return_lse=True, backend="cuda")
         torch.autograd.grad([out, lse], leaves, [torch.ones_like(out), torch.ones_like(lse)])
     assert recorded.materializing == []

@@ -17,9 +17,8 @@ import ptv2_kernels
 from ptv2_kernels import backends
 from ptv2_kernels.integrations.hf_transformers import cache_keyword
 
-from .hf_models import (GENERATE_STEPS, assert_close_scaled, bank_grads, decoder_model, patch_with_random_bank,
-                        patched_twin, peft_grads, peft_twin, random_batch)
-from .test_integration_patch import _OpSpy
+from .hf_models import (GENERATE_STEPS, OpSpy, assert_close_scaled, bank_grads, decoder_model,
+                        patch_with_random_bank, patched_twin, peft_grads, peft_twin, random_batch)
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -111,7 +110,7 @@ def test_cache_holds_real_tokens_only():
 
 
 def test_decoder_masks_reach_the_op_in_cheap_forms(monkeypatch):
-    spy = _OpSpy(monkeypatch)
+    spy = OpSpy(monkeypatch)
     model = _model("llama")
     ptv2_kernels.patch(model, ptv2_kernels.PrefixBank.for_model(model, prefix_len=3), backend="reference")
     input_ids, mask = random_batch(2, 5, padding="left", seed=1)

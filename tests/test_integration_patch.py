@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import ptv2_kernels
-from ptv2_kernels.integrations import hf_transformers
 
-from .hf_models import decoder_model, encoder_model, random_batch
+from .hf_models import OpSpy, decoder_model, encoder_model, random_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,26 +129,8 @@ def test_unsupported_model_names_its_type():
         ptv2_kernels.patch(model, bank)
 
 
-class _OpSpy:
-    """Records the mask arguments the integration hands the op."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        original = hf_transformers.prefix_attention
-
-        def spy(q, k, v, prefix_k, prefix_v, **kwargs):
-            mask = kwargs.get("attn_mask")
-            if mask is None:
-                mask = kwargs.get("key_padding_mask")
-            self.calls.append((None if mask is None else tuple(mask.shape), kwargs.get("causal"),
-                               tuple(prefix_k.shape), kwargs.get("prefix_index") is not None))
-            return original(q, k, v, prefix_k, prefix_v, **kwargs)
-
-        monkeypatch.setattr(hf_transformers, "prefix_attention", spy)
-
-
 def test_encoder_masks_reach_the_op_in_cheap_forms(monkeypatch):
-    spy = _OpSpy(monkeypatch)
+    spy = OpSpy(monkeypatch)
     model = encoder_model("bert", "seq_cls")
     ptv2_kernels.patch(model, _bank(model, prefix_len=3), backend="reference")
     input_ids, mask = random_batch(2, 6, padding="right")

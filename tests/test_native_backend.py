@@ -9,18 +9,18 @@ import torch
 
 from ptv2_kernels import backends, prefix_attention
 
+from . import kernel_cases
 from .hf_models import decoder_model, encoder_model, logits_of, loss_of, patch_with_random_bank, random_batch
-from .test_triton_prefix_attention import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
+from .kernel_cases import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
     GRID, Case, assert_close_to_reference, backend_mask, check_against_reference, make_inputs,
     poison_uninitialized_memory, reference_results,
 )
 
 @pytest.fixture(autouse=True)
 def cpu_inputs(monkeypatch):
-    """The grid's inputs, made on the CPU whatever device the kernel tests use."""
-    from . import test_triton_prefix_attention as kernel_tests
-
-    monkeypatch.setattr(kernel_tests, "DEVICE", "cpu")
+    """The grid's inputs, made on the CPU whatever device the kernel tests use (the helpers read
+    kernel_cases.DEVICE when they run)."""
+    monkeypatch.setattr(kernel_cases, "DEVICE", "cpu")
 
 
 @pytest.mark.parametrize("case, dtype", GRID)
