@@ -8,7 +8,9 @@ Llama-style ~1B-config causal LM (small configs of both in the CPU run). Provide
   real tokens), that backend for every attention (``auto``: what a user who names none gets),
   :func:`ptv2_kernels.freeze_backbone` (the prefix and the head train);
 * ``peft-path`` — ``peft.get_peft_model(model, PrefixTuningConfig(task_type=..., num_virtual_tokens=P))`` on the
-  same model with transformers' SDPA attention.
+  same model with transformers' SDPA attention;
+* ``unpatched`` — decode steps of the same model without any prefix (transformers' SDPA attention): the host-path
+  baseline of target P7, checked against itself in the oracle's dtype (it computes something else than the others).
 
 A training step is forward, loss, backward and an AdamW step (bf16 autocast over float32 weights on a GPU); it is
 reported as tokens/s (B·N per step) and peak memory. A decode step is one new token per sample over a cache of
@@ -36,7 +38,7 @@ from . import check  # noqa: E402
 from .harness import Case, Unavailable  # noqa: E402
 from .workloads import MODEL_KINDS, Workload  # noqa: E402
 
-PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-native", "ptv2-auto", "peft-path")
+PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-native", "ptv2-auto", "peft-path", "unpatched")
 LEARNING_RATE = 5e-3  # P-Tuning v2's range is 5e-3..6e-2; the value does not change the work
 
 
@@ -248,6 +250,12 @@ def model_case(w: Workload, provider: str) -> Case:
         raise Unavailable(f"{w.name} is not a model-level workload")
     if provider not in PROVIDERS:
         raise Unavailable(f"no model-level provider {provider!r}")
+    if provider == "unpatched":
+        if w.kind != "generate":
+            raise Unavailable("the unpatched model is the host-path baseline of decode steps only")
+        if importlib.util.find_spec("transformers") is None:
+            raise Unavailable("the transformers package is not installed")
+        return _unpatched_generate(w)
     reason = _library_missing() or integration_missing()
     if reason and (provider != "peft-path" or _library_missing()):
         raise Unavailable(reason)
@@ -369,6 +377,20 @@ def _ptv2_generate(w: Workload, backend: str) -> Case:
         finally:
             _repatch(model, bank, backend)
         return _compare(got, oracle, same, w)
+
+    return _generate_case(w, model, batch, check_fn)
+
+
+def _unpatched_generate(w: Workload) -> Case:
+    model = build_model(w)
+    batch = make_batches(w, 1)[0]
+
+    def check_fn(runner, cache, inputs, reset):
+        got = _step_logits(runner, cache, inputs, reset)
+        with _as_dtype(model, _oracle_dtype()):
+            oracle_cache, oracle_inputs = _prefill(w, model, batch)
+            oracle = _step_logits(model, oracle_cache, oracle_inputs, lambda: None)
+        return _compare(got, oracle, got, w)
 
     return _generate_case(w, model, batch, check_fn)
 

@@ -46,7 +46,7 @@ PTV2 = ("ptv2-triton", "ptv2-cuda")
 DESIGN_REF = "docs/design.md §6"
 # The targets' bounds (docs/design.md §6): speedups are "at least", P2's time and P6's memory ratio "at most".
 BOUNDS = {"P1": 1.6, "P2": 1.0, "P3 fwd": 1.1, "P3 fwdbwd": 1.0, "P3 TFLOP/s": 450.0, "P4": 0.8, "P5": 0.95,
-          "P6 tokens/s": 1.3, "P6 memory": 0.85, "P8": 1.0}
+          "P6 tokens/s": 1.3, "P6 memory": 0.85, "P7 op": 1.5, "P7 decode": 1.1, "P8": 1.0}
 # P8 (CPU): the op through the backend auto takes on a CPU, the models patched with auto.
 P8_PROVIDERS = {"kernel": "ptv2-native", "model": "ptv2-auto"}
 # A plot axis goes logarithmic when its largest value is more than this many times its smallest.
@@ -179,7 +179,32 @@ def evaluate_targets(d: DeviceResults) -> list[dict]:
             out.append(_target("P6", f"{w}: peak memory vs peft-path", provider,
                                d.value(w, provider, "memory_vs_peft-path"), BOUNDS["P6 memory"], "×",
                                at_least=False))
+    out += _p7_targets(d)
     out += _p8_targets(d)
+    return out
+
+
+def _time_ratio(d: DeviceResults, w: str, provider: str, baseline: str) -> float:
+    """provider's median time over baseline's at workload ``w``, measured in one run (else NaN)."""
+    keys = [(w, provider, "time_median"), (w, baseline, "time_median")]
+    if not d.same_run(*keys):
+        return math.nan
+    return d.value(w, provider, "time_median") / d.value(w, baseline, "time_median")
+
+
+def _p7_targets(d: DeviceResults) -> list[dict]:
+    """P7, the host path: the eager op call against cat + SDPA (the PEFT path) on tiny tensors, per ptv2 backend
+    measured; the patched tiny model's decode step (auto) against the unpatched model's."""
+    out = []
+    for w in d.tagged("P7"):
+        if d.workloads[w]["kind"] == "generate":
+            out.append(_target("P7", f"{w}: decode step time vs the unpatched model", "ptv2-auto",
+                               _time_ratio(d, w, "ptv2-auto", "unpatched"), BOUNDS["P7 decode"], "×",
+                               at_least=False))
+            continue
+        for provider in [p for p in d.providers(w) if p.startswith("ptv2-")]:
+            out.append(_target("P7", f"{w}: op call time vs cat + SDPA (peft-path)", provider,
+                               _time_ratio(d, w, provider, "peft-path"), BOUNDS["P7 op"], "×", at_least=False))
     return out
 
 
@@ -282,7 +307,7 @@ def _tags(row: dict) -> str:
 
 
 GROUP_ORDER = ("bert-fwd", "bert-fwdbwd", "llm-fwd", "llm-fwdbwd", "llm-decode", "mixed-fwdbwd", "mixed-decode",
-               "model-train", "model-decode", "cpu-fwdbwd", "ceiling")
+               "model-train", "model-decode", "cpu-fwdbwd", "host-overhead", "ceiling")
 
 
 def _group_order(group: str):

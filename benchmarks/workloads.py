@@ -59,10 +59,13 @@ class Workload:
     size: str = ""
     targets: tuple = ()  # the targets (docs/design.md §6) this shape measures
     note: str = ""
+    query_len: int = 0  # Nq of a fwd/fwdbwd workload whose queries are fewer than its keys (0: Nq = N)
 
     @property
     def q_len(self) -> int:
-        return 1 if self.kind in ("decode", "generate") else self.seq_len
+        if self.kind in ("decode", "generate"):
+            return 1
+        return self.query_len or self.seq_len
 
     @property
     def name(self) -> str:
@@ -73,6 +76,8 @@ class Workload:
         else:
             heads = f"H{self.q_heads}" if self.q_heads == self.kv_heads else f"H{self.q_heads}/{self.kv_heads}"
             parts = [f"B{self.batch}", heads, f"N{self.seq_len}", f"P{self.prefix_len}", f"D{self.head_dim}"]
+            if self.query_len:
+                parts.insert(2, f"Nq{self.query_len}")
         if self.num_tasks > 1 or self.group.startswith("mixed"):
             parts.append(f"T{self.num_tasks}")
         parts.append({"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[self.dtype])
@@ -202,6 +207,7 @@ def _gpu_suite(full: bool) -> list[Workload]:
     w.append(Workload("model-decode", "generate", batch=16, seq_len=1024, prefix_len=128, causal=True, **llama_1b))
     # What the device can do at all, measured in the same run: P3's and P4's fractions are relative to these.
     w.append(Workload("ceiling", "ceiling", note="copy-1GiB", dtype="bfloat16"))
+    w.append(HOST_OVERHEAD)
     w.append(Workload("ceiling", "ceiling", note="matmul-8192", dtype="bfloat16"))
     return w
 
@@ -235,8 +241,9 @@ def _cpu_suite(full: bool) -> list[Workload]:
                       targets=("P6", "P8"), **bert_tiny))
     if full:
         w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, causal=True, **llama_tiny))
-    w.append(Workload("model-decode", "generate", batch=2, seq_len=16, prefix_len=4, causal=True, targets=("P8",),
-                      **llama_tiny))
+    w.append(Workload("model-decode", "generate", batch=2, seq_len=16, prefix_len=4, causal=True,
+                      targets=("P7", "P8"), **llama_tiny))
+    w.append(HOST_OVERHEAD)
     # P8: the op at moderate shapes, timed on the CPU (BERT-base-like with key padding; Llama-like, causal, GQA)
     w.append(Workload(CPU_TIMING_GROUP, "fwdbwd", batch=4, q_heads=8, kv_heads=8, seq_len=256, prefix_len=32,
                       head_dim=64, padding=True, targets=("P8",), **f32))
@@ -245,6 +252,10 @@ def _cpu_suite(full: bool) -> list[Workload]:
     w.append(Workload("ceiling", "ceiling", note="copy-64MiB", dtype="float32"))
     return w
 
+
+# P7: one eager op call on tiny tensors, where the host path is all there is to time (both suites).
+HOST_OVERHEAD = Workload("host-overhead", "fwd", batch=2, q_heads=4, kv_heads=2, seq_len=16, query_len=4, prefix_len=8,
+                         head_dim=32, dtype="float32", targets=("P7",))
 
 # The CPU suite's group of moderate shapes timed for P8: too large for Triton's interpreter, which skips them.
 CPU_TIMING_GROUP = "cpu-fwdbwd"
