@@ -148,13 +148,17 @@ std::string check_problem(const AttentionProblem& pr) {
     return "q " + shape_of(q) + ", k " + shape_of(k) + " and prefix " + shape_of(pk) + " do not match";
   }
   if (Hkv == 0 || Hq % Hkv != 0) return "Hq must be a multiple of Hkv";
-  if (D < 1 || D > 256) return "head dim " + std::to_string(D) + " is outside [1, 256]";
+  if (D < 1 || D > kMaxHeadDim) {
+    return "head dim " + std::to_string(D) + " is outside [1, " + std::to_string(kMaxHeadDim) + "]";
+  }
   for (const TensorRef* t : {&q, &k, &v}) {
     if (t->size[3] > 1 && t->stride[3] != 1) return "q, k and v must have a contiguous last dim";
   }
-  if (B > 65535 || Hq > 65535) return "B and Hq must be at most 65535 (grid limits)";
+  if (B > kMaxGridDim || Hq > kMaxGridDim) {
+    return "B and Hq must be at most " + std::to_string(kMaxGridDim) + " (grid limits)";
+  }
   if (T < 1) return "the prefix bank must hold at least one entry";
-  const int64_t limit = int64_t{1} << 31;
+  const int64_t limit = int64_t{1} << kSizeBits;
   if (Nq >= limit || Nk >= limit || P >= limit || B * Hq * Nq >= limit) return "sizes must stay below 2**31";
   if (pr.dropout_p > 0.0 && Nq * (P + Nk) >= limit) return "with dropout Nq * (P + Nk) must be below 2**31";
   if (pr.dropout_p > 0.0 && (!pr.seed.defined || pr.seed.dtype != kInt64)) return "dropout needs an int64 seed";

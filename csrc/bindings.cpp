@@ -280,4 +280,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return ptv2::shared_memory_bytes(code, static_cast<int>(head_dim));
       },
       "Dynamic shared memory per block (bytes) the kernels for q/k/v of this dtype and head dim need at most.");
+  m.def(
+      "limits",
+      []() {
+        pybind11::dict limits;
+        limits["max_head_dim"] = ptv2::kMaxHeadDim;
+        limits["max_grid_dim"] = ptv2::kMaxGridDim;
+        limits["size_bits"] = ptv2::kSizeBits;
+        limits["max_decode_queries"] = ptv2::kMaxDecodeQueries;
+        return limits;
+      },
+      "What the kernels serve: the largest head dim, samples/query heads per grid dim, the bits every size and "
+      "(with dropout) Nq * (P + Nk) must fit in, and the most queries of the decode kernel.");
 }

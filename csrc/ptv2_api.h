@@ -44,6 +44,12 @@ struct AttentionProblem {
 enum ForwardAlgo : int32_t { kForwardAuto = 0, kForwardTiled = 1, kForwardDecode = 2 };
 constexpr int kMaxDecodeQueries = 16;
 
+// What the kernels serve, stated once: api.cpp's checks use these, and the extension reports them to Python
+// (limits() in bindings.cpp), whose backend reads them instead of repeating them.
+constexpr int64_t kMaxHeadDim = 256;      // head dims are dispatched to tiles of 32, 64, 128 or 256
+constexpr int64_t kMaxGridDim = 65535;    // samples and query heads: the grid's second and third dims
+constexpr int kSizeBits = 31;             // every length, B * Hq * Nq, and with dropout Nq * (P + Nk) < 2**31
+
 struct DeviceInfo {
   int num_sms = 1;
   int max_shared_memory = 48 * 1024;  // opt-in dynamic shared memory per block, bytes

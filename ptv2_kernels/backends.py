@@ -19,6 +19,7 @@ the same dropout mask from it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -37,6 +38,60 @@ MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # CUDA grids allow 65535 programs along their second and third dims (query heads and samples).
 MAX_GRID_DIM = 65535
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLimits:
+    """What a family of fused kernels serves, stated once (:func:`limit_reasons` says which limits a call
+    exceeds). The Triton backend's are below; the CUDA backend's come from the extension itself."""
+
+    dtypes: tuple = KERNEL_DTYPES
+    max_head_dim: int = MAX_HEAD_DIM
+    max_grid_dim: int = MAX_GRID_DIM
+    # Dropout numbers each (query, key) pair of a (sample, head) with one counter of this many bits.
+    dropout_bits: int = 31
+    # When set, every length and B * Hq * Nq must also fit in this many bits (32-bit index arithmetic).
+    size_bits: Optional[int] = None
+    takes_bias: bool = True
+
+
+TRITON_LIMITS = KernelLimits()
+NO_BIAS_REASON = "its kernels take no additive score bias (attn_bias or a float attn_mask); the triton backend does"
+
+
+def _dtype_names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def limit_reasons(limits: KernelLimits, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
+                  attn_bias: Optional[Tensor] = None) -> list[str]:
+    """Every limit of ``limits`` that a call with these (checked, normalized) inputs exceeds, as reasons."""
+    reasons = []
+    batch, q_heads, q_len, head_dim = q.shape
+    prefix_len, k_len = prefix_k.shape[-2], k.shape[2]
+    allowed = _dtype_names(limits.dtypes)
+    if q.dtype not in limits.dtypes:
+        reasons.append(f"it supports q/k/v of dtype {allowed}, got {q.dtype}")
+    if prefix_k.dtype not in limits.dtypes:
+        reasons.append(f"it supports prefix_k/prefix_v of dtype {allowed}, got {prefix_k.dtype}")
+    if attn_bias is not None:
+        if not limits.takes_bias:
+            reasons.append(NO_BIAS_REASON)
+        elif attn_bias.dtype not in limits.dtypes:
+            reasons.append(f"it supports attn_bias of dtype {allowed}, got {attn_bias.dtype}")
+    if head_dim > limits.max_head_dim:
+        reasons.append(f"it supports head dims up to {limits.max_head_dim}, got {head_dim}")
+    if max(batch, q_heads) > limits.max_grid_dim:
+        reasons.append(f"it launches a grid row per sample and head, at most {limits.max_grid_dim} each, got "
+                       f"B={batch}, Hq={q_heads}")
+    if limits.size_bits is not None and (batch * q_heads * q_len >= 2**limits.size_bits
+                                         or max(q_len, k_len, prefix_len) >= 2**limits.size_bits):
+        reasons.append(f"it needs B * Hq * Nq and every length below 2**{limits.size_bits}")
+    if dropout_p > 0.0 and q_len * (prefix_len + k_len) >= 2**limits.dropout_bits:
+        reasons.append(f"with dropout it needs Nq * (P + Nk) < 2**{limits.dropout_bits}, got Nq={q_len}, "
+                       f"P={prefix_len}, Nk={k_len}")
+    return reasons
 
 
 def triton_interpreting() -> bool:
@@ -89,45 +144,39 @@ def unavailable_reason(name: str) -> Optional[str]:
     raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
 
 
-def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
-                       attn_bias: Optional[Tensor] = None, bias_grad: bool = False) -> Optional[str]:
-    """None if backend ``name`` can serve a call with these inputs, else why not (machine first, then the case).
+def unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
+                        attn_bias: Optional[Tensor] = None, bias_grad: bool = False) -> list[str]:
+    """Every reason backend ``name`` cannot serve a call with these inputs (empty: it can), the machine first.
     ``bias_grad``: the additive bias requires a gradient."""
     reason = unavailable_reason(name)
-    if reason is not None or name == "reference":
-        return reason
+    if reason is not None:
+        return [reason]
+    if name == "reference":
+        return []
     if name == "native":
         from . import native
 
-        return "; ".join(native.unsupported_reasons(q, prefix_k, dropout_p, attn_bias, bias_grad)) or None
+        return native.unsupported_reasons(q, prefix_k, dropout_p, attn_bias, bias_grad)
     if name == "cuda":
-        if attn_bias is not None:
-            return ("its kernels take no additive score bias (attn_bias or a float attn_mask); the triton "
-                    "backend does")
         from . import cuda_backend
 
-        return cuda_backend.unsupported_reason(q, k, prefix_k, dropout_p)
-    batch, q_heads, q_len, head_dim = q.shape
-    if q.dtype not in KERNEL_DTYPES:
-        return f"it supports q/k/v of dtype float16, bfloat16 or float32, got {q.dtype}"
-    if prefix_k.dtype not in KERNEL_DTYPES:
-        return f"it supports prefix_k/prefix_v of dtype float16, bfloat16 or float32, got {prefix_k.dtype}"
-    if attn_bias is not None and attn_bias.dtype not in KERNEL_DTYPES:
-        return f"it supports attn_bias of dtype float16, bfloat16 or float32, got {attn_bias.dtype}"
-    if head_dim > MAX_HEAD_DIM:
-        return f"it supports head dims up to {MAX_HEAD_DIM}, got {head_dim}"
-    if max(batch, q_heads) > MAX_GRID_DIM:
-        return f"it launches a grid row per sample and head, at most {MAX_GRID_DIM} each, got B={batch}, Hq={q_heads}"
-    if dropout_p > 0.0 and q_len * (prefix_k.shape[-2] + k.shape[2]) >= 2**31:
-        # Dropout numbers each (query, key) pair of a (sample, head) with one 32-bit counter.
-        return f"with dropout it needs Nq * (P + Nk) < 2**31, got Nq={q_len}, P={prefix_k.shape[-2]}, Nk={k.shape[2]}"
-    if q.device.type == "cuda":
-        return None
-    if not triton_interpreting():
-        return f"it runs on CUDA tensors, got tensors on {q.device}"
-    if torch.bfloat16 in (q.dtype, prefix_k.dtype):
-        return "Triton's CPU interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 or a GPU"
-    return None
+        # a feature the kernels lack, whatever the machine; then what the extension and the GPU say
+        reasons = [] if attn_bias is None or cuda_backend.TAKES_BIAS else [NO_BIAS_REASON]
+        return reasons + cuda_backend.unsupported_reasons(q, k, prefix_k, dropout_p)
+    reasons = limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, attn_bias)
+    if q.device.type != "cuda":
+        if not triton_interpreting():
+            reasons.insert(0, f"it runs on CUDA tensors, got tensors on {q.device}")
+        elif torch.bfloat16 in (q.dtype, prefix_k.dtype):
+            reasons.append("Triton's CPU interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 or a "
+                           "GPU")
+    return reasons
+
+
+def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
+                       attn_bias: Optional[Tensor] = None, bias_grad: bool = False) -> Optional[str]:
+    """None if backend ``name`` can serve a call with these inputs, else every reason why not, in one sentence."""
+    return "; ".join(unsupported_reasons(name, q, k, prefix_k, dropout_p, attn_bias, bias_grad)) or None
 
 
 def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,

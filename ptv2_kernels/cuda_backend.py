@@ -22,12 +22,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["forward", "backward", "dropout_keep_mask", "unavailable_reason", "unsupported_reason", "compiled_archs",
+__all__ = ["forward", "backward", "dropout_keep_mask", "unavailable_reason", "unsupported_reason",
+           "unsupported_reasons", "limits", "compiled_archs",
            "extension_status"]
 
-MAX_HEAD_DIM = 256
+# q/k/v and prefix dtypes the kernels are instantiated for, and whether they take an additive bias; the size
+# limits come from the extension (limits()).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_GRID_DIM = 65535
+TAKES_BIAS = False
 ALGO_AUTO, ALGO_TILED, ALGO_DECODE = 0, 1, 2
 
 
@@ -43,6 +45,9 @@ def _extension():
         module = importlib.import_module("ptv2_kernels._C")
     except Exception as error:  # noqa: BLE001 - an ABI or loader error: report it, do not crash the import
         return None, f"the CUDA extension ptv2_kernels._C does not load ({type(error).__name__}: {error})"
+    if not hasattr(module, "limits"):
+        return None, ("the CUDA extension ptv2_kernels._C was built from an older checkout (it reports no limits); "
+                      "rebuild it: pip install --no-build-isolation -e .")
     return module, None
 
 
@@ -100,36 +105,48 @@ def _shared_memory_limit(index: int) -> Optional[int]:
     return getattr(props, "shared_memory_per_block_optin", None)
 
 
-def unsupported_reason(q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0) -> Optional[str]:
-    """None if the CUDA kernels can serve a call with these (checked, normalized) inputs, else why not."""
+@functools.lru_cache(maxsize=None)
+def limits():
+    """The kernels' limits as the extension states them (csrc/ptv2_api.h), as a :class:`KernelLimits`."""
+    from .backends import KernelLimits
+
+    module, reason = _extension()
+    if module is None:
+        raise RuntimeError(reason)
+    reported = module.limits()
+    return KernelLimits(dtypes=DTYPES, max_head_dim=int(reported["max_head_dim"]),
+                        max_grid_dim=int(reported["max_grid_dim"]), dropout_bits=int(reported["size_bits"]),
+                        size_bits=int(reported["size_bits"]), takes_bias=TAKES_BIAS)
+
+
+def unsupported_reasons(q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0) -> list[str]:
+    """Every reason the CUDA kernels cannot serve a call with these (checked, normalized) inputs, a bias aside
+    (empty: they can), the machine first."""
+    from .backends import limit_reasons
+
     reason = unavailable_reason()
     if reason is not None:
-        return reason
+        return [reason]
     if q.device.type != "cuda":
-        return f"it runs on CUDA tensors, got tensors on {q.device}"
+        return [f"it runs on CUDA tensors, got tensors on {q.device}"]
     reason = _arch_reason(q.device)
     if reason is not None:
-        return reason
-    batch, q_heads, q_len, head_dim = q.shape
-    if q.dtype not in DTYPES:
-        return f"it supports q/k/v of dtype float16, bfloat16 or float32, got {q.dtype}"
-    if prefix_k.dtype not in DTYPES:
-        return f"it supports prefix_k/prefix_v of dtype float16, bfloat16 or float32, got {prefix_k.dtype}"
-    if head_dim > MAX_HEAD_DIM:
-        return f"it supports head dims up to {MAX_HEAD_DIM}, got {head_dim}"
-    if max(batch, q_heads) > MAX_GRID_DIM:
-        return f"it launches a grid row per sample and head, at most {MAX_GRID_DIM} each, got B={batch}, Hq={q_heads}"
-    if batch * q_heads * q_len >= 2**31 or max(q_len, k.shape[2], prefix_k.shape[-2]) >= 2**31:
-        return "it needs B * Hq * Nq and every length below 2**31"
-    if dropout_p > 0.0 and q_len * (prefix_k.shape[-2] + k.shape[2]) >= 2**31:
-        return f"with dropout it needs Nq * (P + Nk) < 2**31, got Nq={q_len}, P={prefix_k.shape[-2]}, Nk={k.shape[2]}"
-    module, _ = _extension()
-    needed = module.shared_memory_bytes(str(q.dtype).replace("torch.", ""), head_dim)
-    limit = _shared_memory_limit(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    if limit is not None and needed > limit:
-        return (f"its kernels for head dim {head_dim} in {q.dtype} need {needed} bytes of shared memory per block, "
-                f"this GPU allows {limit}")
-    return None
+        return [reason]
+    reasons = limit_reasons(limits(), q, k, prefix_k, dropout_p)
+    head_dim = q.shape[-1]
+    if q.dtype in DTYPES and head_dim <= limits().max_head_dim:
+        module, _ = _extension()
+        needed = module.shared_memory_bytes(str(q.dtype).replace("torch.", ""), head_dim)
+        limit = _shared_memory_limit(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        if limit is not None and needed > limit:
+            reasons.append(f"its kernels for head dim {head_dim} in {q.dtype} need {needed} bytes of shared memory "
+                           f"per block, this GPU allows {limit}")
+    return reasons
+
+
+def unsupported_reason(q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0) -> Optional[str]:
+    """None if the CUDA kernels can serve the call, else every reason why not, in one sentence."""
+    return "; ".join(unsupported_reasons(q, k, prefix_k, dropout_p)) or None
 
 
 def _ops():

@@ -3,6 +3,7 @@
 Every test starts from a valid call (checked to succeed by ``test_valid_call_succeeds``) and breaks one thing.
 """
 
+import dataclasses
 import gc
 import re
 import types
@@ -580,3 +581,33 @@ def test_triton_interpreter_and_numpy_versions(monkeypatch, triton_version, nump
     assert (problem is not None) == refused
     if refused:
         assert f"Triton {triton_version}" in problem and "numpy<2.4 or triton>=3.7" in problem
+
+
+def test_an_explicit_backend_lists_every_reason_it_cannot_serve():
+    """The limits are declared once per backend and every one a call exceeds is named, not only the first."""
+    from ptv2_kernels import cuda_backend
+
+    q = torch.empty(2, 4, 3, 300, dtype=torch.float64)
+    k = torch.empty(2, 4, 5, 300, dtype=torch.float64)
+    prefix = torch.empty(1, 4, 2, 300, dtype=torch.float64)
+    limits = backends.TRITON_LIMITS
+    reasons = backends.limit_reasons(limits, q, k, prefix, 0.0, torch.empty(1, 1, 3, 5, dtype=torch.float64))
+    assert len(reasons) == 4, reasons
+    assert any("q/k/v of dtype float16, bfloat16 or float32, got torch.float64" in r for r in reasons)
+    assert any("prefix_k/prefix_v" in r for r in reasons) and any("attn_bias of dtype" in r for r in reasons)
+    assert any(f"head dims up to {limits.max_head_dim}, got 300" in r for r in reasons)
+    no_bias = dataclasses.replace(limits, takes_bias=False, size_bits=4)
+    reasons = backends.limit_reasons(no_bias, q, k, prefix, 0.5, torch.empty(1, 1, 3, 5))
+    assert any("take no additive score bias" in r for r in reasons)
+    assert any("below 2**4" in r for r in reasons)  # B * Hq * Nq = 24 >= 16
+    assert not any("with dropout" in r for r in reasons)  # Nq * (P + Nk) = 21 < 2**31
+    if backends.unavailable_reason("triton") is None:
+        with pytest.raises(ValueError) as raised:
+            prefix_attention(q, k, k, prefix, prefix, backend="triton")
+        message = str(raised.value)
+        assert "got torch.float64" in message and "head dims up to" in message and message.count(";") >= 2
+    if cuda_backend.unavailable_reason() is None or "no CUDA device" in (cuda_backend.unavailable_reason() or ""):
+        if cuda_backend._extension()[0] is not None:  # the built extension states the CUDA kernels' limits
+            stated = cuda_backend.limits()
+            assert (stated.max_head_dim, stated.max_grid_dim, stated.size_bits) == (256, 65535, 31)
+            assert not stated.takes_bias and stated.dtypes == cuda_backend.DTYPES
