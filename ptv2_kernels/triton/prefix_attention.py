@@ -137,10 +137,10 @@ def _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N: tl.constex
 def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
             start, end, k_len, offs_m, offs_d, q_len, diag,
             key_pad, stride_kpn, dense, stride_mm, stride_mn,
-            seed, stream, col_base, cols_total, dropout_p, qk_scale,
+            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
             HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, bias, stride_bm, stride_bn, HAS_BIAS: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with key blocks [start, end) of one key/value source."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -168,6 +168,33 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                   offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(probs.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                   lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
+                   key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                   seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                   HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Key blocks [lo, hi) of one source in two stages: those before ``full_end``, which every query of the block
+    sees whole, without bounds or causal masks; the rest (the ragged end, the causal diagonal) with them."""
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                            lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
+                            HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                            tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
+                            HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
     return acc, l_i, m_i
 
 
@@ -243,35 +270,28 @@ def _forward_kernel(
         prefix_lo, prefix_hi = tl.minimum(lo, prefix_span), tl.minimum(lo + per_split, prefix_keys)
         seq_lo, seq_hi = tl.maximum(lo - prefix_span, 0), tl.minimum(lo + per_split - prefix_span, seq_end)
 
-    # Stage 1: the prefix. Always visible, so only its last partial block is masked, and only for bounds.
+    # Stage 1: the prefix. Always visible (no mask, no bias, no causal rule): only its last partial block is
+    # masked, and only for bounds.
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
     PVb = PV + entry * stride_pvt + hkv * stride_pvh
-    prefix_full = prefix_keys // BLOCK_N * BLOCK_N
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                            prefix_lo, tl.minimum(prefix_hi, prefix_full), prefix_keys, offs_m, offs_d, q_len, 0,
-                            key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
-                            dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT,
-                            DOT_PRECISION, bias, stride_bm, stride_bn, False)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                            tl.maximum(prefix_lo, prefix_full), prefix_hi, prefix_keys, offs_m, offs_d, q_len, 0,
-                            key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
-                            dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT,
-                            DOT_PRECISION, bias, stride_bm, stride_bn, False)
+    acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                                   prefix_lo, prefix_hi, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m,
+                                   offs_d, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                   seed, stream, 0, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                                   HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
+                                   HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                                   HAS_BIAS=False)
 
-    # Stage 2: the sequence. Blocks every query of this block sees whole go without bounds/causal masks; the
-    # rest (the causal diagonal, the ragged end) with them.
+    # Stage 2: the sequence, with the caller's masks, bias and causal rule.
     Kb = K + b * stride_kb + hkv * stride_kh
     Vb = V + b * stride_vb + hkv * stride_vh
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                            seq_lo, tl.minimum(seq_hi, seq_full), k_len, offs_m, offs_d, q_len, diag, key_pad,
-                            stride_kpn, dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total,
-                            dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, False, False, HAS_KEY_PAD, HAS_DENSE,
-                            HAS_DROPOUT, DOT_PRECISION, bias, stride_bm, stride_bn, HAS_BIAS)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                            tl.maximum(seq_lo, seq_full), seq_hi, k_len, offs_m, offs_d, q_len, diag, key_pad,
-                            stride_kpn, dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total,
-                            dropout_p, qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, HAS_DENSE,
-                            HAS_DROPOUT, DOT_PRECISION, bias, stride_bm, stride_bn, HAS_BIAS)
+    acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
+                                   seq_lo, seq_hi, seq_full, k_len, offs_m, offs_d, q_len, diag,
+                                   key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                   seed, stream, prefix_len, cols_total, dropout_p, qk_scale, bias, stride_bm,
+                                   stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL,
+                                   HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                                   DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
 
     # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf. Dropout's 1/(1-p) is applied once here.
     seen = l_i > 0.0
@@ -362,11 +382,10 @@ def _lse_log2(Lse, rows, row_ok):
 def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                           start, end, offs_n, offs_d, q_len, diag,
                           key_pad, stride_kpn, dense, stride_mm, stride_mn, k_len,
-                          seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                          seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
                           HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr,
-                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, bias, stride_bm, stride_bn,
-                          HAS_BIAS: tl.constexpr):
+                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
     """dK, dV of one key block from query blocks [start, end) of one query head; tiles are [keys, queries]."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -446,9 +465,9 @@ def _backward_key_kernel(
                     dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DOut + b * stride_dob + h * stride_doh, Lse,
                     Delta, stride_qm, stride_dom, stride_dod, (b * q_heads + h) * q_len, 0, q_len, offs_n, offs_d,
                     q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
-                    (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale,
-                    HEAD_DIM, PAD_D, BLOCK_M, False, False, False, HAS_DROPOUT, DOT_PRECISION,
-                    Bias, stride_bm, stride_bn, False)
+                    (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, Bias, stride_bm, stride_bn,
+                    HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=False,
+                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False)
             # One sample's share of the bank entry's gradient: [S, Hkv, P, D] float32 buffers indexed by the
             # entry (atomics) or by the sample (deterministic, summed in order by the finalize kernel).
             slot = entry
@@ -488,18 +507,21 @@ def _backward_key_kernel(
             do_head = DOut + b * stride_dob + h * stride_doh
             row_base = (b * q_heads + h) * q_len
             stream = (b * q_heads + h).to(tl.int32)
+            # two stages: the query blocks on the causal diagonal with the causal rule, those after it without
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                 first_row, tl.minimum(full_row, q_len), offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                 stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                HEAD_DIM, PAD_D, BLOCK_M, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT, DOT_PRECISION,
-                bias, stride_bm, stride_bn, HAS_BIAS)
+                bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL,
+                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                HAS_BIAS=HAS_BIAS)
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                 full_row, q_len, offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
                 stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                HEAD_DIM, PAD_D, BLOCK_M, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT, DOT_PRECISION,
-                bias, stride_bm, stride_bn, HAS_BIAS)
+                bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False,
+                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                HAS_BIAS=HAS_BIAS)
         grad_ok = key_ok & d_ok
         tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=grad_ok)
@@ -512,11 +534,11 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
                            start, end, k_len, offs_m, offs_d, q_len, diag,
                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
                            seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                           bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
                            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            MASK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
                            HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           bias, stride_bm, stride_bn, HAS_BIAS: tl.constexpr, dbias, stride_dbm, stride_dbn,
-                           BIAS_GRAD: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr):
     """dQ of one query block from key blocks [start, end) of one key/value source; with BIAS_GRAD, also the
     gradient of the additive bias (the scores' gradient, in natural units) of these (query, key) pairs."""
     for start_n in range(start, end, BLOCK_N):
@@ -542,6 +564,36 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
             tl.store(dbias + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn, d_scores,
                      mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
         dq += tl.dot(d_scores.to(q.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                       lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
+                       key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                       seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                       bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                       HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr):
+    """dQ over key blocks [lo, hi) of one source in the forward's two stages: before ``full_end`` without bounds
+    or causal masks, the rest with them."""
+    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
+                                key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                                bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
+                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
+    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
+                                key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                                bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
+                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
     return dq
 
 
@@ -592,34 +644,25 @@ def _backward_query_kernel(
 
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
     PVb = PV + entry * stride_pvt + hkv * stride_pvh
-    prefix_full = prefix_keys // BLOCK_N * BLOCK_N
-    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                                0, prefix_full, prefix_keys, offs_m, offs_d, q_len, 0, key_pad, stride_kpn, dense,
-                                stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p, qk_scale,
-                                HEAD_DIM, PAD_D, BLOCK_N, False, False, False, False, HAS_DROPOUT, DOT_PRECISION,
-                                bias, stride_bm, stride_bn, False, dbias, stride_dbm, stride_dbn, False)
-    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                                prefix_full, prefix_keys, prefix_keys, offs_m, offs_d, q_len, 0, key_pad,
-                                stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total, dropout_p,
-                                qk_scale, HEAD_DIM, PAD_D, BLOCK_N, True, False, False, False, HAS_DROPOUT,
-                                DOT_PRECISION, bias, stride_bm, stride_bn, False, dbias, stride_dbm, stride_dbn, False)
+    dq = _query_grad_staged(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                            0, prefix_keys, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m, offs_d, q_len, 0,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
+                            dropout_p, qk_scale, bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
+                            HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False,
+                            BIAS_GRAD=False)
     Kb = K + b * stride_kb + hkv * stride_kh
     Vb = V + b * stride_vb + hkv * stride_vh
     diag = k_len - q_len
     seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, diag, k_len, BLOCK_N,
                                             CAUSAL)
-    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                                0, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                                stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                                HEAD_DIM, PAD_D, BLOCK_N, False, False, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
-                                DOT_PRECISION, bias, stride_bm, stride_bn, HAS_BIAS, dbias, stride_dbm, stride_dbn,
-                                BIAS_GRAD)
-    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                                seq_full, seq_end, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                                stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                                HEAD_DIM, PAD_D, BLOCK_N, True, CAUSAL, HAS_KEY_PAD, HAS_DENSE, HAS_DROPOUT,
-                                DOT_PRECISION, bias, stride_bm, stride_bn, HAS_BIAS, dbias, stride_dbm, stride_dbn,
-                                BIAS_GRAD)
+    dq = _query_grad_staged(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
+                            0, seq_end, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                            bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
+                            HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                            HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
