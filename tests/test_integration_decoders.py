@@ -15,12 +15,13 @@ import torch
 
 import ptv2_kernels
 from ptv2_kernels import backends
+from ptv2_kernels.integrations import hf_transformers
 from ptv2_kernels.integrations.hf_transformers import cache_keyword
 
 from .hf_models import (GENERATE_STEPS, OpSpy, assert_close_scaled, bank_grads, decoder_model,
                         patch_with_random_bank, patched_twin, peft_grads, peft_twin, random_batch)
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 FAMILIES = ["gpt2", "llama", "qwen2", "mistral"]
@@ -187,3 +188,61 @@ def test_triton_backend_matches_peft_with_gqa():
     expected = peft_model.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
     actual = ours.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
     _compare_generate(actual, expected, TRITON_REL)
+
+
+def _two_task_bank(model):
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=[4, 3])
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, 0.5)
+    ptv2_kernels.patch(model, bank, backend="reference")
+    return bank
+
+# Families whose decoder layers do not pass keyword arguments on to their attention: the per-forward context reaches
+# the attention through the patch state instead.
+_KWARGLESS = {"stablelm": ("StableLmConfig", "StableLmForCausalLM"),
+              "nemotron": ("NemotronConfig", "NemotronForCausalLM")}
+
+
+def _kwargless_model(family):
+    config_name, model_name = _KWARGLESS[family]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"this transformers has no {model_name}")
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                                max_position_embeddings=64)
+    return getattr(transformers, model_name)(config)
+
+
+@pytest.mark.parametrize("family", sorted(_KWARGLESS))
+def test_families_that_drop_attention_kwargs_serve_mixed_tasks(family):
+    model = _kwargless_model(family).eval()
+    bank = _two_task_bank(model)
+    state = getattr(model, hf_transformers._STATE_ATTR)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, task_ids=torch.tensor([0, 1])).logits
+        alone = torch.cat([model(input_ids=ids[i:i + 1], task_ids=torch.tensor([i])).logits for i in range(2)])
+        other = model(input_ids=ids[:1], task_ids=torch.tensor([1])).logits
+        with pytest.raises(IndexError):
+            model(input_ids=ids, task_ids=torch.tensor([0, 5]))
+        again = model(input_ids=ids, task_ids=torch.tensor([0, 1])).logits
+    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone[:1], other, rtol=1e-3, atol=1e-3)  # the task's prefix matters
+    torch.testing.assert_close(again, mixed, rtol=0, atol=0)  # a failed forward leaves nothing behind
+    assert state.current is None and not state.interrupted  # outside every forward, nothing is current
+    del bank
+
+
+@pytest.mark.parametrize("family", sorted(_KWARGLESS))
+def test_families_that_drop_attention_kwargs_refuse_a_recompute_without_tasks(family):
+    """Gradient checkpointing recomputes a layer during backward, outside the forward: with several tasks such a
+    family cannot know each sample's task there and says so (one task needs none)."""
+    model = _kwargless_model(family)
+    _two_task_bank(model)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    loss = model(input_ids=ids, labels=ids, task_ids=torch.tensor([0, 1]), use_cache=False).loss
+    with pytest.raises(ValueError, match="without gradient checkpointing"):
+        loss.backward()

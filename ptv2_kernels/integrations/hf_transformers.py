@@ -304,11 +304,15 @@ class _PatchState:
         self.previous_implementations: list = []  # (sub-model, implementation before patching)
         self.generate_tasks: list = []  # the task selections of the generate calls running now, innermost last
         self.wrapped_generate = False
-        self.current: Optional[PrefixContext] = None  # the context of the forward running now (for position hooks)
+        # The context of the innermost hooked forward running now, and the ones it interrupted: for the position
+        # hooks, and for attention modules whose callers do not pass the context on as a keyword argument.
+        self.current: Optional[PrefixContext] = None
+        self.interrupted: list = []
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["current"] = None
+        state["interrupted"] = []
         state["generate_tasks"] = []
         return state
 
@@ -429,7 +433,19 @@ def _module_prefix(module, query, key, kwargs):
     state, slot = binding
     context = kwargs.get(CONTEXT_KWARG)
     if context is None or context.state is not state:
-        context = state.context(None)  # called outside a hooked forward: views made here
+        # Some families' layers do not pass their keyword arguments on to the attention (StableLM, Nemotron):
+        # the forward running now is found on the state. Outside every forward: views made here.
+        if state.current is not None:
+            context = state.current
+        elif state.bank.num_tasks > 1 and not state.generate_tasks:
+            raise ValueError(
+                f"{type(module).__name__} ran outside a forward of the patched model and without its per-forward "
+                "context, so the samples' tasks are unknown: a layer of this family does not pass keyword "
+                "arguments on to its attention, and here it was called on its own or recomputed later (gradient "
+                "checkpointing recomputes layers during backward). With a bank of several tasks, call the whole "
+                "model, and train this family without gradient checkpointing.")
+        else:
+            context = state.context(None)
     prefix_k, prefix_v = context.kv[slot]
     return prefix_k, prefix_v, context.index_for(query.shape[0]), context.lengths, state.backend
 
@@ -531,6 +547,7 @@ class _PreHook:
 
     def __call__(self, module, args, kwargs):
         state = self.state
+        state.interrupted.append(state.current)  # first, so that _PostHook's pop matches even if this raises
         context = kwargs.get(CONTEXT_KWARG)
         if context is not None and context.state is state:
             state.current = context
@@ -546,6 +563,19 @@ class _PreHook:
         if self.shift_positions:
             _shift_positions(context, self.names, args, kwargs, self.roberta)
         return args, kwargs
+
+
+class _PostHook:
+    """The forward hook paired with each :class:`_PreHook` (called even when the forward raises): the context of
+    the forward that was interrupted becomes current again, None outside every forward."""
+
+    def __init__(self, state: _PatchState):
+        self.state = state
+
+    def __call__(self, module, args, kwargs, output):
+        state = self.state
+        state.current = state.interrupted.pop() if state.interrupted else None
+        return None
 
 
 def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
@@ -817,6 +847,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
         shift = positions == "shifted" and "position_ids" in sub_names and not _is_encoder_decoder(model)
         handle = sub.register_forward_pre_hook(_PreHook(state, sub_names, shift, roberta), with_kwargs=True)
         state.hooks.append(handle)
+        state.hooks.append(sub.register_forward_hook(_PostHook(state), with_kwargs=True, always_call=True))
     if positions == "shifted" and not _is_encoder_decoder(model):
         state.position_room = _position_room(model, roberta)
     if positions == "shifted" and _is_encoder_decoder(model):
