@@ -1,0 +1,712 @@
+"""Prefix attention in Triton: the kernels and their device helpers (the launchers, configurations and the backend's
+``forward`` / ``backward`` are in :mod:`ptv2_kernels.triton.prefix_attention`).
+
+Every kernel reads q, k, v and the prefix bank in place through strides: a shared prefix is read with batch stride
+0, a bank entry through ``prefix_index``; GQA maps query head h to key/value head ``h // group``. Nothing is
+concatenated, expanded or made contiguous.
+
+* Forward — one program per (query block, query head, sample): one pass over the sample's prefix keys, then over
+  its sequence keys, with an online softmax in the exp2 domain. Masks cost only where they can bite: the prefix
+  is never masked but for its last partial block, interior sequence blocks carry no bounds or causal work. With
+  few queries (decode) and GQA, a program takes all query heads of one key/value head instead, so that each
+  key/value tile is read once per group rather than once per query head; and when such a forward has too few
+  programs to fill the GPU (small batch, long cache), the keys are split across programs whose partial outputs a
+  last kernel merges by their lse (split-KV, as in Flash-Decoding).
+* Backward, FlashAttention-2 style — a pre-pass computes Δ = rowsum(dO·O) − dlse; one kernel computes dK/dV per
+  key block (summing the query heads of a GQA group in the program), another dQ per query block. A prefix key
+  block's dK/dV is one sample's share: it is summed over the samples that use the bank entry with fp32 atomics,
+  or, in deterministic mode, stored per sample and summed in a fixed order. A last small kernel writes the prefix
+  gradients in the prefix's own dtype.
+* Dropout — a Philox counter per (sample·head stream, query, key column of [prefix slots ; sequence]) from one
+  seed, so backward regenerates exactly the forward's mask.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Globals a kernel reads must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load(ptrs, index_ok, dim_ok, CHECK_INDEX: tl.constexpr, CHECK_DIM: tl.constexpr):
+    """A tile load that pays for bounds masks only where the caller says they can fail."""
+    if CHECK_INDEX and CHECK_DIM:
+        tile = tl.load(ptrs, mask=index_ok & dim_ok, other=0.0)
+    elif CHECK_INDEX:
+        tile = tl.load(ptrs, mask=index_ok, other=0.0)
+    elif CHECK_DIM:
+        tile = tl.load(ptrs, mask=dim_ok, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _operand_base(Ptr, b, h, stride_b, stride_h, PRESENT: tl.constexpr):
+    """Where an optional per-(sample, head) operand (mask, bias, bias gradient) starts for sample b and head h
+    (``h`` may be a column of per-row heads); the argument as passed (None) when the operand is absent."""
+    base = Ptr
+    if PRESENT:
+        base = Ptr + b * stride_b + h * stride_h
+    return base
+
+
+@triton.jit
+def _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
+                HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """Sample b's bank entry, how many of its keys it sees, and whether its index was in range.
+
+    The host checks the index; this guards the device anyway: an entry out of range reads no prefix (the forward
+    then writes NaN rows), and a length is clamped to [0, P]."""
+    entry = b * 0
+    if HAS_INDEX:
+        entry = tl.load(PrefixIndex + b).to(tl.int64)
+    in_range = (entry >= 0) & (entry < num_prefixes)
+    entry = tl.where(in_range, entry, 0)
+    keys = prefix_len + b.to(tl.int32) * 0
+    if HAS_LENGTHS:
+        keys = tl.minimum(tl.maximum(tl.load(PrefixLengths + entry).to(tl.int32), 0), prefix_len)
+    keys = tl.where(in_range, keys, 0)
+    return entry, keys, in_range
+
+
+@triton.jit
+def _visible(rows, cols, q_len, k_len, diag, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr):
+    """Which (query, key) pairs may attend. ``rows`` and ``cols`` broadcast to a 2-D block in either orientation,
+    so the forward's [queries, keys] tiles and the dK/dV kernel's [keys, queries] tiles share this one rule."""
+    visible = cols < k_len
+    if CAUSAL:
+        visible = visible & (cols <= rows + diag)
+    if HAS_KEY_PAD:
+        visible = visible & (tl.load(key_pad + cols * stride_kpn, mask=cols < k_len, other=0) != 0)
+    if HAS_DENSE:
+        in_bounds = (rows < q_len) & (cols < k_len)
+        visible = visible & (tl.load(dense + rows * stride_mm + cols * stride_mn, mask=in_bounds, other=0) != 0)
+    return visible
+
+
+@triton.jit
+def _biased(scores, bias, rows, cols, q_len, k_len, stride_bm, stride_bn):
+    """Scores (log2 units) plus the additive bias of their (query, key) pairs; ``rows`` and ``cols`` broadcast in
+    either orientation, as in ``_visible``."""
+    in_bounds = (rows < q_len) & (cols < k_len)
+    values = tl.load(bias + rows * stride_bm + cols * stride_bn, mask=in_bounds, other=0.0)
+    return scores + values.to(tl.float32) * LOG2E
+
+
+@triton.jit
+def _dropout_keep(seed, stream, rows, cols, cols_total, dropout_p):
+    """Keep mask of dropout: Philox on (query · (P + Nk) + key column, sample·head stream) under ``seed``."""
+    counter = rows * cols_total + cols
+    zero = tl.zeros_like(counter)
+    bits, _, _, _ = tl.philox(seed, counter, zero + stream, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= dropout_p
+
+
+@triton.jit
+def _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """For queries [first_query, end_query): the end of the sequence key blocks all of them see whole (no bounds or
+    causal mask needed), and the end of the keys any of them sees (causal: key j <= query + diag)."""
+    if CAUSAL:
+        seq_full = tl.maximum(tl.minimum(first_query + diag + 1, k_len), 0) // BLOCK_N * BLOCK_N
+        seq_end = tl.minimum(tl.maximum(end_query + diag, 0), k_len)
+    else:
+        seq_full = first_query * 0 + k_len // BLOCK_N * BLOCK_N
+        seq_end = first_query * 0 + k_len
+    return seq_full, seq_end
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+            start, end, k_len, offs_m, offs_d, q_len, diag,
+            key_pad, stride_kpn, dense, stride_mm, stride_mn,
+            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
+            CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) with key blocks [start, end) of one key/value source."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        # 1. scores of the block, in log2 units; keys of another dtype (a float32 prefix) are converted on load
+        k_t = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, offs_n[None, :] < k_len,
+                    offs_d[:, None] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            scores = _biased(scores, bias, offs_m[:, None], offs_n[None, :], q_len, k_len, stride_bm, stride_bn)
+        if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+            visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, diag, key_pad, stride_kpn, dense,
+                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+            scores = tl.where(visible, scores, float("-inf"))
+        # 2. new running max; a row that has seen nothing yet keeps -inf and is shifted by 0 instead
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        probs = tl.math.exp2(scores - shift[:, None])
+        alpha = tl.math.exp2(m_i - shift)
+        # 3. the normalizer sums the probabilities before dropout; the output accumulates the kept ones
+        l_i = l_i * alpha + tl.sum(probs, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, stream, offs_m[:, None], col_base + offs_n[None, :], cols_total, dropout_p)
+            probs = tl.where(keep, probs, 0.0)
+        v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
+                  offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                   lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
+                   key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                   seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                   HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Key blocks [lo, hi) of one source in two stages: those before ``full_end``, which every query of the block
+    sees whole, without bounds or causal masks; the rest (the ragged end, the causal diagonal) with them."""
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                            lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
+                            HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
+    acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                            tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
+                            HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_os, stride_ob, stride_oh, stride_om, stride_ls, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm,
+    stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, dropout_p, num_splits,
+    q_len_class, k_len_class,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
+    SPLIT_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
+    (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
+    row r is query r // group of query head hkv·group + r % group. Packing fills the block with the group's heads
+    so that each key/value tile is loaded once for all of them instead of once per head.
+
+    With SPLIT_KV (too few programs to fill the GPU), program (block, split) attends to the split-th of
+    ``num_splits`` equal runs of key blocks of [prefix blocks ; sequence blocks] and writes its own normalized
+    output and lse at offsets ``split · stride_os`` / ``split · stride_ls``; ``_combine_splits_kernel`` merges
+    them. An additive bias (HAS_BIAS) applies to the sequence keys' scores only."""
+    pid_m = tl.program_id(0)
+    split = 0
+    if SPLIT_KV:
+        split = pid_m % num_splits
+        pid_m = pid_m // num_splits
+    b = tl.program_id(2).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        hkv = tl.program_id(1)
+        h = hkv * group + rows % group  # per row; used below as a [BLOCK_M, 1] column
+        head_col = h[:, None]
+        offs_m = rows // group
+        first_query, end_query = pid_m * BLOCK_M // group, (pid_m * BLOCK_M + BLOCK_M - 1) // group + 1
+    else:
+        h = tl.program_id(1)
+        hkv = h // group
+        head_col = h
+        offs_m = rows
+        first_query, end_query = pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M
+    entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
+                                               HAS_INDEX, HAS_LENGTHS)
+    offs_d = tl.arange(0, D_PAD)
+    q = _load(Q + b * stride_qb + head_col * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+              offs_m[:, None] < q_len, offs_d[None, :] < HEAD_DIM, True, PAD_D)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    stream = (b * q_heads + head_col).to(tl.int32)
+    cols_total = prefix_len + k_len
+    key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
+    dense = _operand_base(Dense, b, head_col, stride_mb, stride_mh, HAS_DENSE)
+    bias = _operand_base(Bias, b, head_col, stride_bb, stride_bh, HAS_BIAS)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    # This program's key blocks: all of both sources, or one split's run of [prefix blocks ; sequence blocks].
+    diag = k_len - q_len
+    seq_full, seq_end = _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N, CAUSAL)
+    prefix_lo, prefix_hi = 0, prefix_keys
+    seq_lo, seq_hi = 0, seq_end
+    if SPLIT_KV:
+        prefix_span = tl.cdiv(prefix_len, BLOCK_N) * BLOCK_N
+        per_split = tl.cdiv(prefix_span // BLOCK_N + tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N
+        lo = split * per_split
+        prefix_lo, prefix_hi = tl.minimum(lo, prefix_span), tl.minimum(lo + per_split, prefix_keys)
+        seq_lo, seq_hi = tl.maximum(lo - prefix_span, 0), tl.minimum(lo + per_split - prefix_span, seq_end)
+
+    # Stage 1: the prefix. Always visible (no mask, no bias, no causal rule): only its last partial block is
+    # masked, and only for bounds.
+    PKb = PK + entry * stride_pkt + hkv * stride_pkh
+    PVb = PV + entry * stride_pvt + hkv * stride_pvh
+    acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                                   prefix_lo, prefix_hi, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m,
+                                   offs_d, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                   seed, stream, 0, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                                   HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
+                                   HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                                   HAS_BIAS=False)
+
+    # Stage 2: the sequence, with the caller's masks, bias and causal rule.
+    Kb = K + b * stride_kb + hkv * stride_kh
+    Vb = V + b * stride_vb + hkv * stride_vh
+    acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
+                                   seq_lo, seq_hi, seq_full, k_len, offs_m, offs_d, q_len, diag,
+                                   key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                   seed, stream, prefix_len, cols_total, dropout_p, qk_scale, bias, stride_bm,
+                                   stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL,
+                                   HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                                   DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
+
+    # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf. Dropout's 1/(1-p) is applied once here.
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if HAS_DROPOUT:
+        out = out * (1.0 / (1.0 - dropout_p))
+    out = tl.where(index_ok, out, float("nan"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
+    row_ok = offs_m < q_len
+    tl.store(Out + split * stride_os + b * stride_ob + head_col * stride_oh + offs_m[:, None] * stride_om
+             + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + split * stride_ls + (b * q_heads + h) * q_len + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    PartialOut, PartialLse, Out, Lse, stride_ps, stride_pb, stride_ph, stride_pm, stride_ls,
+    stride_ob, stride_oh, stride_om, q_heads, q_len, num_splits,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Merge the splits of a split-KV forward: lse = log Σ exp(lse_s), out = Σ exp(lse_s − lse) · out_s.
+    Splits that saw no key (lse_s = −inf) weigh 0; a row no split saw keeps out 0 and lse −inf."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < q_len
+    lse_rows = PartialLse + (b * q_heads + h) * q_len + offs_m
+    out_rows = PartialOut + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :]
+    out_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        top = tl.maximum(top, tl.load(lse_rows + s * stride_ls, mask=row_ok, other=float("-inf")))
+    shift = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    for s in range(0, num_splits):
+        weight = tl.exp(tl.load(lse_rows + s * stride_ls, mask=row_ok, other=float("-inf")) - shift)
+        total += weight
+        acc += weight[:, None] * tl.load(out_rows + s * stride_ps, mask=out_ok, other=0.0)
+    seen = total > 0.0
+    out = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, shift + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=out_ok)
+    tl.store(Lse + (b * q_heads + h) * q_len + offs_m, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _backward_preprocess_kernel(
+    Out, DOut, DLse, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dlb, stride_dlh, stride_dlm, q_heads, q_len,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Δ = rowsum(dO · O) − dlse: the softmax backward's row term (an lse gradient adds to every probability)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    out = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask,
+                  other=0.0).to(tl.float32)
+    d_out = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                    + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(out * d_out, 1)
+    rows = (b * q_heads + h) * q_len + offs_m
+    if HAS_DLSE:
+        delta -= tl.load(DLse + b * stride_dlb + h * stride_dlh + offs_m * stride_dlm, mask=offs_m < q_len,
+                         other=0.0)
+    tl.store(Delta + rows, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _lse_log2(Lse, rows, row_ok):
+    """lse in log2 units for recomputing probabilities; +inf where a row is out of range or saw nothing, so that
+    its probabilities come out as exp2(-inf) = 0."""
+    lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
+                          start, end, offs_n, offs_d, q_len, diag,
+                          key_pad, stride_kpn, dense, stride_mm, stride_mn, k_len,
+                          seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                          HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr,
+                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """dK, dV of one key block from query blocks [start, end) of one query head; tiles are [keys, queries]."""
+    for start_m in range(start, end, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < q_len
+        q = _load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], row_ok[:, None], offs_d[None, :] < HEAD_DIM,
+                  True, PAD_D)
+        d_out = _load(DOut + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, row_ok[:, None],
+                      offs_d[None, :] < HEAD_DIM, True, PAD_D).to(q.dtype)
+        lse = _lse_log2(Lse, row_base + offs_m, row_ok)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            scores_t = _biased(scores_t, bias, offs_m[None, :], offs_n[:, None], q_len, k_len, stride_bm, stride_bn)
+        probs_t = tl.math.exp2(scores_t - lse[None, :])
+        if CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+            visible = _visible(offs_m[None, :], offs_n[:, None], q_len, k_len, diag, key_pad, stride_kpn, dense,
+                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+            probs_t = tl.where(visible, probs_t, 0.0)
+        d_probs_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, stream, offs_m[None, :], col_base + offs_n[:, None], cols_total, dropout_p)
+            scale_kept = 1.0 / (1.0 - dropout_p)
+            dv += tl.dot(tl.where(keep, probs_t * scale_kept, 0.0).to(q.dtype), d_out,
+                         input_precision=DOT_PRECISION)
+            d_probs_t = tl.where(keep, d_probs_t * scale_kept, 0.0)
+        else:
+            dv += tl.dot(probs_t.to(q.dtype), d_out, input_precision=DOT_PRECISION)
+        delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+        d_scores_t = probs_t * (d_probs_t - delta[None, :])
+        dk += tl.dot(d_scores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _backward_key_kernel(
+    Q, K, V, PK, PV, DOut, Lse, Delta, DK, DV, PrefixGradK, PrefixGradV,
+    PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_dob, stride_doh, stride_dom, stride_dod, stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bb, stride_bh, stride_bm, stride_bn,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
+    q_len_class, k_len_class,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK/dV of one key block (prefix blocks first, then sequence blocks) of one key/value head of one sample."""
+    pid_n = tl.program_id(0)
+    hkv = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    prefix_blocks = tl.cdiv(prefix_len, BLOCK_N)
+    is_prefix = pid_n < prefix_blocks
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    cols_total = prefix_len + k_len
+    dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+
+    if is_prefix:
+        entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
+                                                   HAS_INDEX, HAS_LENGTHS)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = offs_n[:, None] < prefix_keys
+        if pid_n * BLOCK_N < prefix_keys:
+            k = _load(PK + entry * stride_pkt + hkv * stride_pkh + offs_n[:, None] * stride_pkn
+                      + offs_d[None, :] * stride_pkd, key_ok, d_ok, True, PAD_D).to(Q.dtype.element_ty)
+            v = _load(PV + entry * stride_pvt + hkv * stride_pvh + offs_n[:, None] * stride_pvn
+                      + offs_d[None, :] * stride_pvd, key_ok, d_ok, True, PAD_D).to(Q.dtype.element_ty)
+            for g in range(0, group):
+                h = hkv * group + g
+                dk, dv = _accumulate_key_grads(
+                    dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DOut + b * stride_dob + h * stride_doh, Lse,
+                    Delta, stride_qm, stride_dom, stride_dod, (b * q_heads + h) * q_len, 0, q_len, offs_n, offs_d,
+                    q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
+                    (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, Bias, stride_bm, stride_bn,
+                    HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=False,
+                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False)
+            # One sample's share of the bank entry's gradient: [S, Hkv, P, D] float32 buffers indexed by the
+            # entry (atomics) or by the sample (deterministic, summed in order by the finalize kernel).
+            slot = entry
+            if DETERMINISTIC:
+                slot = b
+            offsets = ((slot * tl.num_programs(1) + hkv) * prefix_len + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+            grad_ok = key_ok & d_ok
+            if DETERMINISTIC:
+                tl.store(PrefixGradK + offsets, dk * sm_scale, mask=grad_ok)
+                tl.store(PrefixGradV + offsets, dv, mask=grad_ok)
+            else:
+                tl.atomic_add(PrefixGradK + offsets, dk * sm_scale, mask=grad_ok, sem="relaxed")
+                tl.atomic_add(PrefixGradV + offsets, dv, mask=grad_ok, sem="relaxed")
+    else:
+        start_n = (pid_n - prefix_blocks) * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        key_ok = offs_n[:, None] < k_len
+        k = _load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], key_ok, d_ok,
+                  True, PAD_D)
+        v = _load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], key_ok, d_ok,
+                  True, PAD_D)
+        key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
+        diag = k_len - q_len
+        # Causal: queries before first_row see none of these keys; from full_row on, they see all of them.
+        if CAUSAL:
+            first_row = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+            full_row = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M,
+                                  first_row)
+        else:
+            first_row = 0
+            full_row = 0
+        for g in range(0, group):
+            h = hkv * group + g
+            dense = _operand_base(Dense, b, h, stride_mb, stride_mh, HAS_DENSE)
+            bias = _operand_base(Bias, b, h, stride_bb, stride_bh, HAS_BIAS)
+            q_head = Q + b * stride_qb + h * stride_qh
+            do_head = DOut + b * stride_dob + h * stride_doh
+            row_base = (b * q_heads + h) * q_len
+            stream = (b * q_heads + h).to(tl.int32)
+            # two stages: the query blocks on the causal diagonal with the causal rule, those after it without
+            dk, dv = _accumulate_key_grads(
+                dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
+                first_row, tl.minimum(full_row, q_len), offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL,
+                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                HAS_BIAS=HAS_BIAS)
+            dk, dv = _accumulate_key_grads(
+                dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
+                full_row, q_len, offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False,
+                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                HAS_BIAS=HAS_BIAS)
+        grad_ok = key_ok & d_ok
+        tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=grad_ok)
+        tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=grad_ok)
+
+
+@triton.jit
+def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                           start, end, k_len, offs_m, offs_d, q_len, diag,
+                           key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                           seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                           bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                           HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           MASK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
+                           HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr):
+    """dQ of one query block from key blocks [start, end) of one key/value source; with BIAS_GRAD, also the
+    gradient of the additive bias (the scores' gradient, in natural units) of these (query, key) pairs."""
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n[:, None] < k_len,
+                  offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
+                  offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            scores = _biased(scores, bias, offs_m[:, None], offs_n[None, :], q_len, k_len, stride_bm, stride_bn)
+        probs = tl.math.exp2(scores - lse[:, None])
+        if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+            visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, diag, key_pad, stride_kpn, dense,
+                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+            probs = tl.where(visible, probs, 0.0)
+        d_probs = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, stream, offs_m[:, None], col_base + offs_n[None, :], cols_total, dropout_p)
+            d_probs = tl.where(keep, d_probs * (1.0 / (1.0 - dropout_p)), 0.0)
+        d_scores = probs * (d_probs - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(dbias + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn, d_scores,
+                     mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
+        dq += tl.dot(d_scores.to(q.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                       lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
+                       key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                       seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                       bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                       HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                       HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr):
+    """dQ over key blocks [lo, hi) of one source in the forward's two stages: before ``full_end`` without bounds
+    or causal masks, the rest with them."""
+    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
+                                key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                                bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
+                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
+    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
+                                key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                                bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
+                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
+    return dq
+
+
+@triton.jit
+def _backward_query_kernel(
+    Q, K, V, PK, PV, DOut, Lse, Delta, DQ, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, DBias, Seed,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
+    stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm,
+    stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
+    q_len_class, k_len_class,  # autotuning keys only
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of one query block of one head of one sample: the forward's two stages, replayed. With BIAS_GRAD it
+    also writes the bias gradient of the sequence keys it visits (the caller zeroes the rest)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    hkv = h // group
+    entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
+                                               HAS_INDEX, HAS_LENGTHS)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    row_ok = offs_m < q_len
+    q = _load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], row_ok[:, None],
+              offs_d[None, :] < HEAD_DIM, True, PAD_D)
+    d_out = _load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                  + offs_d[None, :] * stride_dod, row_ok[:, None], offs_d[None, :] < HEAD_DIM, True,
+                  PAD_D).to(q.dtype)
+    rows = (b * q_heads + h) * q_len + offs_m
+    lse = _lse_log2(Lse, rows, row_ok)
+    delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+    stream = (b * q_heads + h).to(tl.int32)
+    cols_total = prefix_len + k_len
+    key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
+    dense = _operand_base(Dense, b, h, stride_mb, stride_mh, HAS_DENSE)
+    bias = _operand_base(Bias, b, h, stride_bb, stride_bh, HAS_BIAS)
+    dbias = _operand_base(DBias, b, h, stride_dbb, stride_dbh, BIAS_GRAD)
+    dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+
+    PKb = PK + entry * stride_pkt + hkv * stride_pkh
+    PVb = PV + entry * stride_pvt + hkv * stride_pvh
+    dq = _query_grad_staged(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
+                            0, prefix_keys, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m, offs_d, q_len, 0,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
+                            dropout_p, qk_scale, bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
+                            HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False,
+                            BIAS_GRAD=False)
+    Kb = K + b * stride_kb + hkv * stride_kh
+    Vb = V + b * stride_vb + hkv * stride_vh
+    diag = k_len - q_len
+    seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, diag, k_len, BLOCK_N,
+                                            CAUSAL)
+    dq = _query_grad_staged(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
+                            0, seq_end, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                            bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
+                            HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                            HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _prefix_grad_finalize_kernel(
+    PartialK, PartialV, GradK, GradV, PrefixIndex,
+    stride_gkt, stride_gkh, stride_gkn, stride_gkd, stride_gvt, stride_gvh, stride_gvn, stride_gvd,
+    batch, kv_heads, prefix_len,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_INDEX: tl.constexpr, SUM_SAMPLES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The prefix gradients in their own dtype: the float32 per-entry sums, or (deterministic) the per-sample
+    partials summed over the samples that used the entry, in sample order."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    hkv = tl.program_id(1)
+    t = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, D_PAD)
+    mask = (offs_n[:, None] < prefix_len) & (offs_d[None, :] < HEAD_DIM)
+    tile = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    if SUM_SAMPLES:
+        grad_k = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        grad_v = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        for s in range(0, batch):
+            # A scalar branch, not a mask: Triton 3.9's interpreter turns `block mask & scalar comparison` into
+            # an int32 mask, which tl.load then rejects ('mask has unsupported dtype').
+            entry = t
+            if HAS_INDEX:
+                entry = tl.load(PrefixIndex + s).to(tl.int64)
+            if entry == t:
+                base = (s * kv_heads + hkv) * prefix_len * HEAD_DIM
+                grad_k += tl.load(PartialK + base + tile, mask=mask, other=0.0)
+                grad_v += tl.load(PartialV + base + tile, mask=mask, other=0.0)
+    else:
+        base = (t * kv_heads + hkv) * prefix_len * HEAD_DIM
+        grad_k = tl.load(PartialK + base + tile, mask=mask, other=0.0)
+        grad_v = tl.load(PartialV + base + tile, mask=mask, other=0.0)
+    tl.store(GradK + t * stride_gkt + hkv * stride_gkh + offs_n[:, None] * stride_gkn + offs_d[None, :] * stride_gkd,
+             grad_k.to(GradK.dtype.element_ty), mask=mask)
+    tl.store(GradV + t * stride_gvt + hkv * stride_gvh + offs_n[:, None] * stride_gvn + offs_d[None, :] * stride_gvd,
+             grad_v.to(GradV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(Keep, Seed, q_len, cols, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    stream = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(Seed), stream, rows[:, None], offs_c[None, :], cols, dropout_p)
+    tl.store(Keep + (stream.to(tl.int64) * q_len + rows[:, None]) * cols + offs_c[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < q_len) & (offs_c[None, :] < cols))
