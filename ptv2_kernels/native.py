@@ -226,17 +226,20 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
     if dropout_p > 0.0 or (grad_bias is not None and grad_bias.numel()):
         composed = _Composed(q, parts, scale, dropout_p, seed, sequence_last=k.shape[2] > 0)
         dq, part_grads, sequence_score_grad = composed.backward(grad_out, grad_lse)
-        for number, (part_dk, part_dv) in enumerate(part_grads):
-            if number == 0 and has_prefix:
-                d_prefix = _reduce_prefix((part_dk, part_dv), prefix_index, prefix_k, prefix_v)
-            else:
-                dk, dv = part_dk, part_dv
-        if grad_bias is not None and grad_bias.numel():
-            if sequence_score_grad is None:  # no sequence key: the bias has no entry
-                grad_bias.zero_()
-            else:
-                grad_bias.copy_(sequence_score_grad)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_prefix
+        if grad_bias is not None and grad_bias.numel():  # a non-empty bias has sequence keys: that part's scores
+            grad_bias.copy_(sequence_score_grad)
+    else:
+        dq, part_grads = _fused_part_grads(grad_out, grad_lse, q, parts, out, lse, scale)
+    for number, (part_dk, part_dv) in enumerate(part_grads):
+        if number == 0 and has_prefix:
+            d_prefix = _reduce_prefix((part_dk, part_dv), prefix_index, prefix_k, prefix_v)
+        else:
+            dk, dv = part_dk, part_dv
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_prefix
+
+
+def _fused_part_grads(grad_out, grad_lse, q, parts, out, lse, scale):
+    """(dq summed over the parts, [(dK, dV) per part]) by each part's fused backward with the merged out and lse."""
     if q.dtype == torch.float64:  # the saved lse is float32: recompute both in full precision
         out, lse = _merged_forward(q, parts, scale)
     out, lse = out.to(q.dtype), lse.to(_mask_dtype(q))
@@ -244,7 +247,7 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
         # A row that sees no key has lse = -inf: exp(s - lse) would be NaN; with +inf its probabilities are 0.
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     extra = _lse_gradient_terms(grad_lse, q, parts, scale) if grad_lse is not None else None
-    dq = None
+    dq, part_grads = None, []
     for number, (keys, values, mask, kernel_causal, _) in enumerate(parts):
         part_dq, part_dk, part_dv = _fused_backward(grad_out, q, keys, values, out, lse, 0.0, kernel_causal,
                                                     attn_mask=mask, scale=scale)
@@ -253,11 +256,8 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
         if extra is not None:
             dq += extra.dq[number]
             part_dk = part_dk + extra.dk[number]
-        if number == 0 and has_prefix:
-            d_prefix = _reduce_prefix((part_dk, part_dv), prefix_index, prefix_k, prefix_v)
-        else:
-            dk, dv = part_dk, part_dv
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_prefix
+        part_grads.append((part_dk, part_dv))
+    return dq, part_grads
 
 
 def _in_kernel_layout(grad_out: Tensor) -> Tensor:
