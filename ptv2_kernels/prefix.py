@@ -5,8 +5,9 @@ Both hand per-layer prefix keys/values to the op in its ``[T, Hkv, P, D]`` layou
 by head — the layout of P-Tuning v2's and PEFT's prefix encoders). One ``split`` cuts all slots at once, so the
 backward of the views is a single concatenation of the slots' gradients, not a full-size copy per layer.
 
-This module knows nothing of kernels or of transformers: :meth:`PrefixBank.for_model` and
-:meth:`PrefixBank.from_peft` import the integration that reads a model's shapes only when they are called.
+This module knows nothing of kernels or of transformers: :meth:`PrefixBank.for_model`, :meth:`PrefixBank.from_peft`
+and the checkpoint imports and export (:meth:`PrefixBank.from_ptuning_v2`, :meth:`PrefixBank.from_chatglm_ptuning`,
+:meth:`PrefixBank.save_peft`) import their integration only when they are called.
 """
 
 from __future__ import annotations
@@ -381,6 +382,30 @@ class PrefixBank(nn.Module):
         from .integrations.hf_peft import bank_from_peft
 
         return bank_from_peft(cls, peft_model, adapter_name)
+
+    @classmethod
+    def from_ptuning_v2(cls, checkpoint, model=None, **kwargs) -> "PrefixBank":
+        """Import an official P-Tuning v2 checkpoint's prefix encoder (BERT, RoBERTa, DeBERTa); patch with
+        ``positions="shifted"``. See :func:`ptv2_kernels.integrations.checkpoints.import_ptuning_v2`."""
+        from .integrations.checkpoints import import_ptuning_v2
+
+        return import_ptuning_v2(checkpoint, model, bank_class=cls, **kwargs)
+
+    @classmethod
+    def from_chatglm_ptuning(cls, checkpoint, model=None, **kwargs) -> "PrefixBank":
+        """Import a ChatGLM-style P-Tuning v2 checkpoint for a GLM model; patch with ``positions="unshifted"``.
+        See :func:`ptv2_kernels.integrations.checkpoints.import_chatglm_ptuning`."""
+        from .integrations.checkpoints import import_chatglm_ptuning
+
+        return import_chatglm_ptuning(checkpoint, model, bank_class=cls, **kwargs)
+
+    def save_peft(self, directory: Union[str, os.PathLike], *, task_type: str, **kwargs):
+        """Write one task as a PEFT prefix-tuning adapter directory that ``peft.PeftModel.from_pretrained`` loads
+        (``task=`` picks it; ``model=`` gives a classification head). See
+        :func:`ptv2_kernels.integrations.checkpoints.export_peft_adapter`."""
+        from .integrations.checkpoints import export_peft_adapter
+
+        return export_peft_adapter(self, directory, task_type=task_type, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, prefix_lengths={self.lengths()}, model_type={self.model_type!r}"
