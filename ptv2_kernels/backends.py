@@ -65,11 +65,17 @@ def _dtype_names(dtypes) -> str:
 
 
 def limit_reasons(limits: KernelLimits, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
-                  attn_bias: Optional[Tensor] = None) -> list[str]:
-    """Every limit of ``limits`` that a call with these (checked, normalized) inputs exceeds, as reasons."""
+                  attn_bias: Optional[Tensor] = None, packed: Optional[tuple[int, int, int]] = None) -> list[str]:
+    """Every limit of ``limits`` that a call with these (checked, normalized) inputs exceeds, as reasons.
+    ``packed``: (S, max_seqlen_q, max_seqlen_k) of a variable-length call, whose q and k are ``[total, H, D]``
+    (its sequences share the grid's first dim with their blocks, so S has no grid limit of its own)."""
     reasons = []
-    batch, q_heads, q_len, head_dim = q.shape
-    prefix_len, k_len = prefix_k.shape[-2], k.shape[2]
+    if packed is None:
+        batch, q_heads, q_len, head_dim = q.shape
+        k_len = k.shape[2]
+    else:
+        (batch, q_len, k_len), (q_heads, head_dim) = packed, q.shape[1:]
+    prefix_len = prefix_k.shape[-2]
     allowed = _dtype_names(limits.dtypes)
     if q.dtype not in limits.dtypes:
         reasons.append(f"it supports q/k/v of dtype {allowed}, got {q.dtype}")
@@ -82,9 +88,11 @@ def limit_reasons(limits: KernelLimits, q: Tensor, k: Tensor, prefix_k: Tensor, 
             reasons.append(f"it supports attn_bias of dtype {allowed}, got {attn_bias.dtype}")
     if head_dim > limits.max_head_dim:
         reasons.append(f"it supports head dims up to {limits.max_head_dim}, got {head_dim}")
-    if max(batch, q_heads) > limits.max_grid_dim:
+    if packed is None and max(batch, q_heads) > limits.max_grid_dim:
         reasons.append(f"it launches a grid row per sample and head, at most {limits.max_grid_dim} each, got "
                        f"B={batch}, Hq={q_heads}")
+    if packed is not None and q_heads > limits.max_grid_dim:
+        reasons.append(f"it launches a grid row per query head, at most {limits.max_grid_dim}, got Hq={q_heads}")
     if limits.size_bits is not None and (batch * q_heads * q_len >= 2**limits.size_bits
                                          or max(q_len, k_len, prefix_len) >= 2**limits.size_bits):
         reasons.append(f"it needs B * Hq * Nq and every length below 2**{limits.size_bits}")
@@ -163,7 +171,11 @@ def unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropo
         # a feature the kernels lack, whatever the machine; then what the extension and the GPU say
         reasons = [] if attn_bias is None or cuda_backend.TAKES_BIAS else [NO_BIAS_REASON]
         return reasons + cuda_backend.unsupported_reasons(q, k, prefix_k, dropout_p)
-    reasons = limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, attn_bias)
+    return _triton_reasons(limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, attn_bias), q, prefix_k)
+
+
+def _triton_reasons(reasons: list, q: Tensor, prefix_k: Tensor) -> list[str]:
+    """``reasons`` (the Triton limits a call exceeds) with what the device or the interpreter adds."""
     if q.device.type != "cuda":
         if not triton_interpreting():
             reasons.insert(0, f"it runs on CUDA tensors, got tensors on {q.device}")
@@ -203,6 +215,53 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
     reason = unsupported_reason(requested, q, k, prefix_k, dropout_p, attn_bias, bias_grad)
     if reason is not None:
         raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
+    return requested
+
+
+# The backends with kernels of their own for packed sequences; the others serve them one sequence at a time.
+VARLEN_KERNELS = ("triton",)
+NO_VARLEN_REASON = ("its kernels have no variable-length form (packed sequences); the triton backend has one, and "
+                    "'reference' and 'native' run one sequence at a time")
+
+
+def varlen_unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],
+                               dropout_p: float = 0.0) -> list[str]:
+    """Every reason backend ``name`` cannot serve a variable-length call (q, k ``[total, H, D]``; ``packed`` =
+    (S, max_seqlen_q, max_seqlen_k)), the machine first."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return [reason]
+    if name == "reference":
+        return []
+    if name == "native":
+        from . import native
+
+        return native.unsupported_reasons(q, prefix_k, dropout_p, None, False)
+    if name == "cuda":
+        return [NO_VARLEN_REASON]
+    return _triton_reasons(limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, packed=packed), q, prefix_k)
+
+
+def choose_varlen(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],
+                  dropout_p: float = 0.0) -> str:
+    """The backend of a variable-length call: ``requested`` if it can serve it (else ValueError saying why), or
+    for "auto" Triton on CUDA, torch's fused CPU attention per sequence (``native``) elsewhere, the reference
+    where neither can (with a warning on CUDA, as :func:`choose` does)."""
+    if requested == "auto":
+        order = ("triton",) if q.device.type == "cuda" else ("native",)
+        reasons = {}
+        for name in order:
+            reasons[name] = "; ".join(varlen_unsupported_reasons(name, q, k, prefix_k, packed, dropout_p))
+            if not reasons[name]:
+                return name
+        if q.device.type == "cuda":
+            warnings.warn("ptv2_kernels: backend='auto' runs the PyTorch reference for this variable-length call "
+                          f"on {q.device}, no fused kernel can serve it (triton: {reasons['triton']})",
+                          RuntimeWarning, stacklevel=3)
+        return "reference"
+    reason = "; ".join(varlen_unsupported_reasons(requested, q, k, prefix_k, packed, dropout_p))
+    if reason:
+        raise ValueError(f"backend={requested!r} cannot serve this variable-length call: {reason}")
     return requested
 
 

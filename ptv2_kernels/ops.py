@@ -121,57 +121,13 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padd
     * every additive term (``attn_bias`` and a float ``attn_mask``) as one float ``attn_bias`` of 4 dims whose
       size-1 dims broadcast (not expanded: its gradient keeps that compact shape).
     """
-    for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
-        if t.stride(-1) != 1 and t.shape[-1] > 1:
-            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+    _checked_qkv(q, k, v, 4, "[B, H, N, D]")
     batch, q_heads, q_len, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    kv_batch, kv_heads, k_len, kv_dim = k.shape
+    kv_batch, kv_heads, k_len, _ = k.shape
     if kv_batch != batch:
         raise ValueError(f"k and v must have q's batch size {batch}, got {kv_batch}")
-    if kv_dim != head_dim:
-        raise ValueError(f"k and v must have q's head dim {head_dim}, got {kv_dim}")
-    if head_dim == 0:
-        raise ValueError("q, k and v must have a head dim of at least 1, got 0")
-    if kv_heads == 0 or q_heads % kv_heads != 0:
-        raise ValueError(f"q's head count ({q_heads}) must be a multiple of k/v's head count ({kv_heads})")
-
-    if prefix_k.shape != prefix_v.shape:
-        raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and "
-                         f"{tuple(prefix_v.shape)}")
-    if prefix_k.dtype != prefix_v.dtype:
-        raise TypeError(f"prefix_k and prefix_v must share a dtype, got {prefix_k.dtype} and {prefix_v.dtype}")
-    if prefix_k.dim() == 3:
-        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
-    elif prefix_k.dim() != 4:
-        raise ValueError(f"prefix_k and prefix_v must be [T, Hkv, P, D] or [Hkv, P, D], got shape "
-                         f"{tuple(prefix_k.shape)}")
-    num_prefixes, prefix_heads, prefix_len, prefix_dim = prefix_k.shape
-    if prefix_heads != kv_heads or prefix_dim != head_dim:
-        raise ValueError(f"prefix_k and prefix_v must have k's head count and head dim (Hkv={kv_heads}, "
-                         f"D={head_dim}), got Hkv={prefix_heads}, D={prefix_dim}")
-    if num_prefixes == 0:
-        raise ValueError("prefix_k and prefix_v must hold at least one prefix (T >= 1), got T = 0")
-
-    if prefix_index is None:
-        if num_prefixes != 1:
-            raise ValueError(f"prefix_index is required when the bank holds several prefixes (T = {num_prefixes})")
-    else:
-        prefix_index = _checked_index_tensor("prefix_index", prefix_index, (batch,), q.device)
-    if prefix_lengths is not None:
-        prefix_lengths = _checked_index_tensor("prefix_lengths", prefix_lengths, (num_prefixes,), q.device)
+    prefix_k, prefix_v, prefix_index, prefix_lengths = _checked_bank(prefix_k, prefix_v, prefix_index,
+                                                                     prefix_lengths, kv_heads, head_dim, batch, q.device)
 
     full = (batch, q_heads, q_len, k_len)
     mask = None
@@ -187,6 +143,74 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padd
             attn_bias = attn_mask if attn_bias is None else _checked_bias(attn_bias, full, q.device) + attn_mask
     if attn_bias is not None:
         attn_bias = _checked_bias(attn_bias, full, q.device)
+    _checked_options(causal, scale, dropout_p)
+    return q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, attn_bias
+
+
+def _checked_qkv(q, k, v, dims: int, layout: str):
+    """The checks every form of the op makes of q, k, v (``dims``-D, head dim last, laid out as ``layout``)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share a device")
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    q_heads, head_dim = q.shape[1], q.shape[-1]  # [B, H, N, D] and [total, H, D] alike
+    kv_heads, kv_dim = k.shape[1], k.shape[-1]
+    if kv_dim != head_dim:
+        raise ValueError(f"k and v must have q's head dim {head_dim}, got {kv_dim}")
+    if head_dim == 0:
+        raise ValueError("q, k and v must have a head dim of at least 1, got 0")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"q's head count ({q_heads}) must be a multiple of k/v's head count ({kv_heads})")
+
+
+def _checked_bank(prefix_k, prefix_v, prefix_index, prefix_lengths, kv_heads, head_dim, samples, device):
+    """The prefix bank as 4-D ``[T, Hkv, P, D]`` and its contiguous index tensors (``prefix_index`` ``[samples]``),
+    checked against k's head count and head dim."""
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}; all inputs must share a device")
+    if prefix_k.shape != prefix_v.shape:
+        raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and "
+                         f"{tuple(prefix_v.shape)}")
+    if prefix_k.dtype != prefix_v.dtype:
+        raise TypeError(f"prefix_k and prefix_v must share a dtype, got {prefix_k.dtype} and {prefix_v.dtype}")
+    if prefix_k.dim() == 3:
+        prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
+    elif prefix_k.dim() != 4:
+        raise ValueError(f"prefix_k and prefix_v must be [T, Hkv, P, D] or [Hkv, P, D], got shape "
+                         f"{tuple(prefix_k.shape)}")
+    num_prefixes, prefix_heads, _, prefix_dim = prefix_k.shape
+    if prefix_heads != kv_heads or prefix_dim != head_dim:
+        raise ValueError(f"prefix_k and prefix_v must have k's head count and head dim (Hkv={kv_heads}, "
+                         f"D={head_dim}), got Hkv={prefix_heads}, D={prefix_dim}")
+    if num_prefixes == 0:
+        raise ValueError("prefix_k and prefix_v must hold at least one prefix (T >= 1), got T = 0")
+    if prefix_index is None:
+        if num_prefixes != 1:
+            raise ValueError(f"prefix_index is required when the bank holds several prefixes (T = {num_prefixes})")
+    else:
+        prefix_index = _checked_index_tensor("prefix_index", prefix_index, (samples,), device)
+    if prefix_lengths is not None:
+        prefix_lengths = _checked_index_tensor("prefix_lengths", prefix_lengths, (num_prefixes,), device)
+    return prefix_k, prefix_v, prefix_index, prefix_lengths
+
+
+def _checked_options(causal, scale, dropout_p):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
@@ -194,7 +218,6 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padd
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    return q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, attn_bias
 
 
 def _checked_index_tensor(name, t, shape, device) -> Tensor:

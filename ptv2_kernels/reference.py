@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["attention_ref", "attention_ref_backward"]
+__all__ = ["attention_ref", "attention_ref_backward", "attention_ref_varlen"]
 
 
 def attention_ref(
@@ -56,6 +56,44 @@ def attention_ref(
         scale, compute_dtype)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
     return torch.matmul(_dropped(probs, keep, dropout_p), values), lse
+
+
+def attention_ref_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lengths: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    compute_dtype: Optional[torch.dtype] = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`attention_ref` of each packed sequence on its own: the oracle of
+    :func:`ptv2_kernels.prefix_attention_varlen` (differentiable by autograd).
+
+    ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, sequence s in rows ``cu_seqlens[s]:cu_seqlens[s + 1]``,
+    bank entry ``prefix_index[s]``. Returns ``out [total_q, Hq, D]`` and ``lse [Hq, total_q]`` in
+    ``compute_dtype``."""
+    dtype = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    outs, lses = [], []
+    bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for s in range(len(bounds_q) - 1):
+        (q_start, q_end), (k_start, k_end) = bounds_q[s:s + 2], bounds_k[s:s + 2]
+        out, lse = attention_ref(
+            q[q_start:q_end].transpose(0, 1)[None], k[k_start:k_end].transpose(0, 1)[None],
+            v[k_start:k_end].transpose(0, 1)[None], prefix_k, prefix_v,
+            prefix_index=None if prefix_index is None else prefix_index[s:s + 1], prefix_lengths=prefix_lengths,
+            causal=causal, scale=scale, compute_dtype=dtype)
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    if not outs:
+        return q.new_zeros(q.shape, dtype=dtype), q.new_zeros(q.shape[1], 0, dtype=dtype)
+    return torch.cat(outs), torch.cat(lses, dim=1)
 
 
 def attention_ref_backward(

@@ -51,7 +51,7 @@ def _flags(everything: bool, head_dim: int):
     return dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=everything,
                 HAS_LENGTHS=everything, HAS_KEY_PAD=everything, HAS_DENSE=everything, HAS_BIAS=everything,
                 CAUSAL=everything,
-                HAS_DROPOUT=everything, DOT_PRECISION="tf32")
+                HAS_DROPOUT=everything, DOT_PRECISION="tf32", VARLEN=False)
 
 
 def _optional_pointers(flags, dtype):
@@ -63,7 +63,8 @@ def _optional_pointers(flags, dtype):
     for name, flag, kind in (("PrefixIndex", "HAS_INDEX", "*i64"), ("PrefixLengths", "HAS_LENGTHS", "*i64"),
                              ("KeyPad", "HAS_KEY_PAD", "*u8"), ("Dense", "HAS_DENSE", "*u8"),
                              ("Bias", "HAS_BIAS", "*fp32"),
-                             ("Seed", "HAS_DROPOUT", "*i64")):
+                             ("Seed", "HAS_DROPOUT", "*i64"), ("CuSeqQ", "VARLEN", "*i32"),
+                             ("CuSeqK", "VARLEN", "*i32")):
         if flags[flag]:
             pointers[name] = kind
         else:
@@ -101,6 +102,15 @@ def cases():
                 "GradV": "*fp32" if everything else "*fp16", **({"PrefixIndex": "*i64"} if everything else {})},
                {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_INDEX": everything, "SUM_SAMPLES": everything,
                 "BLOCK_N": 64, **({} if everything else {"PrefixIndex": None})}, (4, 1))
+    # packed sequences: no masks nor bias (the variable-length op takes none), everything else on
+    flags = {**_flags(True, 80), "HAS_KEY_PAD": False, "HAS_DENSE": False, "HAS_BIAS": False, "VARLEN": True}
+    pointers, optional = _optional_pointers(flags, "*bf16")
+    yield ("forward_varlen", kernels._forward_kernel, pointers,
+           {**optional, **flags, "BLOCK_M": 128, "BLOCK_N": 64, "PACK_GQA": False, "SPLIT_KV": False}, (8, 3))
+    yield ("backward_keys_varlen", kernels._backward_key_kernel, pointers,
+           {**optional, **flags, "DETERMINISTIC": True, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
+    yield ("backward_queries_varlen", kernels._backward_query_kernel, pointers,
+           {**optional, **flags, "BLOCK_M": 128, "BLOCK_N": 64, "BIAS_GRAD": False, "DBias": None}, (8, 3))
     yield ("dropout_mask", kernels._dropout_mask_kernel, {"Keep": "*i8", "Seed": "*i64"},
            {"BLOCK_M": 16, "BLOCK_N": 128}, (4, 1))
 

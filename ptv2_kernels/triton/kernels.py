@@ -125,6 +125,53 @@ def _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N: tl.constex
     return seq_full, seq_end
 
 
+@triton.jit
+def _varlen_block(pid, CuSeqlens, num_seqs, search_steps, BLOCK: tl.constexpr):
+    """The packed sequence s and its block j that program ``pid`` of a variable-length launch serves.
+
+    Sequence s owns programs [start(s), start(s + 1)) with start(s) = cu[s] // BLOCK + s: strictly increasing,
+    at least cdiv(len(s), BLOCK) programs each and start(S) = total // BLOCK + S in all, so the grid needs no
+    padding to the longest sequence, only one spare program per sequence at most (which returns at once). s is
+    found by a binary search over cu (``search_steps`` = ceil(log2 S) halvings), in range whatever cu holds."""
+    lo = pid * 0
+    hi = lo + num_seqs
+    for _ in range(0, search_steps):
+        mid = (lo + hi) // 2
+        take = tl.load(CuSeqlens + mid) // BLOCK + mid <= pid
+        lo = tl.where(take, mid, lo)
+        hi = tl.where(take, hi, mid)
+    return lo.to(tl.int64), pid - (tl.load(CuSeqlens + lo) // BLOCK + lo)
+
+
+@triton.jit
+def _sequence_span(CuSeqlens, s, total):
+    """(first token, length) of packed sequence s, clamped to [0, total]: the host checks cu, and the device
+    never reads outside the packed tensors even if it was not checked (inside a CUDA graph capture)."""
+    start = tl.minimum(tl.maximum(tl.load(CuSeqlens + s), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(CuSeqlens + s + 1), start), total)
+    return start.to(tl.int64), (end - start).to(tl.int32)
+
+
+@triton.jit
+def _varlen_query_block(pid, CuSeqQ, CuSeqK, num_seqs, search_steps, total_q, total_k, BLOCK_M: tl.constexpr):
+    """(sequence, its query block, first query, query count, first key, key count) of a packed query program."""
+    s, block = _varlen_block(pid, CuSeqQ, num_seqs, search_steps, BLOCK_M)
+    q_start, q_len = _sequence_span(CuSeqQ, s, total_q)
+    k_start, k_len = _sequence_span(CuSeqK, s, total_k)
+    return s, block, q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN: tl.constexpr):
+    """Where query 0 of (sample b, head h) sits in the lse and Δ buffers: ``[B, Hq, Nq]``, or ``[Hq, total_q]``
+    for packed sequences (query 0 of sequence b is token ``q_start``)."""
+    if VARLEN:
+        base = h.to(tl.int64) * total_q + q_start
+    else:
+        base = (b * q_heads + h) * q_len
+    return base
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,17 +243,17 @@ def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stri
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed,
+    Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed, CuSeqQ, CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_os, stride_ob, stride_oh, stride_om, stride_ls, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm,
     stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, dropout_p, num_splits,
-    q_len_class, k_len_class,  # autotuning keys only
+    num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
-    SPLIT_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_KV: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
     (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
@@ -216,13 +263,26 @@ def _forward_kernel(
     With SPLIT_KV (too few programs to fill the GPU), program (block, split) attends to the split-th of
     ``num_splits`` equal runs of key blocks of [prefix blocks ; sequence blocks] and writes its own normalized
     output and lse at offsets ``split · stride_os`` / ``split · stride_ls``; ``_combine_splits_kernel`` merges
-    them. An additive bias (HAS_BIAS) applies to the sequence keys' scores only."""
+    them. An additive bias (HAS_BIAS) applies to the sequence keys' scores only.
+
+    With VARLEN the samples are the packed sequences of ``[total, H, D]`` tensors (batch strides 0): program
+    ``pid`` serves the query block ``_varlen_block`` gives, ``q_len``/``k_len`` arrive as the longest sequence's
+    lengths (dropout numbers a row's columns up to ``P + k_len``, as in the padded batch) and become the
+    sequence's own."""
     pid_m = tl.program_id(0)
     split = 0
     if SPLIT_KV:
         split = pid_m % num_splits
         pid_m = pid_m // num_splits
     b = tl.program_id(2).to(tl.int64)
+    cols_total = prefix_len + k_len
+    q_start = b * 0
+    k_start = b * 0
+    if VARLEN:
+        b, pid_m, q_start, q_len, k_start, k_len = _varlen_query_block(pid_m, CuSeqQ, CuSeqK, num_seqs,
+                                                                       search_steps, total_q, total_k, BLOCK_M)
+        if (pid_m < 0) | (pid_m * BLOCK_M >= q_len):
+            return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if PACK_GQA:
         hkv = tl.program_id(1)
@@ -239,13 +299,12 @@ def _forward_kernel(
     entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
                                                HAS_INDEX, HAS_LENGTHS)
     offs_d = tl.arange(0, D_PAD)
-    q = _load(Q + b * stride_qb + head_col * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-              offs_m[:, None] < q_len, offs_d[None, :] < HEAD_DIM, True, PAD_D)
+    q = _load(Q + b * stride_qb + q_start * stride_qm + head_col * stride_qh + offs_m[:, None] * stride_qm
+              + offs_d[None, :], offs_m[:, None] < q_len, offs_d[None, :] < HEAD_DIM, True, PAD_D)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     stream = (b * q_heads + head_col).to(tl.int32)
-    cols_total = prefix_len + k_len
     key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
     dense = _operand_base(Dense, b, head_col, stride_mb, stride_mh, HAS_DENSE)
     bias = _operand_base(Bias, b, head_col, stride_bb, stride_bh, HAS_BIAS)
@@ -279,8 +338,8 @@ def _forward_kernel(
                                    HAS_BIAS=False)
 
     # Stage 2: the sequence, with the caller's masks, bias and causal rule.
-    Kb = K + b * stride_kb + hkv * stride_kh
-    Vb = V + b * stride_vb + hkv * stride_vh
+    Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
+    Vb = V + b * stride_vb + k_start * stride_vn + hkv * stride_vh
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
                                    seq_lo, seq_hi, seq_full, k_len, offs_m, offs_d, q_len, diag,
                                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
@@ -297,9 +356,11 @@ def _forward_kernel(
     out = tl.where(index_ok, out, float("nan"))
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     row_ok = offs_m < q_len
-    tl.store(Out + split * stride_os + b * stride_ob + head_col * stride_oh + offs_m[:, None] * stride_om
-             + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(Lse + split * stride_ls + (b * q_heads + h) * q_len + offs_m, lse, mask=row_ok)
+    tl.store(Out + split * stride_os + b * stride_ob + q_start * stride_om + head_col * stride_oh
+             + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + split * stride_ls + _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN) + offs_m, lse,
+             mask=row_ok)
 
 
 @triton.jit
@@ -417,31 +478,48 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
 @triton.jit
 def _backward_key_kernel(
     Q, K, V, PK, PV, DOut, Lse, Delta, DK, DV, PrefixGradK, PrefixGradV,
-    PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed,
+    PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed, CuSeqQ, CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
-    q_len_class, k_len_class,  # autotuning keys only
+    num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dK/dV of one key block (prefix blocks first, then sequence blocks) of one key/value head of one sample."""
+    """dK/dV of one key block (prefix blocks first, then sequence blocks) of one key/value head of one sample.
+
+    With VARLEN (packed sequences, see ``_forward_kernel``) the first ``num_seqs · cdiv(P, BLOCK_N)`` programs
+    are the sequences' prefix blocks, the rest their sequence key blocks as ``_varlen_block`` numbers them."""
     pid_n = tl.program_id(0)
     hkv = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     prefix_blocks = tl.cdiv(prefix_len, BLOCK_N)
+    cols_total = prefix_len + k_len
+    q_start = b * 0
+    k_start = b * 0
+    if VARLEN:
+        prefix_programs = num_seqs * prefix_blocks
+        if pid_n < prefix_programs:
+            b = (pid_n // prefix_blocks).to(tl.int64)
+            pid_n = pid_n % prefix_blocks
+        else:
+            b, pid_n = _varlen_block(pid_n - prefix_programs, CuSeqK, num_seqs, search_steps, BLOCK_N)
+            pid_n = pid_n + prefix_blocks
+        q_start, q_len = _sequence_span(CuSeqQ, b, total_q)
+        k_start, k_len = _sequence_span(CuSeqK, b, total_k)
+        if (pid_n < 0) | ((pid_n >= prefix_blocks) & ((pid_n - prefix_blocks) * BLOCK_N >= k_len)):
+            return
     is_prefix = pid_n < prefix_blocks
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(Seed)
-    cols_total = prefix_len + k_len
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
 
@@ -458,8 +536,9 @@ def _backward_key_kernel(
             for g in range(0, group):
                 h = hkv * group + g
                 dk, dv = _accumulate_key_grads(
-                    dk, dv, k, v, Q + b * stride_qb + h * stride_qh, DOut + b * stride_dob + h * stride_doh, Lse,
-                    Delta, stride_qm, stride_dom, stride_dod, (b * q_heads + h) * q_len, 0, q_len, offs_n, offs_d,
+                    dk, dv, k, v, Q + b * stride_qb + q_start * stride_qm + h * stride_qh,
+                    DOut + b * stride_dob + q_start * stride_dom + h * stride_doh, Lse, Delta, stride_qm, stride_dom,
+                    stride_dod, _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN), 0, q_len, offs_n, offs_d,
                     q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
                     (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, Bias, stride_bm, stride_bn,
                     HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=False,
@@ -481,10 +560,10 @@ def _backward_key_kernel(
         start_n = (pid_n - prefix_blocks) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         key_ok = offs_n[:, None] < k_len
-        k = _load(K + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :], key_ok, d_ok,
-                  True, PAD_D)
-        v = _load(V + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :], key_ok, d_ok,
-                  True, PAD_D)
+        k = _load(K + b * stride_kb + k_start * stride_kn + hkv * stride_kh + offs_n[:, None] * stride_kn
+                  + offs_d[None, :], key_ok, d_ok, True, PAD_D)
+        v = _load(V + b * stride_vb + k_start * stride_vn + hkv * stride_vh + offs_n[:, None] * stride_vn
+                  + offs_d[None, :], key_ok, d_ok, True, PAD_D)
         key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
         diag = k_len - q_len
         # Causal: queries before first_row see none of these keys; from full_row on, they see all of them.
@@ -499,9 +578,9 @@ def _backward_key_kernel(
             h = hkv * group + g
             dense = _operand_base(Dense, b, h, stride_mb, stride_mh, HAS_DENSE)
             bias = _operand_base(Bias, b, h, stride_bb, stride_bh, HAS_BIAS)
-            q_head = Q + b * stride_qb + h * stride_qh
-            do_head = DOut + b * stride_dob + h * stride_doh
-            row_base = (b * q_heads + h) * q_len
+            q_head = Q + b * stride_qb + q_start * stride_qm + h * stride_qh
+            do_head = DOut + b * stride_dob + q_start * stride_dom + h * stride_doh
+            row_base = _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN)
             stream = (b * q_heads + h).to(tl.int32)
             # two stages: the query blocks on the causal diagonal with the causal rule, those after it without
             dk, dv = _accumulate_key_grads(
@@ -519,10 +598,10 @@ def _backward_key_kernel(
                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
                 HAS_BIAS=HAS_BIAS)
         grad_ok = key_ok & d_ok
-        tl.store(DK + b * stride_dkb + hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=grad_ok)
-        tl.store(DV + b * stride_dvb + hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=grad_ok)
+        tl.store(DK + b * stride_dkb + k_start * stride_dkn + hkv * stride_dkh + offs_n[:, None] * stride_dkn
+                 + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=grad_ok)
+        tl.store(DV + b * stride_dvb + k_start * stride_dvn + hkv * stride_dvh + offs_n[:, None] * stride_dvn
+                 + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=grad_ok)
 
 
 @triton.jit
@@ -595,43 +674,52 @@ def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, str
 
 @triton.jit
 def _backward_query_kernel(
-    Q, K, V, PK, PV, DOut, Lse, Delta, DQ, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, DBias, Seed,
+    Q, K, V, PK, PV, DOut, Lse, Delta, DQ, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, DBias, Seed, CuSeqQ,
+    CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm,
     stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
-    q_len_class, k_len_class,  # autotuning keys only
+    num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one head of one sample: the forward's two stages, replayed. With BIAS_GRAD it
-    also writes the bias gradient of the sequence keys it visits (the caller zeroes the rest)."""
+    also writes the bias gradient of the sequence keys it visits (the caller zeroes the rest). VARLEN: packed
+    sequences, programs numbered as in the forward."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    cols_total = prefix_len + k_len
+    q_start = b * 0
+    k_start = b * 0
+    if VARLEN:
+        b, pid_m, q_start, q_len, k_start, k_len = _varlen_query_block(pid_m, CuSeqQ, CuSeqK, num_seqs,
+                                                                       search_steps, total_q, total_k, BLOCK_M)
+        if (pid_m < 0) | (pid_m * BLOCK_M >= q_len):
+            return
     hkv = h // group
     entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
                                                HAS_INDEX, HAS_LENGTHS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     row_ok = offs_m < q_len
-    q = _load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :], row_ok[:, None],
-              offs_d[None, :] < HEAD_DIM, True, PAD_D)
-    d_out = _load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+    q = _load(Q + b * stride_qb + q_start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm
+              + offs_d[None, :], row_ok[:, None], offs_d[None, :] < HEAD_DIM, True, PAD_D)
+    d_out = _load(DOut + b * stride_dob + q_start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom
                   + offs_d[None, :] * stride_dod, row_ok[:, None], offs_d[None, :] < HEAD_DIM, True,
                   PAD_D).to(q.dtype)
-    rows = (b * q_heads + h) * q_len + offs_m
+    rows = _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN) + offs_m
     lse = _lse_log2(Lse, rows, row_ok)
     delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     stream = (b * q_heads + h).to(tl.int32)
-    cols_total = prefix_len + k_len
     key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
     dense = _operand_base(Dense, b, h, stride_mb, stride_mh, HAS_DENSE)
     bias = _operand_base(Bias, b, h, stride_bb, stride_bh, HAS_BIAS)
@@ -647,8 +735,8 @@ def _backward_query_kernel(
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                             HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False,
                             BIAS_GRAD=False)
-    Kb = K + b * stride_kb + hkv * stride_kh
-    Vb = V + b * stride_vb + hkv * stride_vh
+    Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
+    Vb = V + b * stride_vb + k_start * stride_vn + hkv * stride_vh
     diag = k_len - q_len
     seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, diag, k_len, BLOCK_N,
                                             CAUSAL)
@@ -659,8 +747,9 @@ def _backward_query_kernel(
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
                             HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
                             HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit

@@ -9,6 +9,7 @@ or per sample in deterministic mode), and :func:`dropout_keep_mask`, the dropout
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -61,7 +62,7 @@ _QUERY_GRAD_CONFIGS = _configs([
 # The interpreter cannot time configurations and runs each program in Python: one small block shape.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 _AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE", "HAS_BIAS",
-                 "HAS_DROPOUT"]
+                 "HAS_DROPOUT", "VARLEN"]
 # The forward packs the query heads of a GQA group into one program's rows up to this many queries: decode (1) and
 # speculative or chunked decode steps. Longer queries fill whole blocks per head, and their key/value tiles, shared
 # by the group's programs running side by side, come from L2.
@@ -186,10 +187,51 @@ _ROW_BLOCK = 16 if triton_interpreting() else 64
 # The backend: forward and backward on checked, normalized arguments (see ptv2_kernels.backends)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p):
-    """Kernel arguments shared by every launch: sizes, autotuning classes and compile-time flags."""
+class _Packing(NamedTuple):
+    """Packed sequences (the variable-length op): cumulative lengths (int32 [S + 1]), the longest lengths, and
+    the token totals."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    total_q: int
+    total_k: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_q.numel() - 1
+
+    def kernel_args(self):
+        """(CuSeqQ, CuSeqK) and (num_seqs, search_steps, total_q, total_k) of a VARLEN launch."""
+        return (self.cu_q, self.cu_k), (self.num_seqs, (self.num_seqs - 1).bit_length(), self.total_q,
+                                        self.total_k)
+
+
+# What a padded launch passes for the VARLEN-only arguments.
+_NOT_PACKED = ((None, None), (0, 0, 0, 0))
+
+
+def _packed_view(x: torch.Tensor) -> torch.Tensor:
+    """A packed ``[total, H, D]`` tensor as the kernels' ``[1, H, total, D]`` (a view; no copy)."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def _strides3(x: torch.Tensor, packing) -> tuple:
+    """(batch, head, token) strides of a 4-D operand; the batch stride is 0 for packed sequences, whose kernels
+    find a sequence's first token through its cumulative length instead."""
+    strides = x.stride()[:3]
+    return strides if packing is None else (0, *strides[1:])
+
+
+def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p,
+                       packing=None):
+    """Kernel arguments shared by every launch: sizes, autotuning classes and compile-time flags. Packed sequences
+    pass their longest lengths as the lengths."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
+    if packing is not None:
+        q_len, k_len = packing.max_q, packing.max_k
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
     d_pad = max(16, triton.next_power_of_2(head_dim))
     use_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
@@ -198,7 +240,8 @@ def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, 
     flags = dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=prefix_index is not None,
                  HAS_LENGTHS=prefix_lengths is not None, HAS_KEY_PAD=attn_mask is not None and attn_mask.dim() == 2,
                  HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, HAS_BIAS=attn_bias is not None,
-                 CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="tf32" if use_tf32 else "ieee")
+                 CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="tf32" if use_tf32 else "ieee",
+                 VARLEN=packing is not None)
     return sizes, classes, flags
 
 
@@ -251,80 +294,153 @@ def _multiprocessors(device: torch.device) -> int:
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
             attn_bias=None):
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads = k.shape[1]
     out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
+    _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
+                    causal, scale, dropout_p)
+    return out, lse
+
+
+def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                   prefix_index, prefix_lengths, seed, causal, scale, dropout_p):
+    """The variable-length forward (see :func:`ptv2_kernels.prefix_attention_varlen`): ``out [total_q, Hq, D]``
+    and ``lse [Hq, total_q]``, one program per query block of each packed sequence."""
+    total_q, q_heads, head_dim = q.shape
+    out = q.new_empty(total_q, q_heads, head_dim)
+    lse = q.new_empty(q_heads, total_q, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    packing = _Packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, k.shape[0])
+    _launch_forward(*map(_packed_view, (q, k, v)), prefix_k, prefix_v, _packed_view(out), lse, prefix_index,
+                    prefix_lengths, None, None, seed, causal, scale, dropout_p, packing)
+    return out, lse
+
+
+def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
+                    causal, scale, dropout_p, packing=None):
+    """Write ``out`` and ``lse`` of a forward on 4-D operands (``[1, H, total, D]`` views for packed sequences)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = k.shape[1]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p)
+                                               causal, dropout_p, packing)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
-    pack = packs_query_heads(q_len, q_heads, kv_heads)
-    if pack:
-        rows, programs_per_sample = q_len * (q_heads // kv_heads), kv_heads
-        classes = (triton.next_power_of_2(rows), classes[1])
+    if packing is not None:
+        # no GQA packing nor split-KV: programs follow the packed query blocks
+        pack, splits = False, 1
+        grid = (lambda meta: (packing.total_q // meta["BLOCK_M"] + packing.num_seqs, q_heads, 1))
+        cu_seqlens, varlen_sizes = packing.kernel_args()
     else:
-        rows, programs_per_sample = q_len, q_heads
-    splits = kv_splits(q_len, batch * programs_per_sample, prefix_k.shape[2] + k.shape[2], _multiprocessors(q.device))
+        pack = packs_query_heads(q_len, q_heads, kv_heads)
+        if pack:
+            rows, programs_per_sample = q_len * (q_heads // kv_heads), kv_heads
+            classes = (triton.next_power_of_2(rows), classes[1])
+        else:
+            rows, programs_per_sample = q_len, q_heads
+        splits = kv_splits(q_len, batch * programs_per_sample, prefix_k.shape[2] + k.shape[2],
+                           _multiprocessors(q.device))
+        per_split = _query_block_grid(rows, programs_per_sample, batch)
+        grid = (lambda meta: (per_split(meta)[0] * splits, *per_split(meta)[1:]))
+        cu_seqlens, varlen_sizes = _NOT_PACKED
     # With splits, each writes a float32 partial output and lse of its own; the merge writes out and lse.
     dest, dest_lse = out, lse
     if splits > 1:
         dest = torch.empty(splits, batch, q_heads, q_len, head_dim, dtype=torch.float32, device=q.device)
         dest_lse = torch.empty(splits, batch, q_heads, q_len, dtype=torch.float32, device=q.device)
-    grid = _query_block_grid(rows, programs_per_sample, batch)
-    _forward[lambda meta: (grid(meta)[0] * splits, *grid(meta)[1:])](
+    dest_strides = dest.stride()[-4:-1] if packing is None else _strides3(dest, packing)
+    _forward[grid](
         q, k, v, prefix_k, prefix_v, dest, dest_lse, prefix_index, prefix_lengths, key_pad, dense, attn_bias, seed,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
-        dest.stride(0) if splits > 1 else 0, *dest.stride()[-4:-1], dest_lse.stride(0) if splits > 1 else 0,
-        *mask_strides, *_bias_strides(attn_bias), *sizes, scale * LOG2E.value, dropout_p, splits, *classes,
-        PACK_GQA=pack, SPLIT_KV=splits > 1, **flags)
+        *cu_seqlens, *_strides3(q, packing), *_strides3(k, packing), *_strides3(v, packing), *prefix_k.stride(),
+        *prefix_v.stride(), dest.stride(0) if splits > 1 else 0, *dest_strides, dest_lse.stride(0) if splits > 1 else 0,
+        *mask_strides, *_bias_strides(attn_bias), *sizes, scale * LOG2E.value, dropout_p, splits, *varlen_sizes,
+        *classes, PACK_GQA=pack, SPLIT_KV=splits > 1, **flags)
     if splits > 1:
         _combine_splits_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
             dest, dest_lse, out, lse, *dest.stride()[:4], dest_lse.stride(0), *out.stride()[:3], q_heads, q_len,
             splits, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], BLOCK_M=_ROW_BLOCK)
-    return out, lse
 
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
              lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), d_prefix_k.zero_(), d_prefix_v.zero_()
+    _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
+                     out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
+                     dq, dk, dv, d_prefix_k, d_prefix_v)
+    return dq, dk, dv, d_prefix_k, d_prefix_v
+
+
+def backward_varlen(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                    max_seqlen_k, prefix_index, prefix_lengths, seed, out, lse, causal, scale, dropout_p,
+                    deterministic):
+    """The variable-length backward: (dq, dk, dv, dprefix_k, dprefix_v), the prefix gradients summed over the
+    sequences in the kernels (atomics, or per sequence then in order when ``deterministic``)."""
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_(), d_prefix_k.zero_(), d_prefix_v.zero_()
+    packing = _Packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0])
+    _launch_backward(_packed_view(grad_out), None if grad_lse is None else grad_lse.unsqueeze(0),
+                     *map(_packed_view, (q, k, v)), prefix_k, prefix_v, prefix_index, prefix_lengths, None, seed,
+                     _packed_view(out), lse.unsqueeze(0), causal, scale, dropout_p, deterministic, None, None,
+                     *map(_packed_view, (dq, dk, dv)), d_prefix_k, d_prefix_v, packing)
+    return dq, dk, dv, d_prefix_k, d_prefix_v
+
+
+def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
+                     out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
+                     dq, dk, dv, d_prefix_k, d_prefix_v, packing=None):
+    """Write the five gradients of a backward on 4-D operands (``[1, H, total, D]`` views and a ``[1, Hq, total]``
+    lse for packed sequences), and the bias gradient into ``grad_bias`` when it is a non-empty tensor."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p)
+                                               causal, dropout_p, packing)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
 
+    # Δ runs over the rows as they lie: for packed sequences, one sample of total_q rows.
     delta = torch.empty_like(lse)
     _backward_preprocess_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
         out, grad_out, grad_lse, delta, *out.stride()[:3], *grad_out.stride(),
         *(grad_lse.stride() if grad_lse is not None else (0, 0, 0)), q_heads, q_len,
         HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_DLSE=grad_lse is not None, BLOCK_M=_ROW_BLOCK)
 
+    if packing is None:
+        samples, cu_seqlens, varlen_sizes = batch, *_NOT_PACKED
+        query_grid = _query_block_grid(q_len, q_heads, batch)
+        key_grid = _key_block_grid(prefix_len, k_len, kv_heads, batch)
+    else:
+        samples, (cu_seqlens, varlen_sizes) = packing.num_seqs, packing.kernel_args()
+        query_grid = (lambda meta: (packing.total_q // meta["BLOCK_M"] + samples, q_heads, 1))
+        key_grid = (lambda meta: (samples * triton.cdiv(prefix_len, meta["BLOCK_N"])
+                                  + packing.total_k // meta["BLOCK_N"] + samples, kv_heads, 1))
     # One float32 partial per bank entry (atomics) or per sample (deterministic); never-written slots stay 0.
-    slots = batch if deterministic else num_prefixes
+    slots = samples if deterministic else num_prefixes
     partial_k = torch.zeros(slots, kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
     partial_v = torch.zeros_like(partial_k)
-    common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *prefix_k.stride(), *prefix_v.stride(),
-              *grad_out.stride())
-    if prefix_len + k_len > 0:
-        _backward_keys[_key_block_grid(prefix_len, k_len, kv_heads, batch)](
+    common = (*_strides3(q, packing), *_strides3(k, packing), *_strides3(v, packing), *prefix_k.stride(),
+              *prefix_v.stride(), *_strides3(grad_out, packing), grad_out.stride(3))
+    if prefix_len + sizes[2] > 0:
+        _backward_keys[key_grid](
             q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dk, dv, partial_k, partial_v, prefix_index,
-            prefix_lengths, key_pad, dense, attn_bias, seed, *common, *dk.stride()[:3], *dv.stride()[:3],
-            *mask_strides, *_bias_strides(attn_bias), *sizes, scale * LOG2E.value, scale, dropout_p, *classes,
-            DETERMINISTIC=deterministic, **flags)
+            prefix_lengths, key_pad, dense, attn_bias, seed, *cu_seqlens, *common, *_strides3(dk, packing),
+            *_strides3(dv, packing), *mask_strides, *_bias_strides(attn_bias), *sizes, scale * LOG2E.value, scale,
+            dropout_p, *varlen_sizes, *classes, DETERMINISTIC=deterministic, **flags)
+    else:
+        dk.zero_()
+        dv.zero_()
     bias_grad = grad_bias is not None and grad_bias.numel() > 0
-    _backward_queries[_query_block_grid(q_len, q_heads, batch)](
+    _backward_queries[query_grid](
         q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, prefix_index, prefix_lengths, key_pad, dense,
-        attn_bias, grad_bias if bias_grad else None, seed, *common, *dq.stride()[:3], *mask_strides,
-        *_bias_strides(attn_bias), *(grad_bias.stride() if bias_grad else (0, 0, 0, 0)), *sizes,
-        scale * LOG2E.value, scale, dropout_p, *classes, BIAS_GRAD=bias_grad, **flags)
+        attn_bias, grad_bias if bias_grad else None, seed, *cu_seqlens, *common, *_strides3(dq, packing),
+        *mask_strides, *_bias_strides(attn_bias), *(grad_bias.stride() if bias_grad else (0, 0, 0, 0)), *sizes,
+        scale * LOG2E.value, scale, dropout_p, *varlen_sizes, *classes, BIAS_GRAD=bias_grad, **flags)
     if prefix_len > 0:
         _prefix_grad_finalize_kernel[(triton.cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
             partial_k, partial_v, d_prefix_k, d_prefix_v, prefix_index, *d_prefix_k.stride(), *d_prefix_v.stride(),
-            batch, kv_heads, prefix_len, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"],
+            samples, kv_heads, prefix_len, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"],
             HAS_INDEX=prefix_index is not None, SUM_SAMPLES=deterministic, BLOCK_N=_ROW_BLOCK)
-    return dq, dk, dv, d_prefix_k, d_prefix_v
