@@ -17,8 +17,9 @@ How a model is patched, on the instance only (no class is modified):
 
 The mask function hands the op its cheap mask forms whenever they are exact: no mask, or a ``[B, Nk]`` key-padding
 mask, with causality given by a flag (the op's causal mask is aligned bottom-right, which is exact when the queries
-are the last ``Nq`` of the ``Nk`` keys). Anything else (sliding windows, static caches, packed sequences, user 4-D
-masks) becomes a dense boolean mask.
+are the last ``Nq`` of the ``Nk`` keys). Anything else (sliding windows, static caches, user 4-D masks) becomes a
+dense boolean mask. A packed (padding-free) batch makes no mask at all: its attentions run the variable-length op
+(:mod:`ptv2_kernels.integrations.packing`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import contextlib
 import functools
 import inspect
 import math
+import threading
 import weakref
 from typing import Optional, Sequence
 
@@ -35,6 +37,8 @@ from torch import Tensor, nn
 
 from ..ops import BACKENDS, prefix_attention
 from ..prefix import PrefixBank, PrefixSlot
+from ..varlen import prefix_attention_varlen
+from .packing import Packing, packing_of_call
 
 __all__ = ["patch", "unpatch", "PatchHandle", "freeze_backbone", "prefix_layout", "cache_keyword", "ATTENTION_NAME"]
 
@@ -261,10 +265,11 @@ class PrefixContext:
     """What one forward of a patched model hands every attention call: the bank's per-slot (key, value) views
     (computed once), the samples' task selection, and the entries' lengths."""
 
-    __slots__ = ("state", "kv", "tasks", "lengths", "shift")
+    __slots__ = ("state", "kv", "tasks", "lengths", "shift", "packing")
 
-    def __init__(self, state, kv, tasks: _TaskSelection, lengths, shift):
+    def __init__(self, state, kv, tasks: _TaskSelection, lengths, shift, packing: Optional[Packing] = None):
         self.state, self.kv, self.tasks, self.lengths, self.shift = state, kv, tasks, lengths, shift
+        self.packing = packing  # the sequences of a packed batch, or None
 
     @property
     def index(self) -> Optional[Tensor]:
@@ -354,7 +359,9 @@ class _PatchState:
             longest = None
         return _TaskSelection(bank, index, repeats, longest)
 
-    def context(self, task_ids=None, batch: Optional[int] = None, repeats=frozenset()) -> PrefixContext:
+    def context(self, task_ids=None, batch: Optional[int] = None, repeats=frozenset(),
+                packing: Optional[Packing] = None) -> PrefixContext:
+        """The context of one forward; for a packed batch ``batch`` is its sequence count (one task id each)."""
         if task_ids is None and self.generate_tasks:
             tasks = self.generate_tasks[-1]
         else:
@@ -362,7 +369,7 @@ class _PatchState:
         bank = self.bank
         lengths = None if bank.uniform_length else bank.prefix_lengths
         shift = bank.prefix_len if bank.uniform_length else None  # None: each sample's own length
-        return PrefixContext(self, bank(), tasks, lengths, shift)
+        return PrefixContext(self, bank(), tasks, lengths, shift, packing)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,8 +422,11 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
+    context = _module_context(module, kwargs)
+    if context is not None and context.packing is not None:
+        return _packed_attention(module, query, key, value, context, is_causal, scaling, dropout, kwargs)
     key_padding_mask, mask, causal = _op_mask(attention_mask, is_causal, key)
-    prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs)
+    prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs, context)
     # T5's relative position bias: on the sequence keys' scores; the prefix keys get none (zero bias columns).
     out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
                            key_padding_mask=key_padding_mask, attn_mask=mask, attn_bias=kwargs.get("position_bias"),
@@ -424,13 +434,34 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     return out.transpose(1, 2), None
 
 
-def _module_prefix(module, query, key, kwargs):
-    """(prefix_k, prefix_v, prefix_index, prefix_lengths, backend) for one attention call."""
+def _packed_attention(module, query, key, value, context: PrefixContext, is_causal: bool, scaling, dropout, kwargs):
+    """A packed batch's attention: the variable-length op on the row's sequences (``[1, H, total, D]`` views read
+    as ``[total, H, D]``, no copy), each with its own task's prefix; the mask function made no mask."""
+    packing = context.packing
+    if not packing.serves(query.shape[0], query.shape[2], key.shape[2]):
+        raise NotImplementedError(
+            f"{type(module).__name__} got queries {list(query.shape)} and keys {list(key.shape)} in a packed batch "
+            f"of {packing.total} tokens; a patched model serves packed sequences in self-attention over the packed "
+            "row only")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError(f"{type(module).__name__} uses sliding-window attention, which a patched model "
+                                  "does not serve on packed sequences: pass a padded batch with an attention mask")
+    state, slot = module.__dict__[_BINDING_ATTR]
+    prefix_k, prefix_v = context.kv[slot]
+    out = prefix_attention_varlen(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), prefix_k, prefix_v,
+        packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen, packing.max_seqlen,
+        prefix_index=context.index_for(packing.num_seqs), prefix_lengths=context.lengths, causal=is_causal,
+        scale=scaling, dropout_p=float(dropout), backend=state.backend)
+    return out.unsqueeze(0), None
+
+
+def _module_context(module, kwargs) -> Optional[PrefixContext]:
+    """The context of the forward an attention call belongs to, or None for a module without a bank slot."""
     binding = module.__dict__.get(_BINDING_ATTR)
-    if binding is None:  # an attention without a bank slot: no prefix
-        empty = _empty_prefix(key)
-        return empty, empty, None, None, "auto"
-    state, slot = binding
+    if binding is None:
+        return None
+    state, _ = binding
     context = kwargs.get(CONTEXT_KWARG)
     if context is None or context.state is not state:
         # Some families' layers do not pass their keyword arguments on to the attention (StableLM, Nemotron):
@@ -446,13 +477,29 @@ def _module_prefix(module, query, key, kwargs):
                 "model, and train this family without gradient checkpointing.")
         else:
             context = state.context(None)
+    return context
+
+
+def _module_prefix(module, query, key, kwargs, context: Optional[PrefixContext] = None):
+    """(prefix_k, prefix_v, prefix_index, prefix_lengths, backend) for one attention call."""
+    binding = module.__dict__.get(_BINDING_ATTR)
+    if binding is None:  # an attention without a bank slot: no prefix
+        empty = _empty_prefix(key)
+        return empty, empty, None, None, "auto"
+    state, slot = binding
+    context = context or _module_context(module, kwargs)
     prefix_k, prefix_v = context.kv[slot]
     return prefix_k, prefix_v, context.index_for(query.shape[0]), context.lengths, state.backend
 
 
 def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
                           mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs):
-    """The mask function registered as ``"ptv2_prefix"`` (see :func:`_op_mask` for the forms it returns)."""
+    """The mask function registered as ``"ptv2_prefix"`` (see :func:`_op_mask` for the forms it returns). Inside
+    the forward of a packed batch it makes none: the attentions run the variable-length op."""
+    running = _running_contexts()
+    if running and running[-1] is not None and running[-1].packing is not None \
+            and running[-1].packing.serves(batch_size, q_length, kv_length):
+        return None
     masking_utils = _MASKING_UTILS[0] if _MASKING_UTILS else _masking_utils()
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
@@ -547,19 +594,26 @@ class _PreHook:
 
     def __call__(self, module, args, kwargs):
         state = self.state
-        state.interrupted.append(state.current)  # first, so that _PostHook's pop matches even if this raises
+        state.interrupted.append(state.current)  # first, so that _PostHook's pops match even if this raises
+        running = _running_contexts()
+        running.append(None)
         context = kwargs.get(CONTEXT_KWARG)
         if context is not None and context.state is state:
-            state.current = context
+            state.current = running[-1] = context
             return None
         task_ids = kwargs.pop("task_ids", None)
         lead = _input_lead(self.names, args, kwargs)
         batch = lead[0] if lead else None
         # A multiple-choice head runs its B questions' C choices as B*C samples: one task id per question.
         repeats = frozenset([math.prod(lead[1:])]) if lead and len(lead) > 1 else frozenset()
-        context = state.context(task_ids, batch=batch, repeats=repeats)
+        packing = packing_of_call(_argument("position_ids", self.names, args, kwargs),
+                                  _argument("attention_mask", self.names, args, kwargs),
+                                  _past_length(self.names, args, kwargs), lead, kwargs)
+        if packing is not None:
+            batch = packing.num_seqs  # one task id per packed sequence
+        context = state.context(task_ids, batch=batch, repeats=repeats, packing=packing)
         kwargs[CONTEXT_KWARG] = context
-        state.current = context
+        state.current = running[-1] = context
         if self.shift_positions:
             _shift_positions(context, self.names, args, kwargs, self.roberta)
         return args, kwargs
@@ -575,7 +629,30 @@ class _PostHook:
     def __call__(self, module, args, kwargs, output):
         state = self.state
         state.current = state.interrupted.pop() if state.interrupted else None
+        running = _running_contexts()
+        if running:
+            running.pop()
         return None
+
+
+# The contexts of the hooked forwards running now in this thread (of every patched model), innermost last: the
+# mask function, which is told nothing of the model calling it, looks here for a packed batch.
+_RUNNING = threading.local()
+
+
+def _running_contexts() -> list:
+    running = getattr(_RUNNING, "contexts", None)
+    if running is None:
+        running = _RUNNING.contexts = []
+    return running
+
+
+def _past_length(names, args, kwargs) -> int:
+    """How many tokens a call's cache holds already (0 without one)."""
+    cache = _argument("cache", names, args, kwargs)  # transformers >= 5.24; before, past_key_values
+    if cache is None:
+        cache = _argument("past_key_values", names, args, kwargs)
+    return cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
 
 
 def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
@@ -590,13 +667,15 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
         return
     if "position_ids" in names and names.index("position_ids") < len(args):
         raise ValueError("give position_ids by keyword to a patched model with positions='shifted'")
-    cache = _argument("cache", names, args, kwargs)  # transformers >= 5.24; before, past_key_values
-    if cache is None:
-        cache = _argument("past_key_values", names, args, kwargs)
-    past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+    past = _past_length(names, args, kwargs)
     position_ids = _argument("position_ids", names, args, kwargs)
     _check_position_room(context, past, length, position_ids,
                          offset=roberta.padding_idx + 1 if roberta is not None else 0)
+    if context.packing is not None:  # positions as given (or counted along the row, as the model would)
+        if position_ids is None:
+            position_ids = (torch.arange(length, device=device) + past).view(1, length)
+        kwargs["position_ids"] = position_ids + _position_shift(context, 1)
+        return
     shift = context.shift_for(lead[0])
     if not isinstance(shift, int):  # [B, 1] -> [B, 1, ..., 1] for inputs like multiple choice's [B, C, N]
         shift = shift.view(lead[0], *([1] * len(lead)))
@@ -612,6 +691,16 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
     else:
         position_ids = position_ids + shift
     kwargs["position_ids"] = position_ids
+
+
+def _position_shift(context: PrefixContext, batch: int):
+    """The prefix lengths to add to positions: an int when all are equal, else ``[B, 1]``; for a packed batch
+    each sequence's own, spread to its tokens (``[1, total]``)."""
+    packing = context.packing
+    shift = context.shift_for(batch if packing is None else packing.num_seqs)
+    if packing is not None and not isinstance(shift, int):
+        shift = packing.token_shift(shift.view(-1))
+    return shift
 
 
 def _check_position_room(context: PrefixContext, past, length: int, position_ids: Optional[Tensor],
@@ -692,7 +781,7 @@ class _PositionHook:
         if position_ids is None:
             position_ids = torch.arange(length, device=module.weight.device) + past
         position_ids = position_ids.reshape(-1, length)
-        shift = context.shift_for(batch)
+        shift = _position_shift(context, batch)
         return nn.functional.embedding(position_ids + shift + module.offset, module.weight)
 
 
