@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ptv2_kernels
+from ptv2_kernels import backends
 from ptv2_kernels.integrations import hf_transformers
 
 from .hf_models import VOCAB, decoder_model, encoder_model
@@ -105,12 +106,15 @@ def test_packed_batch_equals_padded_batch(family, positions, flash_kwargs, monke
         torch.testing.assert_close(grads[name], p_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=pytest.mark.skipif(
+    backends.unavailable_reason("triton") is not None, reason=str(backends.unavailable_reason("triton"))))])
 @pytest.mark.parametrize("family", ["bert", "llama"])
-def test_packed_batch_on_the_default_backend(family):
-    """backend='auto' (the native backend one sequence at a time on the CPU) against the reference."""
+def test_packed_batch_on_the_kernel_backends(family, backend):
+    """backend='auto' (the native backend one sequence at a time on the CPU, Triton on a GPU) and the Triton
+    kernels (the interpreter without a GPU) against the reference."""
     features = _features(family)
     packed = transformers.DataCollatorWithFlattening()(features)
-    results = [_step(*_patched(family, "shifted", backend=backend), packed) for backend in ("auto", "reference")]
+    results = [_step(*_patched(family, "shifted", backend=name), packed) for name in (backend, "reference")]
     (logits, loss, grads), (want_logits, want_loss, want_grads) = results
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
