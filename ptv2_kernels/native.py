@@ -175,12 +175,15 @@ def _merged_forward(q, parts, scale, out=None, lse=None):
         lse.copy_(part_lse)
     else:
         (prefix_out, prefix_lse), (sequence_out, sequence_lse) = results
-        prefix_weight = torch.sigmoid(prefix_lse - sequence_lse).unsqueeze(-1)
+        prefix_weight = torch.sub(prefix_lse, sequence_lse).sigmoid_().unsqueeze(-1)
         if out.dtype == prefix_weight.dtype:
             torch.lerp(sequence_out, prefix_out.to(out.dtype), prefix_weight, out=out)
         else:  # float16/bfloat16: merged in float32, rounded once
             out.copy_(torch.lerp(sequence_out.float(), prefix_out.float(), prefix_weight))
-        lse.copy_(torch.logaddexp(prefix_lse, sequence_lse))
+        if lse.dtype == prefix_lse.dtype:
+            torch.logaddexp(prefix_lse, sequence_lse, out=lse)
+        else:  # float64 inputs: the op's lse is float32
+            lse.copy_(torch.logaddexp(prefix_lse, sequence_lse))
     if any(rows_seeing is not None for *_, rows_seeing in parts):
         # a row that sees no key of either part: its weight is NaN (-inf - -inf); its output is 0, its lse -inf
         sees_nothing = torch.isneginf(lse)

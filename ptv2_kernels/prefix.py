@@ -134,7 +134,28 @@ class PrefixEncoder(nn.Module):
         return values.view(self.num_tasks, self.prefix_len, self.width)
 
     def forward(self) -> tuple[tuple[Tensor, Tensor], ...]:
-        """One ``(key, value)`` pair ``[T, Hkv, P, D]`` per slot, views of :meth:`flat` made by a single split."""
+        """One ``(key, value)`` pair ``[T, Hkv, P, D]`` per slot, views of :meth:`flat` made by a single split.
+
+        Without autograd (inference, every step of ``generate``) the pairs are made once and handed out again
+        until a parameter changes (an optimizer step, ``load_state_dict``, a move): a decode step then pays no
+        MLP and no per-slot views."""
+        reusable = (not torch.is_grad_enabled() and (self.dropout is None or not self.training)
+                    and not torch.compiler.is_compiling())
+        if not reusable:
+            return self._views()
+        state = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters())
+        cached = self.__dict__.get("_reused_views")
+        if cached is None or cached[0] != state:
+            cached = self.__dict__["_reused_views"] = (state, self._views())
+        return cached[1]
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        state = dict(state)
+        state.pop("_reused_views", None)  # copies make their own
+        return state
+
+    def _views(self) -> tuple[tuple[Tensor, Tensor], ...]:
         sizes = [size for slot in self.slots for size in (slot.width // 2,) * 2]
         parts = self.flat().split(sizes, dim=-1)
         kv = []

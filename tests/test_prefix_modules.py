@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -212,3 +214,42 @@ def test_lengths_are_read_from_the_buffer_only_after_it_changes(monkeypatch):
         bank.prefix_lengths[1] = 4
     assert bank.lengths() == [2, 4, 3] and bank.lengths() == [2, 4, 3]
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("projection_hidden", [None, 16])
+def test_views_reused_without_autograd_until_a_parameter_changes(projection_hidden):
+    """Under no_grad (every generate step) the per-slot views are made once; an optimizer step, an in-place
+    write or a move makes them again; with autograd they are always made anew (they carry the graph)."""
+    encoder = PrefixEncoder(4, num_layers=3, num_kv_heads=2, head_dim=8, num_tasks=2,
+                            projection_hidden=projection_hidden)
+    with torch.no_grad():
+        first = encoder()
+        assert encoder() is first
+        first_key = first[0][0].clone()
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
+    loss = sum(key.sum() + value.square().sum() for key, value in encoder())
+    assert encoder() is not encoder()  # autograd on: fresh views each call
+    loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        stepped = encoder()
+        assert stepped is not first and encoder() is stepped
+        assert not torch.equal(stepped[0][0], first_key)
+        encoder.embedding.weight.mul_(2)
+        doubled = encoder()
+        assert doubled is not stepped
+        fresh = encoder._views()
+        for (key, value), (want_key, want_value) in zip(doubled, fresh):
+            assert torch.equal(key, want_key) and torch.equal(value, want_value)
+        encoder.double()
+        assert encoder()[0][0].dtype == torch.float64
+    copied = copy.deepcopy(encoder)
+    assert "_reused_views" not in copied.__dict__
+
+
+def test_views_not_reused_while_dropout_trains():
+    encoder = PrefixEncoder(4, num_layers=2, num_kv_heads=2, head_dim=8, dropout=0.5).train()
+    with torch.no_grad():
+        assert encoder() is not encoder()
+        encoder.eval()
+        assert encoder() is encoder()
