@@ -15,6 +15,7 @@ and in eager mode a plain ``autograd.Function`` runs the same bodies.
 from __future__ import annotations
 
 import collections
+import operator
 import os
 import weakref
 from typing import Optional, Union
@@ -79,9 +80,9 @@ def prefix_attention_varlen(
     """
     if backend not in ("auto",) + backends.NAMES:
         raise ValueError(f"backend must be one of {('auto',) + backends.NAMES}, got {backend!r}")
-    q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths = _checked(
-        q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_index,
-        prefix_lengths, causal, scale, dropout_p)
+    (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_index,
+     prefix_lengths) = _checked(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                prefix_index, prefix_lengths, causal, scale, dropout_p)
     packed = (cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k))
     name = backends.choose_varlen(backend, q, k, prefix_k, packed, dropout_p)
     if deterministic is None:
@@ -121,15 +122,30 @@ def _checked(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1} (shapes "
                          f"{list(cu_seqlens_q.shape)} and {list(cu_seqlens_k.shape)})")
     num_seqs = cu_seqlens_q.numel() - 1
-    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    max_seqlen_q, max_seqlen_k = (_checked_length(name, value) for name, value in
+                                  (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)))
 
     prefix_k, prefix_v, prefix_index, prefix_lengths = _checked_bank(prefix_k, prefix_v, prefix_index,
                                                                      prefix_lengths, kv_heads, head_dim, num_seqs,
                                                                      q.device)
     _checked_options(causal, scale, dropout_p)
-    return q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths
+    return (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_index,
+            prefix_lengths)
+
+
+def _checked_length(name, value) -> int:
+    """A non-negative int from an int, a numpy integer or a 0-d integer tensor (FlashAttention's callers pass
+    any of them)."""
+    if isinstance(value, bool) or isinstance(value, float) or (isinstance(value, Tensor) and (
+            value.dim() != 0 or value.is_floating_point() or value.dtype == torch.bool)):
+        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a non-negative int, got {value!r}") from None
+    if value < 0:
+        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    return value
 
 
 def _checked_cu_seqlens(name, t, device) -> Tensor:

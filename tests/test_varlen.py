@@ -299,6 +299,7 @@ def _error_call(**changes):
     (dict(max_seqlen_q=16), ValueError, "max_seqlen_q .16. must be at least the longest"),
     (dict(max_seqlen_k=-1), TypeError, "max_seqlen_k must be a non-negative int"),
     (dict(max_seqlen_k=17.0), TypeError, "max_seqlen_k must be a non-negative int"),
+    (dict(max_seqlen_q=torch.tensor([17])), TypeError, "max_seqlen_q must be a non-negative int"),
     (dict(prefix_index=lambda i: i[:2]), ValueError, r"prefix_index must have shape \[4\]"),
     (dict(prefix_index=None), ValueError, "prefix_index is required"),
     (dict(prefix_index=lambda i: i + 3), IndexError, r"prefix_index entries must be in \[0, 3\)"),
@@ -310,6 +311,15 @@ def _error_call(**changes):
 def test_argument_errors(changes, error, match):
     with pytest.raises(error, match=match):
         _error_call(**changes)
+
+
+@pytest.mark.parametrize("longest", [torch.tensor(17), 17, __import__("numpy").int64(17)])
+def test_max_seqlen_as_int_like(longest):
+    case = VarlenCase(num_prefixes=3)
+    inputs, kwargs = make_inputs(case, torch.float32)
+    want = prefix_attention_varlen(*inputs, *case.cu_seqlens, 17, 17, **kwargs, backend="reference")
+    got = prefix_attention_varlen(*inputs, *case.cu_seqlens, longest, longest, **kwargs, backend="reference")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_empty_batch():
