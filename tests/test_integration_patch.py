@@ -119,13 +119,13 @@ def test_task_ids_errors():
 
 
 def test_unsupported_model_names_its_type():
-    config = transformers.DebertaV2Config(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                          intermediate_size=64)
-    model = transformers.DebertaV2ForSequenceClassification(config)
-    with pytest.raises(NotImplementedError, match="'deberta-v2'.*AttentionInterface"):
+    config = transformers.MPNetConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64)
+    model = transformers.MPNetForSequenceClassification(config)
+    with pytest.raises(NotImplementedError, match="'mpnet'.*AttentionInterface"):
         ptv2_kernels.PrefixBank.for_model(model)
     bank = ptv2_kernels.PrefixBank([("layer.0", 2, 16)], prefix_len=2)
-    with pytest.raises(NotImplementedError, match="'deberta-v2'"):
+    with pytest.raises(NotImplementedError, match="'mpnet'"):
         ptv2_kernels.patch(model, bank)
 
 

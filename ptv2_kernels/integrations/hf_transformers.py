@@ -12,6 +12,8 @@ How a model is patched, on the instance only (no class is modified):
   function as a keyword argument (transformers forwards such keyword arguments to every attention call, also under
   gradient checkpointing). ``model(**batch, task_ids=ids)`` selects each sample's task.
 * ``generate`` gets an instance-level wrapper that accepts ``task_ids``; the cache holds real tokens only.
+* A family whose attention does not go through AttentionInterface (DeBERTa, DeBERTa-v2) is served by an adapter
+  module of this package (``deberta.py``), which replaces each bound attention module's forward on the instance.
 * Hooks and the wrapper are instances of module-level classes (no closures), so a patched model deep-copies and
   pickles whole; the copy is patched with its own bank.
 
@@ -83,6 +85,24 @@ def _calls_attention_interface(cls) -> bool:
     return _INTERFACE_CLASSES[cls]
 
 
+# Families whose attention does not go through AttentionInterface, each served by an adapter module of this package
+# (``serves(cls)``, ``install(module)``, ``uninstall(module)``) that replaces a bound attention module's forward on the
+# instance. Imported when first asked (an adapter imports this module).
+_FAMILY_ADAPTERS = ("deberta",)
+
+
+@functools.cache
+def _family_adapter(cls):
+    """The adapter module that serves attention modules of class ``cls``, or None."""
+    import importlib
+
+    for name in _FAMILY_ADAPTERS:
+        adapter = importlib.import_module(f"{__package__}.{name}")
+        if adapter.serves(cls):
+            return adapter
+    return None
+
+
 def _is_encoder_decoder(model) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
@@ -90,7 +110,8 @@ def _is_encoder_decoder(model) -> bool:
 def _attention_modules(model) -> list[tuple[str, str, nn.Module]]:
     """``(slot name, module path, module)`` for every attention module of ``model``, in model order."""
     found = [(path, module) for path, module in model.named_modules()
-             if path.split(".")[-1] != _BANK_MODULE and _calls_attention_interface(type(module))]
+             if path.split(".")[-1] != _BANK_MODULE
+             and (_calls_attention_interface(type(module)) or _family_adapter(type(module)) is not None)]
     counters = {}
     result = []
     if _is_encoder_decoder(model):
@@ -598,6 +619,8 @@ class _PreHook:
         running = _running_contexts()
         running.append(None)
         context = kwargs.get(CONTEXT_KWARG)
+        if context is None and "task_ids" not in kwargs and state.current is not None:
+            context = state.current  # a sub-model called by the running forward without its keyword arguments
         if context is not None and context.state is state:
             state.current = running[-1] = context
             return None
@@ -905,13 +928,16 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
 
     _register()
     state = _PatchState(prefix, positions, backend, type(model).__name__)
-    previous = [(sub, sub.config._attn_implementation) for sub in _sub_models(model)]
+    # A family served by an adapter keeps its attention implementation: its modules read none.
+    interface = [(path, module) for _, path, module in modules if _family_adapter(type(module)) is None]
+    previous = [(sub, sub.config._attn_implementation) for sub in _sub_models(model)] if interface else []
     try:
-        model.set_attn_implementation(ATTENTION_NAME)
-        for sub in _sub_models(model):  # sub-models sharing the top config class are skipped by some versions
+        if interface:
+            model.set_attn_implementation(ATTENTION_NAME)
+        for sub, _ in previous:  # sub-models sharing the top config class are skipped by some versions
             if sub.config._attn_implementation != ATTENTION_NAME:
                 sub.set_attn_implementation(ATTENTION_NAME)
-        for name, path, module in modules:
+        for path, module in interface:
             config = getattr(module, "config", None) or model.config
             if config._attn_implementation != ATTENTION_NAME:
                 raise _unsupported(model, f"{path} did not switch to the attention implementation "
@@ -928,6 +954,9 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
         if name in slot_index:
             setattr(module, _BINDING_ATTR, (state, slot_index[name]))
             state.bindings.append(module)
+            adapter = _family_adapter(type(module))
+            if adapter is not None:
+                adapter.install(module)
     roberta = _padding_idx_embeddings(model)
     for sub in _sub_models(model):
         sub_names, sub_var_kwargs = _forward_parameters(sub)
@@ -1029,6 +1058,9 @@ def unpatch(model) -> None:
         handle.remove()
     for module in state.bindings:
         module.__dict__.pop(_BINDING_ATTR, None)
+        adapter = _family_adapter(type(module))
+        if adapter is not None:
+            adapter.uninstall(module)
     if state.wrapped_generate:
         model.__dict__.pop("generate", None)
     _restore_implementations(state.previous_implementations)
