@@ -3,7 +3,7 @@
 Every model has dropout off (so outputs are deterministic) and runs in float32. ``peft_twin`` wraps a deep copy of
 a model in a PEFT prefix-tuning model with a random prefix, and ``patched_twin`` patches another deep copy with a
 bank imported from that PEFT model, so both carry the same prefix values. ``OpSpy`` records the masks a patched model
-hands the op.
+hands the op, ``ShapeRecorder`` the shape of every tensor that aten ops make.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptv2_kernels
 from ptv2_kernels.integrations.hf_peft import peft_prefix_tuning_problem
@@ -186,3 +187,18 @@ class OpSpy:
             return original(q, k, v, prefix_k, prefix_v, **kwargs)
 
         monkeypatch.setattr(hf_transformers, "prefix_attention", spy)
+
+
+class ShapeRecorder(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns while the mode is on (``with ShapeRecorder() as r:``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in result if isinstance(result, (tuple, list)) else (result,):
+            if isinstance(t, torch.Tensor):
+                self.seen.append(tuple(t.shape))
+        return result

@@ -10,7 +10,8 @@ import torch
 from ptv2_kernels import backends, prefix_attention
 
 from . import kernel_cases
-from .hf_models import decoder_model, encoder_model, logits_of, loss_of, patch_with_random_bank, random_batch
+from .hf_models import (ShapeRecorder, decoder_model, encoder_model, logits_of, loss_of, patch_with_random_bank,
+                        random_batch)
 from .kernel_cases import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
     GRID, Case, assert_close_to_reference, backend_mask, check_against_reference, make_inputs,
     poison_uninitialized_memory, reference_results,
@@ -195,19 +196,7 @@ def test_auto_takes_native_on_cpu():
 
 def test_writes_nothing_of_the_concatenated_size():
     """No tensor of [B, H, P + Nk, D] (a concatenation of prefix and sequence keys) is made, fwd or bwd."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     B, H, N, D, P = 2, 4, 24, 8, 6
-
-    class Shapes(TorchDispatchMode):
-        seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in result if isinstance(result, (tuple, list)) else (result,):
-                if isinstance(t, torch.Tensor):
-                    Shapes.seen.append(tuple(t.shape))
-            return result
 
     from ptv2_kernels import native
 
@@ -218,13 +207,12 @@ def test_writes_nothing_of_the_concatenated_size():
     scale = D ** -0.5
     # The backend's own functions, so that the mode sees every op inside them (it would see the op as one call).
     for dropout_p, seed in ((0.0, None), (0.1, torch.tensor(3))):
-        Shapes.seen.clear()
-        with Shapes():
+        with ShapeRecorder() as shapes:
             out, lse = native.forward(q, k, v, prefix_k, prefix_v, None, None, None, seed, True, scale, dropout_p)
             native.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, None, None, None, seed, out, lse, True,
                             scale, dropout_p, False)
-        assert len(Shapes.seen) > 10  # the backend's ops were seen
-        assert all(shape[-2:] != (P + N, D) for shape in Shapes.seen)
+        assert len(shapes.seen) > 10  # the backend's ops were seen
+        assert all(shape[-2:] != (P + N, D) for shape in shapes.seen)
 
 
 # ----------------------------------------------------------------------------------------------------------------
