@@ -345,18 +345,12 @@ static const char* launch_key_tiled(const Params& p, void* stream) {
                        stream, p);
 }
 
-template <typename T>
-static const char* launch_key_bucket(const Params& p, void* stream) {
-  switch (head_dim_bucket(p.head_dim)) {
-    case 64: return launch_key_tiled<T, 64>(p, stream);
-    case 128: return launch_key_tiled<T, 128>(p, stream);
-    default: return launch_key_tiled<T, 256>(p, stream);
-  }
-}
-
 const char* launch_backward_key_grads(const Params& p, void* stream) {
-  if (p.dtype == kFloat16) return launch_key_bucket<__half>(p, stream);
-  if (p.dtype == kBFloat16) return launch_key_bucket<__nv_bfloat16>(p, stream);
+  if (is_16bit(p.dtype)) {
+    return dispatch_16bit(p, [&](auto type, auto dim) {
+      return launch_key_tiled<typename decltype(type)::type, decltype(dim)::value>(p, stream);
+    });
+  }
   const int blocks = ceil_div(p.prefix_len, kSimpleKeyN) + ceil_div(p.k_len, kSimpleKeyN);
   const dim3 grid(blocks, p.kv_heads, p.batch);
   return launch_kernel(backward_key_simple_kernel, grid, dim3(128), simple_key_grad_smem_bytes(p.head_dim), stream, p);

@@ -363,19 +363,11 @@ static const char* launch_decode(const Params& p, void* stream) {
                        stream, p);
 }
 
-template <typename T>
-static const char* launch_decode_bucket(const Params& p, void* stream) {
-  switch (head_dim_bucket(p.head_dim)) {
-    case 64: return launch_decode<T, 64>(p, stream);
-    case 128: return launch_decode<T, 128>(p, stream);
-    default: return launch_decode<T, 256>(p, stream);
-  }
-}
-
 const char* launch_forward_decode(const Params& p, void* stream) {
-  if (p.dtype == kFloat16) return launch_decode_bucket<__half>(p, stream);
-  if (p.dtype == kBFloat16) return launch_decode_bucket<__nv_bfloat16>(p, stream);
-  return "the decode kernel serves float16 and bfloat16 inputs only";
+  if (!is_16bit(p.dtype)) return "the decode kernel serves float16 and bfloat16 inputs only";
+  return dispatch_16bit(p, [&](auto type, auto dim) {
+    return launch_decode<typename decltype(type)::type, decltype(dim)::value>(p, stream);
+  });
 }
 
 }  // namespace ptv2

@@ -251,18 +251,12 @@ static const char* launch_tiled(const Params& p, void* stream) {
   return launch_kernel(forward_tiled_kernel<T, kD>, grid, dim3(128), forward_smem_bytes(kD), stream, p);
 }
 
-template <typename T>
-static const char* launch_tiled_bucket(const Params& p, void* stream) {
-  switch (head_dim_bucket(p.head_dim)) {
-    case 64: return launch_tiled<T, 64>(p, stream);
-    case 128: return launch_tiled<T, 128>(p, stream);
-    default: return launch_tiled<T, 256>(p, stream);
-  }
-}
-
 const char* launch_forward_tiled(const Params& p, void* stream) {
-  if (p.dtype == kFloat16) return launch_tiled_bucket<__half>(p, stream);
-  if (p.dtype == kBFloat16) return launch_tiled_bucket<__nv_bfloat16>(p, stream);
+  if (is_16bit(p.dtype)) {
+    return dispatch_16bit(p, [&](auto type, auto dim) {
+      return launch_tiled<typename decltype(type)::type, decltype(dim)::value>(p, stream);
+    });
+  }
   const dim3 grid(ceil_div(p.q_len, kSimpleFwdM), p.q_heads, p.batch);
   return launch_kernel(forward_simple_kernel, grid, dim3(128), simple_forward_smem_bytes(p.head_dim), stream, p);
 }

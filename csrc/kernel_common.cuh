@@ -69,6 +69,28 @@ template <> PTV2_DEVICE uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 
 PTV2_DEVICE int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
+// ---- the one dtype x head-dim switch of the 16-bit (tensor-core) kernels ------------------------------------
+
+template <typename T> struct TypeTag { using type = T; };
+template <int D> struct HeadDimTag { static constexpr int value = D; };
+
+inline bool is_16bit(int dtype) { return dtype == kFloat16 || dtype == kBFloat16; }
+
+// launch(TypeTag<T>{}, HeadDimTag<kD>{}) for p's 16-bit dtype T and head-dim bucket kD (64, 128 or 256): every
+// launcher of a kernel templated on <T, kD> dispatches here, so the instantiated set is stated once.
+template <class Launch>
+const char* dispatch_16bit(const Params& p, Launch&& launch) {
+  auto by_head_dim = [&](auto type) -> const char* {
+    switch (head_dim_bucket(p.head_dim)) {
+      case 64: return launch(type, HeadDimTag<64>{});
+      case 128: return launch(type, HeadDimTag<128>{});
+      default: return launch(type, HeadDimTag<256>{});
+    }
+  };
+  if (p.dtype == kFloat16) return by_head_dim(TypeTag<__half>{});
+  return by_head_dim(TypeTag<__nv_bfloat16>{});
+}
+
 // Element `offset` of a tensor of runtime dtype (float16, bfloat16 or float32), as float.
 PTV2_DEVICE float load_as_float(const void* base, int64_t offset, int dtype) {
   if (dtype == kFloat32) return static_cast<const float*>(base)[offset];
