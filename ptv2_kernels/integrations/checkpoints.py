@@ -307,8 +307,8 @@ def import_ptuning_v2(checkpoint, model=None, *, num_layers: Optional[int] = Non
             list of them, one per task, for a multi-task bank (each task keeps its own prefix length).
         model: the transformers model the bank is for; its attentions give the slots (as
             :meth:`PrefixBank.for_model`), and a checkpoint of another layer count or width raises a ValueError.
-            Without one (a model ``for_model`` does not support yet, such as DeBERTa), give ``num_layers``,
-            ``num_heads`` and ``head_dim`` (``hidden_size // num_attention_heads``) instead.
+            Without one, give ``num_layers``, ``num_heads`` and ``head_dim`` (``hidden_size //
+            num_attention_heads``) instead.
         key_prefix: what precedes ``embedding.weight`` in the checkpoint's keys (default: found, e.g.
             ``"prefix_encoder."``).
         fold: replace a ``prefix_projection`` MLP by its output. One checkpoint's MLP is kept (and folds later with
