@@ -334,6 +334,8 @@ class _PatchState:
         # hooks, and for attention modules whose callers do not pass the context on as a keyword argument.
         self.current: Optional[PrefixContext] = None
         self.interrupted: list = []
+        # Modules that can checkpoint their children (transformers sets their _gradient_checkpointing_func).
+        self.checkpointing: list[nn.Module] = []
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -493,9 +495,9 @@ def _module_context(module, kwargs) -> Optional[PrefixContext]:
             raise ValueError(
                 f"{type(module).__name__} ran outside a forward of the patched model and without its per-forward "
                 "context, so the samples' tasks are unknown: a layer of this family does not pass keyword "
-                "arguments on to its attention, and here it was called on its own or recomputed later (gradient "
-                "checkpointing recomputes layers during backward). With a bank of several tasks, call the whole "
-                "model, and train this family without gradient checkpointing.")
+                "arguments on to its attention, and here it was called on its own (or recomputed by a checkpoint "
+                "function other than the one transformers' gradient_checkpointing_enable sets). With a bank of "
+                "several tasks, call the whole model.")
         else:
             context = state.context(None)
     return context
@@ -637,6 +639,8 @@ class _PreHook:
         context = state.context(task_ids, batch=batch, repeats=repeats, packing=packing)
         kwargs[CONTEXT_KWARG] = context
         state.current = running[-1] = context
+        if module.training and torch.is_grad_enabled():
+            _recompute_under_context(state)
         if self.shift_positions:
             _shift_positions(context, self.names, args, kwargs, self.roberta)
         return args, kwargs
@@ -668,6 +672,49 @@ def _running_contexts() -> list:
     if running is None:
         running = _RUNNING.contexts = []
     return running
+
+
+class _CheckpointUnderContext:
+    """A layer's checkpoint function wrapped so that the layer runs, in its forward and in its recompute during
+    backward, under the context of the forward that called it: families whose layers do not pass the context on
+    as a keyword argument (StableLM, Nemotron, DeBERTa) find it on the state, also with several tasks."""
+
+    def __init__(self, state: _PatchState, checkpoint):
+        self.state, self.checkpoint = state, checkpoint
+
+    def __call__(self, function, *args, **kwargs):
+        context = self.state.current
+        if context is None:
+            return self.checkpoint(function, *args, **kwargs)
+        return self.checkpoint(_UnderContext(self.state, context, function), *args, **kwargs)
+
+
+class _UnderContext:
+    def __init__(self, state: _PatchState, context: PrefixContext, function):
+        self.state, self.context, self.function = state, context, function
+
+    def __call__(self, *args, **kwargs):
+        state = self.state
+        previous, state.current = state.current, self.context
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            state.current = previous
+
+
+def _recompute_under_context(state: _PatchState):
+    """Wrap the checkpoint functions that gradient checkpointing set (now or since the last forward)."""
+    for module in state.checkpointing:
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is not None and not isinstance(checkpoint, _CheckpointUnderContext):
+            module.__dict__["_gradient_checkpointing_func"] = _CheckpointUnderContext(state, checkpoint)
+
+
+def _unwrap_checkpointing(state: _PatchState):
+    for module in state.checkpointing:
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(checkpoint, _CheckpointUnderContext):
+            module.__dict__["_gradient_checkpointing_func"] = checkpoint.checkpoint
 
 
 def _past_length(names, args, kwargs) -> int:
@@ -957,6 +1004,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
             adapter = _family_adapter(type(module))
             if adapter is not None:
                 adapter.install(module)
+    state.checkpointing = [module for module in model.modules() if hasattr(module, "gradient_checkpointing")]
     roberta = _padding_idx_embeddings(model)
     for sub in _sub_models(model):
         sub_names, sub_var_kwargs = _forward_parameters(sub)
@@ -1056,6 +1104,7 @@ def unpatch(model) -> None:
         raise ValueError(f"this {type(model).__name__} is not patched by ptv2_kernels")
     for handle in state.hooks:
         handle.remove()
+    _unwrap_checkpointing(state)
     for module in state.bindings:
         module.__dict__.pop(_BINDING_ATTR, None)
         adapter = _family_adapter(type(module))
