@@ -14,8 +14,9 @@ backward and decode case of both kernel backends, a bounded selection of the com
 fp32), and racecheck and synccheck on the CUDA kernels.
 
 Every stage is a subprocess with a cap (its timeout); a stage that overruns is stopped (its process group killed)
-and reported, and the next stage starts with what is left of ``--budget-s``. After every stage the summary is
-rewritten, so what finished is always written, even when the run itself is killed. Everything goes to
+and reported (a benchmark run stopped so still saves what it measured), and the next stage starts with what is
+left of ``--budget-s``. After every stage the summary is rewritten, so what finished is always written, even when
+the run itself is killed. Everything goes to
 ``benchmarks/results/<device>-<timestamp>/`` (a dry run: ``benchmarks/results-cpu/gpu-check/...``): one log per
 stage, the benchmark results (``bench/results.csv``, raw JSON, ``report.md``, plots), ``summary.md`` with the
 P1-P6 verdicts (from benchmarks/report.py) and the ``auto`` backend order the numbers support, and

@@ -12,7 +12,9 @@ table; the results are merged into ``benchmarks/results/results.csv`` (GPU) with
 
 Without a GPU the suite runs small shapes — Triton kernels in Triton's CPU interpreter, the torch providers on the
 CPU — as a **functional run (CPU), timings meaningless**, written to ``benchmarks/results-cpu/`` (not committed).
-Exit status: 0 when no provider was wrong or failed, 1 otherwise, 2 for bad arguments.
+Exit status: 0 when no provider was wrong or failed, 1 otherwise, 2 for bad arguments. A run stopped by SIGTERM
+(benchmarks/gpu_check.py stopping a stage at its cap, a job's timeout) ends as Ctrl-C does: what was measured so far
+is saved and reported, and the exit status is 1.
 
 The tags in brackets after a workload's name (``--list``, the summary, the report) are the performance targets it
 measures; ``--help`` and ``--list`` explain them in one line each, and docs/design.md §6 states them in full.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import signal
 import sys
 import time
 import warnings
@@ -215,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt, which pytest turns into the end of the session: its measurements are still
+    saved (benchmarks/conftest.py's pytest_sessionfinish) instead of lost with the process."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
@@ -232,6 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.filterwarnings("ignore", message="Not saving anything, no benchmarks have been run")
     progress = Progress(enabled=not args.no_progress)
     started = time.perf_counter()
+    _interrupt_on_sigterm()
     try:
         code = pytest.main(pytest_args(args, results_dir), plugins=[progress])
     finally:
@@ -265,6 +277,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 1
     if progress.problems:
+        return 1
+    if code == pytest.ExitCode.INTERRUPTED:
+        print("interrupted: the measurements above are all this run made")
         return 1
     return 0
 

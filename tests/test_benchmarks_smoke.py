@@ -90,3 +90,33 @@ def test_bias_gradient_memory_script_runs():
     done = subprocess.run([sys.executable, script, "--quick"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "one pass (before)" in done.stdout and "chunked (as shipped)" in done.stdout
+
+
+STOP_AFTER_TWO = '''
+import os, signal
+
+done = []
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    done.append(nodeid)
+    if len(done) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+'''
+
+
+def test_a_stopped_run_saves_what_it_measured(tmp_path, monkeypatch):
+    """SIGTERM (benchmarks/gpu_check.py stopping the stage at its cap) ends the run as Ctrl-C would: the cases
+    measured so far are saved and reported, the rest never run, and the exit status says it was stopped."""
+    (tmp_path / "stop_after_two.py").write_text(STOP_AFTER_TWO)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    results_dir = tmp_path / "results"
+    done = run_suite("--results", str(results_dir), "--workload", "bert-fwd/", "--provider", "reference",
+                     "--provider", "peft-path", "--provider", "sdpa-precat", "--", "-p", "stop_after_two",
+                     timeout=240)
+    assert done.returncode == 1, (done.stdout + done.stderr)[-4000:]
+    assert "interrupted" in done.stdout
+    rows = results.read_csv(results_dir / results.CSV_NAME)
+    measured = {r["provider"] for r in rows if r["metric"] == "check"}
+    assert measured == {"reference", "peft-path"}, measured  # the third case never ran
+    assert (results_dir / report.REPORT_NAME).exists()
