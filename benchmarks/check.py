@@ -12,6 +12,10 @@ ignores a 128-key prefix stays within the elementwise bound (every output is sma
 
 Long GPU shapes would make the oracle's ``[B, Hq, Nq, P + N]`` score matrices too large, so the oracle runs over
 chunks of samples and key/value heads (outputs are independent across them; prefix gradients are summed).
+
+A packed batch's oracle is the padded batch's (the same sequences padded to the longest, a key-padding mask, dO zero
+in the padding), its per-token results taken back to the packed rows: the padded op's rule applied to each sequence
+as a batch of one is what docs/design.md §4.1 promises.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 
 from ptv2_kernels.reference import attention_ref, attention_ref_backward
 
-from .workloads import KernelInputs
+from .workloads import KernelInputs, VarlenInputs
 
 ERROR_MULTIPLE = 3.0
 FLOOR_ULPS = 8.0
@@ -135,8 +139,10 @@ def _chunks(x: KernelInputs, compute_dtype: torch.dtype):
             yield slice(b0, min(batch, b0 + samples)), slice(h0, min(kv_heads, h0 + heads))
 
 
-def oracle_dtype(x: KernelInputs) -> torch.dtype:
+def oracle_dtype(x) -> torch.dtype:
     """float64 where a single-head chunk fits the budget in it (always on the CPU shapes), else float32."""
+    if isinstance(x, VarlenInputs):
+        x = x.padded
     _, q_heads, q_len, _ = x.q.shape
     group = q_heads // x.k.shape[1]
     per_head = group * q_len * (x.prefix_k.shape[-2] + x.k.shape[2])
@@ -144,9 +150,17 @@ def oracle_dtype(x: KernelInputs) -> torch.dtype:
     return torch.float64 if per_head <= budget else torch.float32
 
 
-def kernel_reference(x: KernelInputs, backward: bool, compute_dtype: torch.dtype) -> dict:
+# The per-token quantities of a kernel check (the rest, the prefix gradients, are per bank entry).
+TOKEN_QUANTITIES = ("out", "q", "k", "v")
+
+
+def kernel_reference(x, backward: bool, compute_dtype: torch.dtype) -> dict:
     """``out`` (and the five gradients for ``backward``) of the reference on ``x``, computed in ``compute_dtype``
-    (which also sets the dtype of the inputs it sees: float64 upcasts, the inputs' dtype keeps them), chunked."""
+    (which also sets the dtype of the inputs it sees: float64 upcasts, the inputs' dtype keeps them), chunked. For
+    packed inputs (:class:`VarlenInputs`), the padded batch's, in the packed layout."""
+    if isinstance(x, VarlenInputs):
+        padded = kernel_reference(x.padded, backward, compute_dtype)
+        return {name: x.unpad(t) if name in TOKEN_QUANTITIES else t for name, t in padded.items()}
     q_heads, kv_heads = x.q.shape[1], x.k.shape[1]
     group = q_heads // kv_heads
     cast = (lambda t: t.to(compute_dtype)) if torch.finfo(compute_dtype).bits > torch.finfo(x.q.dtype).bits \

@@ -24,7 +24,7 @@ DEVICE_CLOCK = "benchmarks.timing.device_clock"
 def pytest_addoption(parser):
     group = parser.getgroup("ptv2-bench", "ptv2_kernels benchmark suite")
     group.addoption("--bench-suite", choices=("quick", "full"), default="quick",
-                    help="quick: the shapes of targets P1-P6; full: plus the sweeps over N, P, B and T")
+                    help="quick: the shapes of targets P1-P9; full: plus the sweeps over N, P, B and T")
     group.addoption("--bench-workload", action="append", default=[], metavar="PATTERN",
                     help="only workloads whose name or group matches this glob or contains it (repeatable)")
     group.addoption("--bench-provider", action="append", default=[], metavar="NAME",

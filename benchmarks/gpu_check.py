@@ -19,7 +19,7 @@ left of ``--budget-s``. After every stage the summary is rewritten, so what fini
 the run itself is killed. Everything goes to
 ``benchmarks/results/<device>-<timestamp>/`` (a dry run: ``benchmarks/results-cpu/gpu-check/...``): one log per
 stage, the benchmark results (``bench/results.csv``, raw JSON, ``report.md``, plots), ``summary.md`` with the
-P1-P6 verdicts (from benchmarks/report.py) and the ``auto`` backend order the numbers support, and
+P1-P9 verdicts (from benchmarks/report.py) and the ``auto`` backend order the numbers support, and
 ``summary.json``. When the environment variable ``OUT`` names a folder, at most 8 of those files are copied there.
 The last thing printed is a one-screen summary.
 
@@ -53,9 +53,11 @@ DEFAULT_BUDGET_S = 480.0
 MIN_STAGE_S = 15.0  # a stage is not started with less than this left
 RESERVE_S = 5.0  # kept back for writing the summary
 OUT_LIMIT = 8  # files copied to $OUT
-# The providers the benchmark stage times: everything the P1-P6 verdicts use. flex-attention (a torch.compile per
-# shape) and the reference (materialized float32 math) are left out for time; --all-providers keeps them.
-BENCH_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "peft-path", "sdpa-precat", "flash-attn", "torch")
+# The providers the benchmark stage times: everything the GPU targets' verdicts (P1-P6, P9) use. flex-attention (a
+# torch.compile per shape) and the reference (materialized float32 math) are left out for time; --all-providers
+# keeps them.
+BENCH_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "peft-path", "sdpa-precat", "flash-attn", "ptv2-packed", "ptv2-padded",
+                   "torch")
 # Bounded selections of the compiled-kernel tests: every dtype (bf16, fp16, fp32), masks, banks, decode.
 TRITON_TESTS = ("tests/test_triton_prefix_attention.py", "-k",
                 "(test_matches_reference and (none- or padding-causal)) or (test_packed_query_heads and padding) "
@@ -490,8 +492,8 @@ def stages() -> list:
               lambda ctx: [PYTHON, str(BENCH_DIR / "static_report.py"), "--warm-cache", "--kept", "--no-cuda",
                            "--arch", _local_arch(ctx).replace(".", ""), "--out", str(ctx.run_dir / "static")],
               estimate_s=45, cap_s=150, skip=_warm_skip),
-        Stage("benchmarks", "the quick benchmark suite (benchmarks/run.py): targets P1-P6",
-              _bench_argv, estimate_s=200, cap_s=330, on_cpu=True, cpu_estimate_s=35, parse=_parse_bench),
+        Stage("benchmarks", "the quick benchmark suite (benchmarks/run.py): targets P1-P9",
+              _bench_argv, estimate_s=270, cap_s=420, on_cpu=True, cpu_estimate_s=45, parse=_parse_bench),
         _sanitizer("memcheck", ("cuda", "triton"), estimate=60, cap=150),
         Stage("kernel tests", "pytest: a bounded selection of the Triton and CUDA kernel tests (bf16/fp16/fp32)",
               lambda ctx: _pytest(ctx, [*TRITON_TESTS[:1], *CUDA_TESTS[:1], "-k",
@@ -568,7 +570,7 @@ def write_summary(ctx: Context) -> Path:
     for r in ctx.results.values():
         lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} | {r.limit_s:.0f} | "
                      f"{r.note.replace('|', '/')[:200]} | {r.log or ''} |")
-    lines += ["", "## Targets P1-P6 (benchmarks/report.py)", ""]
+    lines += ["", "## Targets P1-P9 (benchmarks/report.py)", ""]
     if not verdicts:
         lines.append("Not measured: the benchmark stage wrote no results.")
     for device, functional, targets in verdicts:

@@ -119,7 +119,7 @@ def kernel_case(w: Workload, provider) -> Case:
     reason = provider.unavailable(w, ctx.sets[0])
     if reason:
         raise Unavailable(reason)
-    prepared = [provider.prepare(w, x) for x in ctx.sets]
+    prepared = [provider.prepare_inputs(w, x) for x in ctx.sets]
 
     def run_check():
         got = prepared[0].finish(prepared[0].call())

@@ -10,10 +10,15 @@ Llama-style ~1B-config causal LM (small configs of both in the CPU run). Provide
 * ``peft-path`` — ``peft.get_peft_model(model, PrefixTuningConfig(task_type=..., num_virtual_tokens=P))`` on the
   same model with transformers' SDPA attention;
 * ``unpatched`` — decode steps of the same model without any prefix (transformers' SDPA attention): the host-path
-  baseline of target P7, checked against itself in the oracle's dtype (it computes something else than the others).
+  baseline of target P7, checked against itself in the oracle's dtype (it computes something else than the others);
+* ``ptv2-packed`` / ``ptv2-padded`` — the ``packed-vs-padded`` workload (target P9): a training step of the patched
+  BERT token classifier (``backend="auto"``) on the workload's skewed sequences (``workloads.sequence_lengths``)
+  packed into one row (``input_ids [1, total]``, ``position_ids`` restarting at 0 for each sequence, no attention
+  mask, one task id per sequence: what transformers' ``DataCollatorWithFlattening`` gives), or padded to the
+  longest (``input_ids [B, longest]`` with an attention mask, one task id per sample). Both count the real tokens.
 
 A training step is forward, loss, backward and an AdamW step (bf16 autocast over float32 weights on a GPU); it is
-reported as tokens/s (B·N per step) and peak memory. A decode step is one new token per sample over a cache of
+reported as tokens/s (B·N per step; the real tokens of a packed workload) and peak memory. A decode step is one new token per sample over a cache of
 the prompt: the patched model's cache holds the N prompt tokens, PEFT's holds B copies of the prefix too; the
 cache is reset to the prompt before each round.
 
@@ -38,7 +43,10 @@ from . import check  # noqa: E402
 from .harness import Case, Unavailable  # noqa: E402
 from .workloads import MODEL_KINDS, Workload  # noqa: E402
 
-PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-native", "ptv2-auto", "peft-path", "unpatched")
+PROVIDERS = ("ptv2-triton", "ptv2-cuda", "ptv2-native", "ptv2-auto", "peft-path", "unpatched", "ptv2-packed",
+             "ptv2-padded")
+# The providers of the packed-vs-padded workload (and only of it): the batch form each one trains on.
+BATCH_FORMS = {"ptv2-packed": "packed", "ptv2-padded": "padded"}
 LEARNING_RATE = 5e-3  # P-Tuning v2's range is 5e-3..6e-2; the value does not change the work
 
 
@@ -86,7 +94,9 @@ def build_model(w: Workload, seed: int = 0):
     torch.manual_seed(seed)
     if w.model == "bert":
         config = transformers.BertConfig(**settings, num_labels=2, attn_implementation="sdpa")
-        model = transformers.BertForSequenceClassification(config)
+        # A packed row holds many sequences: a per-token head (a sequence head would pool the row's first token).
+        head = transformers.BertForTokenClassification if w.packed else transformers.BertForSequenceClassification
+        model = head(config)
     else:
         config = transformers.LlamaConfig(**settings, attn_implementation="sdpa")
         model = transformers.LlamaForCausalLM(config)
@@ -118,6 +128,41 @@ def make_batches(w: Workload, count: int, seed: int = 0) -> list[dict]:
     return batches
 
 
+def make_packed_batches(w: Workload, count: int, seed: int = 0) -> list[dict]:
+    """Per batch the same random sequences of ``workloads.sequence_lengths(w)`` (with a random label per token)
+    in both forms: ``{"packed": ..., "padded": ...}`` (see the module docstring), one task id per sequence."""
+    from .workloads import sequence_lengths
+
+    vocab = CONFIGS[(w.model, w.size)]["vocab_size"]
+    lengths = sequence_lengths(w)
+    longest, total = max(lengths), sum(lengths)
+    gen = torch.Generator().manual_seed(seed)
+    task_ids = torch.arange(len(lengths)) % w.num_tasks
+    mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None])
+    pairs = []
+    for _ in range(count):
+        ids = torch.randint(1, vocab, (total,), generator=gen)
+        labels = torch.randint(0, 2, (total,), generator=gen)
+        padded_ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+        padded_labels = torch.full((len(lengths), longest), -100)
+        padded_ids[mask], padded_labels[mask] = ids, labels
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        packed = {"input_ids": ids[None], "position_ids": positions[None], "labels": labels[None],
+                  "task_ids": task_ids}
+        padded = {"input_ids": padded_ids, "attention_mask": mask.long(), "labels": padded_labels,
+                  "task_ids": task_ids}
+        pairs.append({form: {k: v.to(env.DEVICE) for k, v in batch.items()}
+                      for form, batch in (("packed", packed), ("padded", padded))})
+    return pairs
+
+
+def real_token_logits(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``[total, C]``: the real tokens' logits of a padded ``[B, N, C]`` (by its attention mask) or packed
+    ``[1, total, C]`` batch, in the packed order — the same rows for both forms of one batch."""
+    mask = batch.get("attention_mask")
+    return logits[0] if mask is None else logits[mask.bool()]
+
+
 def _autocast(w: Workload):
     if env.ON_GPU and w.kind == "train" and w.torch_dtype != torch.float32:
         return torch.autocast("cuda", dtype=w.torch_dtype)
@@ -145,12 +190,12 @@ def _as_dtype(model, dtype: torch.dtype):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _patched(w: Workload, backend: str, model=None, bank=None):
-    """(model, bank): the model patched with a fresh one-task bank (or ``bank``) and ``backend``."""
+    """(model, bank): the model patched with a fresh bank of the workload's tasks (or ``bank``) and ``backend``."""
     import ptv2_kernels
 
     model = build_model(w) if model is None else model
     if bank is None:
-        bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=1, prefix_len=w.prefix_len)
+        bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=w.num_tasks, prefix_len=w.prefix_len)
         torch.manual_seed(1)
         with torch.no_grad():
             for parameter in bank.parameters():
@@ -193,7 +238,8 @@ def _train_outputs(w: Workload, model, batch, prefix_params, oracle: bool = Fals
     with contextlib.nullcontext() if oracle else _autocast(w):
         out = model(**batch)
     grads = torch.autograd.grad(out.loss, prefix_params)
-    result = {"logits": out.logits.detach().float() if out.logits.dtype != torch.float64 else out.logits.detach()}
+    logits = real_token_logits(out.logits, batch) if w.packed else out.logits
+    result = {"logits": logits.detach().float() if logits.dtype != torch.float64 else logits.detach()}
     result.update({f"prefix grad {i}": g for i, g in enumerate(grads)})
     return result
 
@@ -250,6 +296,10 @@ def model_case(w: Workload, provider: str) -> Case:
         raise Unavailable(f"{w.name} is not a model-level workload")
     if provider not in PROVIDERS:
         raise Unavailable(f"no model-level provider {provider!r}")
+    if (provider in BATCH_FORMS) != w.packed:
+        raise Unavailable(f"{provider} is a provider of the packed workloads only" if provider in BATCH_FORMS else
+                          f"{provider} is not compared on packed batches: the {w.group} workload compares the patched "
+                          "model on the packed batch (ptv2-packed) with the same sequences padded (ptv2-padded)")
     if provider == "unpatched":
         if w.kind != "generate":
             raise Unavailable("the unpatched model is the host-path baseline of decode steps only")
@@ -261,6 +311,8 @@ def model_case(w: Workload, provider: str) -> Case:
         raise Unavailable(reason)
     if reason:  # PEFT alone runs, but without the patched model it has no oracle to be checked against
         raise Unavailable(f"{reason}; the PEFT baseline is checked against the patched reference model")
+    if provider in BATCH_FORMS:
+        return _ptv2_train(w, "auto", BATCH_FORMS[provider])
     if provider.startswith("ptv2-"):
         from ptv2_kernels import backends
 
@@ -299,19 +351,27 @@ def _train_case(w: Workload, model, params, batches, check_fn) -> Case:
         model.train()
         return result
 
-    return Case([step_on(b) for b in batches], run_check, tokens=float(w.batch * w.seq_len), peak_is_total=True)
+    return Case([step_on(b) for b in batches], run_check, tokens=float(w.tokens), peak_is_total=True)
 
 
-def _ptv2_train(w: Workload, backend: str) -> Case:
+def _ptv2_train(w: Workload, backend: str, form: Optional[str] = None) -> Case:
+    """The patched model's training step; for a packed workload on the batches of ``form`` ("packed" or
+    "padded"), checked against the padded batch on the reference backend (so a packed batch must compute what
+    its sequences padded compute: each sequence attends to its own tokens and prefix only)."""
     model, bank = _patched(w, "reference")
-    batches = make_batches(w, _batch_count())
+    if form is None:
+        batches = make_batches(w, _batch_count())
+        reference = batches[0]
+    else:
+        pairs = make_packed_batches(w, _batch_count())
+        batches, reference = [pair[form] for pair in pairs], pairs[0]["padded"]
     prefix_params = list(bank.parameters())
 
     def check_fn():
         model.eval()
         with _as_dtype(model, _oracle_dtype()):
-            oracle = _train_outputs(w, model, batches[0], prefix_params, oracle=True)
-        same = _train_outputs(w, model, batches[0], prefix_params)
+            oracle = _train_outputs(w, model, reference, prefix_params, oracle=True)
+        same = _train_outputs(w, model, reference, prefix_params)
         _repatch(model, bank, backend)
         got = _train_outputs(w, model, batches[0], prefix_params)
         return _compare(got, oracle, same, w)

@@ -17,6 +17,14 @@ beforehand for ``sdpa-precat``, building a block mask), happens in ``prepare`` a
   Causal uses torch's bottom-right causal bias, which is exactly the op's causal rule over ``[prefix ; sequence]``.
 * ``flash-attn`` — ``flash_attn_func`` on the concatenated K/V (bottom-right causal is its native alignment).
 * ``flex-attention`` — ``torch.nn.attention.flex_attention`` (compiled on a GPU) on the concatenated K/V.
+
+A packed workload (``varlen-*``: sequences of skewed lengths, :class:`~benchmarks.workloads.VarlenInputs`) is run
+packed by the ptv2 providers (:func:`ptv2_kernels.prefix_attention_varlen`) and by ``flash-attn``
+(``flash_attn_varlen_func`` with each sequence's prefix concatenated in front of its keys beforehand), and padded
+to the longest sequence by the SDPA baselines: ``peft-path`` and ``sdpa-precat`` do what they do on the padded
+batch with its key-padding mask (the padding itself is not timed: a padded pipeline has its batch padded already),
+and their per-token results are taken back to the packed rows for the check. Every provider's work is counted as
+the real tokens' (``workloads.flops``), so the padding is time the padded baselines lose.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from .harness import Unavailable  # noqa: E402
-from .workloads import CPU_TIMING_GROUP, HOST_OVERHEAD, KERNEL_KINDS, KernelInputs, Workload
+from .workloads import CPU_TIMING_GROUP, HOST_OVERHEAD, KERNEL_KINDS, KernelInputs, VarlenInputs, Workload
 
 BASELINES = ("peft-path", "sdpa-precat")
 OPTIONAL = ("flash-attn", "flex-attention")  # third-party comparisons: their failures do not fail a run
@@ -52,15 +60,45 @@ class Provider:
     name = ""
     kinds = KERNEL_KINDS
     description = ""
+    # How it runs a packed workload: "varlen" (its ``prepare`` takes the packed VarlenInputs), "padded" (its
+    # ``prepare`` runs the same sequences padded, see :func:`on_padded_batch`), or None (it does not).
+    packed_form: Optional[str] = None
 
     def unavailable(self, w: Workload, x: Optional[KernelInputs] = None) -> Optional[str]:
         """None if this provider can run workload ``w`` here, else a sentence saying why not."""
         if w.kind not in self.kinds:
             return f"{self.name} does not serve {w.kind} workloads"
+        if w.packed and self.packed_form is None:
+            return f"{self.name} is not compared on packed (variable-length) batches"
         return None
 
     def prepare(self, w: Workload, x: KernelInputs) -> Prepared:
         raise NotImplementedError
+
+    def prepare_inputs(self, w: Workload, x) -> Prepared:
+        """:meth:`prepare` on the inputs in the form this provider runs them (the padded batch of a packed workload
+        for a padded provider)."""
+        if w.packed and self.packed_form == "padded":
+            return on_padded_batch(self.prepare, w, x)
+        return self.prepare(w, x)
+
+
+def padded_twin(w: Workload, x: VarlenInputs) -> Workload:
+    """The padded workload of a packed one: its sequences as ``batch`` samples of the longest one's length, key
+    padding hiding the rest."""
+    return dataclasses.replace(w, seq_len=x.max_seqlen, padding=True, median_len=0, min_len=0)
+
+
+def on_padded_batch(prepare: Callable[[Workload, KernelInputs], Prepared], w: Workload, x: VarlenInputs) -> Prepared:
+    """A padded provider's ``prepare`` on the padded form of packed inputs; its per-token results (out and the
+    q/k/v gradients) are taken back to the packed rows, the prefix gradients are the bank's already."""
+    from .check import TOKEN_QUANTITIES
+
+    inner = prepare(padded_twin(w, x), x.padded)
+
+    def finish(result):
+        return {name: x.unpad(t) if name in TOKEN_QUANTITIES else t for name, t in inner.finish(result).items()}
+    return Prepared(inner.call, finish, inner.note)
 
 
 def _leaves(tensors, requires_grad: bool):
@@ -96,10 +134,13 @@ def _timed_body(w: Workload, forward: Callable[[], torch.Tensor], leaves, grad_o
 # ----------------------------------------------------------------------------------------------------------------
 
 class Ptv2(Provider):
+    packed_form = "varlen"
+
     def __init__(self, backend: str):
         self.backend = backend
         self.name = "reference" if backend == "reference" else f"ptv2-{backend}"
-        self.description = f"ptv2_kernels.prefix_attention(backend={backend!r})"
+        self.description = (f"ptv2_kernels.prefix_attention(backend={backend!r}); packed batches: "
+                            "prefix_attention_varlen")
 
     def unavailable(self, w, x=None):
         reason = super().unavailable(w, x)
@@ -121,12 +162,14 @@ class Ptv2(Provider):
 
         leaves = _leaves(x.tensors, w.kind == "fwdbwd")
         kwargs = dict(x.op_kwargs(), backend=self.backend)
+        op, args = ((ptv2_kernels.prefix_attention_varlen, x.op_args()) if w.packed
+                    else (ptv2_kernels.prefix_attention, ()))
 
         def forward():
             try:
-                return ptv2_kernels.prefix_attention(*leaves, **kwargs)
+                return op(*leaves, *args, **kwargs)
             except ValueError as error:  # a backend named explicitly that cannot serve this case says why
-                if "cannot serve this call" in str(error):
+                if "cannot serve this" in str(error):
                     raise Unavailable(str(error)) from None
                 raise
         return Prepared(_timed_body(w, forward, leaves, x.grad_out), _standard_finish(w, leaves))
@@ -185,18 +228,26 @@ def split_concat_grads(x: KernelInputs, grad_kc: torch.Tensor, grad_vc: torch.Te
     out = {}
     for name, grad, prefix in (("k", grad_kc, x.prefix_k), ("v", grad_vc, x.prefix_v)):
         out[name] = grad[:, :, p:]
-        bank_shape = prefix.shape if prefix.dim() == 4 else (1, *prefix.shape)
-        index = x.prefix_index if x.prefix_index is not None else torch.zeros(
-            grad.shape[0], dtype=torch.long, device=grad.device)
-        bank = torch.zeros(bank_shape, dtype=torch.float32, device=grad.device)
-        bank.index_add_(0, index, grad[:, :, :p].float())
-        out[f"prefix_{name}"] = bank.view(prefix.shape).to(prefix.dtype)
+        out[f"prefix_{name}"] = bank_grad(x, prefix, grad[:, :, :p])
     return out
+
+
+def bank_grad(x, prefix: torch.Tensor, each: torch.Tensor) -> torch.Tensor:
+    """The gradient of a prefix (``[Hkv, P, D]`` or a bank) from each sample's (sequence's) share ``[n, Hkv, P, D]``:
+    summed over the samples that used each entry, in float32, returned in the prefix's shape and dtype."""
+    bank_shape = prefix.shape if prefix.dim() == 4 else (1, *prefix.shape)
+    index = x.prefix_index if x.prefix_index is not None else torch.zeros(
+        each.shape[0], dtype=torch.long, device=each.device)
+    bank = torch.zeros(bank_shape, dtype=torch.float32, device=each.device)
+    bank.index_add_(0, index, each.float())
+    return bank.view(prefix.shape).to(prefix.dtype)
 
 
 class PeftPath(Provider):
     name = "peft-path"
-    description = "expand/gather the prefix + cat into K/V + SDPA (as HF PEFT / P-Tuning v2); autograd sums dprefix"
+    description = ("expand/gather the prefix + cat into K/V + SDPA (as HF PEFT / P-Tuning v2); autograd sums dprefix; "
+                   "packed batches: on the padded batch")
+    packed_form = "padded"
 
     def prepare(self, w, x):
         groups = w.q_heads // w.kv_heads
@@ -233,7 +284,8 @@ class PeftPath(Provider):
 
 class SdpaPrecat(Provider):
     name = "sdpa-precat"
-    description = "SDPA on K/V concatenated beforehand (the cat not timed)"
+    description = "SDPA on K/V concatenated beforehand (the cat not timed); packed batches: on the padded batch"
+    packed_form = "padded"
 
     def prepare(self, w, x):
         fwdbwd = w.kind == "fwdbwd"
@@ -273,7 +325,9 @@ def _concat_finish(w, x, sequence_major: bool = False):
 
 class FlashAttn(Provider):
     name = "flash-attn"
-    description = "flash_attn_func on the concatenated K/V"
+    description = ("flash_attn_func on the concatenated K/V; packed batches: flash_attn_varlen_func, each "
+                   "sequence's prefix in front of its keys")
+    packed_form = "varlen"
 
     def unavailable(self, w, x=None):
         reason = super().unavailable(w, x)
@@ -290,6 +344,8 @@ class FlashAttn(Provider):
         return None
 
     def prepare(self, w, x):
+        if w.packed:
+            return self._prepare_varlen(w, x)
         from flash_attn import flash_attn_func
 
         fwdbwd = w.kind == "fwdbwd"
@@ -306,6 +362,59 @@ class FlashAttn(Provider):
             return flash_attn_func(q, kc, vc, causal=causal)
 
         return Prepared(_timed_body(w, forward, [q, kc, vc], grad_out), _concat_finish(w, x, sequence_major=True))
+
+    def _prepare_varlen(self, w: Workload, x: VarlenInputs) -> Prepared:
+        """``flash_attn_varlen_func`` on packed keys/values with each sequence's prefix in front of its own keys
+        (the concatenation made beforehand, not timed, as for the padded flash-attn)."""
+        from flash_attn import flash_attn_varlen_func
+
+        keys = PrefixedPacking(x)
+        q, kc, vc = _leaves((x.q, keys.concat(x.k, 0), keys.concat(x.v, 1)), w.kind == "fwdbwd")
+        cu_q, max_q = x.cu_seqlens, x.max_seqlen
+        causal = w.causal
+
+        def forward():
+            return flash_attn_varlen_func(q, kc, vc, cu_q, keys.cu_seqlens, max_q, keys.max_seqlen, causal=causal)
+
+        def finish(result):
+            if w.kind != "fwdbwd":
+                return {"out": result}
+            out, (grad_q, grad_kc, grad_vc) = result
+            return {"out": out, "q": grad_q, **keys.split(grad_kc, grad_vc)}
+        return Prepared(_timed_body(w, forward, [q, kc, vc], x.grad_out), finish)
+
+
+class PrefixedPacking:
+    """Packed keys with each sequence's prefix in front of its own keys: sequence s's ``P`` prefix rows then its
+    keys, so its keys start at ``cu_seqlens[s] + s·P`` (the cumulative lengths of the concatenation)."""
+
+    def __init__(self, x: VarlenInputs):
+        self.x = x
+        p = x.prefix_k.shape[-2]
+        lengths = torch.tensor(x.lengths, device=x.q.device)
+        count = len(x.lengths)
+        self.cu_seqlens = x.cu_seqlens + p * torch.arange(count + 1, dtype=torch.int32, device=x.q.device)
+        self.max_seqlen = x.max_seqlen + p
+        # Rows of the concatenation: each sequence's prefix rows [S, P]; key t of sequence s moves (s + 1)·P down.
+        self.prefix_rows = self.cu_seqlens[:-1, None].long() + torch.arange(p, device=x.q.device)[None, :]
+        sequence = torch.repeat_interleave(torch.arange(count, device=x.q.device), lengths)
+        self.key_rows = torch.arange(sequence.numel(), device=x.q.device) + p * (sequence + 1)
+
+    def concat(self, packed: torch.Tensor, which: int) -> torch.Tensor:
+        """``[total + S·P, Hkv, D]``: ``packed`` keys (values) with the prefix (``which`` 0: keys, 1: values)."""
+        prefix = self.x.per_sequence_prefix()[which]  # [S, Hkv, P, D]
+        out = packed.new_empty(self.key_rows.numel() + self.prefix_rows.numel(), *packed.shape[1:])
+        out[self.key_rows] = packed
+        out[self.prefix_rows.reshape(-1)] = prefix.transpose(1, 2).reshape(-1, *packed.shape[1:])
+        return out
+
+    def split(self, grad_kc: torch.Tensor, grad_vc: torch.Tensor) -> dict:
+        """The gradients of the concatenations back into the packed keys/values and the prefix bank."""
+        out = {}
+        for name, grad, prefix in (("k", grad_kc, self.x.prefix_k), ("v", grad_vc, self.x.prefix_v)):
+            out[name] = grad[self.key_rows]
+            out[f"prefix_{name}"] = bank_grad(self.x, prefix, grad[self.prefix_rows].transpose(1, 2))
+        return out
 
 
 class FlexAttention(Provider):

@@ -6,7 +6,7 @@
                                                 # <!-- perf:end --> from the GPU results (never from a CPU run)
 
 Everything here reads ``results.csv`` (written by the suite, see :mod:`benchmarks.results`); nothing is typed by
-hand. The report lists, per device, the targets P1-P6 (met, or missed and by how much), then every workload with
+hand. The report lists, per device, the targets P1-P9 (met, or missed and by how much), then every workload with
 each provider's median time and quartiles, rates, peak memory and speedups against ``peft-path`` and
 ``sdpa-precat`` (computed within one run), and the plots: speedup at the target shapes (every run that has a
 tagged workload, the quick suite included), and speedup against N and against P (runs with sweeps: ``--full``).
@@ -46,7 +46,7 @@ PTV2 = ("ptv2-triton", "ptv2-cuda")
 DESIGN_REF = "docs/design.md §6"
 # The targets' bounds (docs/design.md §6): speedups are "at least", P2's time and P6's memory ratio "at most".
 BOUNDS = {"P1": 1.6, "P2": 1.0, "P3 fwd": 1.1, "P3 fwdbwd": 1.0, "P3 TFLOP/s": 450.0, "P4": 0.8, "P5": 0.95,
-          "P6 tokens/s": 1.3, "P6 memory": 0.85, "P7 op": 1.5, "P7 decode": 1.1, "P8": 1.0}
+          "P6 tokens/s": 1.3, "P6 memory": 0.85, "P7 op": 1.5, "P7 decode": 1.1, "P8": 1.0, "P9": 1.5}
 # P8 (CPU): the op through the backend auto takes on a CPU, the models patched with auto.
 P8_PROVIDERS = {"kernel": "ptv2-native", "model": "ptv2-auto"}
 # A plot axis goes logarithmic when its largest value is more than this many times its smallest.
@@ -113,7 +113,7 @@ def by_device(rows: Sequence[dict]) -> list[DeviceResults]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Targets P1-P6 (docs/design.md §6)
+# Targets P1-P9 (docs/design.md §6)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _verdict(value: float, target: float, at_least: bool = True) -> tuple[str, str]:
@@ -181,6 +181,7 @@ def evaluate_targets(d: DeviceResults) -> list[dict]:
                                at_least=False))
     out += _p7_targets(d)
     out += _p8_targets(d)
+    out += _p9_targets(d)
     return out
 
 
@@ -217,6 +218,19 @@ def _p8_targets(d: DeviceResults) -> list[dict]:
         what = "tokens/s vs the PEFT model" if level == "model" else "fwd+bwd vs peft-path"
         out.append(_target("P8", f"{w}: {what}", provider, d.value(w, provider, "speedup_vs_peft-path"),
                            BOUNDS["P8"], "×"))
+    return out
+
+
+def _p9_targets(d: DeviceResults) -> list[dict]:
+    """P9: the packed batch's real-token throughput over the padded batch's (the same sequences, the same real
+    tokens, one run), with their peak memory's ratio in the note."""
+    out = []
+    for w in d.tagged("P9"):
+        ratio = _time_ratio(d, w, "ptv2-padded", "ptv2-packed")
+        memory = d.value(w, "ptv2-packed", "peak_mem") / d.value(w, "ptv2-padded", "peak_mem")
+        note = f"peak memory packed / padded {memory:.2f}×" if math.isfinite(memory) else ""
+        out.append(_target("P9", f"{w}: real tokens/s, packed / padded", "ptv2-packed", ratio, BOUNDS["P9"], "×",
+                           note=note))
     return out
 
 
@@ -307,7 +321,8 @@ def _tags(row: dict) -> str:
 
 
 GROUP_ORDER = ("bert-fwd", "bert-fwdbwd", "llm-fwd", "llm-fwdbwd", "llm-decode", "mixed-fwdbwd", "mixed-decode",
-               "model-train", "model-decode", "cpu-fwdbwd", "host-overhead", "ceiling")
+               "varlen-fwd", "varlen-fwdbwd", "model-train", "packed-vs-padded", "model-decode", "cpu-fwdbwd",
+               "host-overhead", "ceiling")
 
 
 def _group_order(group: str):

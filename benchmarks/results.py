@@ -20,11 +20,11 @@ from typing import Iterable, Optional, Sequence
 
 BASELINES = ("peft-path", "sdpa-precat")
 # The order reports list providers in (kernel level, model level and the device ceilings use the same names).
-PROVIDER_ORDER = ("ptv2-triton", "ptv2-cuda", "ptv2-native", "ptv2-auto", "reference", "peft-path", "sdpa-precat", "flash-attn",
-                  "flex-attention", "torch")
+PROVIDER_ORDER = ("ptv2-triton", "ptv2-cuda", "ptv2-native", "ptv2-auto", "ptv2-packed", "ptv2-padded", "reference",
+                  "peft-path", "sdpa-precat", "flash-attn", "flex-attention", "torch")
 MODEL_KINDS = ("train", "generate")
 SHAPE_COLUMNS = ("group", "kind", "batch", "q_heads", "kv_heads", "q_len", "seq_len", "prefix_len", "head_dim",
-                 "num_tasks", "causal", "padding", "dtype", "targets")
+                 "num_tasks", "causal", "padding", "dtype", "median_len", "min_len", "targets")
 ENV_COLUMNS = ("device_kind", "torch", "triton", "cuda", "transformers", "peft", "commit")
 COLUMNS = ("device", "workload", "provider", "metric", "value", "unit", "status", "note") + SHAPE_COLUMNS \
     + ENV_COLUMNS + ("timestamp", "run_id")
@@ -93,7 +93,7 @@ def measurement_rows(run: dict, m) -> list[dict]:
         rows.append(_row(run, m, "tflops", m.flops / m.median_s / 1e12))
     if math.isfinite(m.bytes):
         rows.append(_row(run, m, "gbps", m.bytes / m.median_s / 1e9))
-    if m.workload.kind in MODEL_KINDS and math.isfinite(m.tokens):
+    if (m.workload.kind in MODEL_KINDS or m.workload.packed) and math.isfinite(m.tokens):  # packed: real tokens
         rows.append(_row(run, m, "tokens_per_s", m.tokens / m.median_s))
     if m.peak_extra_bytes is not None:
         rows.append(_row(run, m, "peak_mem", m.peak_extra_bytes / 2**20, "MiB above inputs"))

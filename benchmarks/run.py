@@ -1,6 +1,6 @@
 """Run the benchmark suite: ``python benchmarks/run.py`` (the quick start's main job).
 
-    python benchmarks/run.py                      # quick suite: the shapes of targets P1-P6 (docs/design.md §6)
+    python benchmarks/run.py                      # quick suite: the shapes of targets P1-P9 (docs/design.md §6)
     python benchmarks/run.py --full               # plus the sweeps over N, P, B and the mixed-task batches
     python benchmarks/run.py --workload 'bert-*' --provider ptv2-triton --provider peft-path
     python benchmarks/run.py --list               # what would run, and which providers are available here
@@ -121,6 +121,8 @@ def summary(measurements, run: dict) -> str:
         if m.timed:
             if m.workload.kind == "decode" and math.isfinite(m.bytes):  # decode is bandwidth-bound (P4)
                 rate = f"{m.bytes / m.median_s / 1e9:.3g} GB/s"
+            elif m.workload.packed and math.isfinite(m.tokens):  # packed batches: real tokens/s
+                rate = f"{m.tokens / m.median_s:.4g} tok/s"
             elif math.isfinite(m.flops):
                 rate = f"{m.flops / m.median_s / 1e12:.3g} TFLOP/s"
             elif math.isfinite(m.bytes):
@@ -202,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=targets_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="the shapes of the targets that have a workload, P1-P6 (the default)")
+                      help="the shapes of the targets that have a workload, P1-P9 (the default)")
     size.add_argument("--full", action="store_true", help="plus the sweeps over N, P, B and T")
     parser.add_argument("--workload", action="append", metavar="PATTERN",
                         help="only workloads whose name or group matches this glob or contains it (repeatable)")

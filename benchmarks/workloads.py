@@ -8,7 +8,13 @@ A :class:`Workload` is one shape of one kind of work:
 * ``generate`` — one decode step of a model whose cache holds ``seq_len`` tokens;
 * ``ceiling`` — what the device can do at all (copy bandwidth, matmul throughput), for the targets' fractions.
 
-Suites: ``quick`` holds the shapes of targets P1–P6 (one per group), ``full`` adds the sweeps over N, P and B and
+A *packed* workload (``median_len`` set) holds ``batch`` sequences of skewed lengths instead of ``batch`` samples of
+``seq_len`` tokens: the lengths follow a log-normal distribution of median ``median_len`` and shape
+``LENGTH_SIGMA``, clipped to ``[min_len, seq_len]`` (:func:`sequence_lengths`). Its kernel providers run the
+packed batch (``prefix_attention_varlen``, ``flash_attn_varlen_func``) or the same sequences padded to the longest
+(the SDPA baselines), and its work counts (tokens, FLOPs, bytes) count the real tokens only.
+
+Suites: ``quick`` holds the shapes of targets P1–P9 (one per group), ``full`` adds the sweeps over N, P and B and
 the mixed-task batches. Without a GPU both are replaced by small shapes of the same groups (a functional run).
 """
 
@@ -16,7 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
+import itertools
 import math
+from statistics import NormalDist
 from typing import Optional, Sequence
 
 import torch
@@ -35,10 +44,15 @@ TARGETS = {
     "P6": "BERT-large-config training step (B=32 N=256 P=64): >= 1.3x PEFT's tokens/s, peak memory <= 0.85x",
     "P7": "host path (CPU): tiny eager op call <= 1.5x cat + SDPA; patched tiny-Llama decode step <= 1.1x unpatched",
     "P8": "CPU: op fwd+bwd, tiny BERT training, tiny-Llama decode patched with auto: >= 1.0x the PEFT path / model",
-    "P9": "packed vs padded training step (skewed lengths, GPU): packed >= 1.5x the padded real-token throughput",
+    "P9": "packed vs padded BERT-large training step (32 sequences, median 60 in [8, 256]): >= 1.5x real tokens/s",
     "S1": "static resources: the autotuner never picks a spilling or non-fitting config; spill-free on sm_80/90",
 }
 MODEL_KINDS = ("train", "generate")
+
+# Packed workloads: the shape of the log-normal length distribution (the sigma of the lengths' logarithm) and the
+# seed of the order the sequences are packed in.
+LENGTH_SIGMA = 0.8
+LENGTH_ORDER_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +74,12 @@ class Workload:
     targets: tuple = ()  # the targets (docs/design.md §6) this shape measures
     note: str = ""
     query_len: int = 0  # Nq of a fwd/fwdbwd workload whose queries are fewer than its keys (0: Nq = N)
+    median_len: int = 0  # packed: ``batch`` sequences, lengths log-normal with this median in [min_len, seq_len]
+    min_len: int = 0
+
+    @property
+    def packed(self) -> bool:
+        return self.median_len > 0
 
     @property
     def q_len(self) -> int:
@@ -80,6 +100,8 @@ class Workload:
                 parts.insert(2, f"Nq{self.query_len}")
         if self.num_tasks > 1 or self.group.startswith("mixed"):
             parts.append(f"T{self.num_tasks}")
+        if self.packed:
+            parts.append(f"med{self.median_len}")
         parts.append({"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[self.dtype])
         return f"{self.group}/" + "-".join(parts)
 
@@ -89,7 +111,10 @@ class Workload:
 
     @property
     def tokens(self) -> int:
-        """Tokens processed per call: B·N for a training step, B for a decode step."""
+        """Tokens processed per call: B·N for a training step, B for a decode step; the real tokens (the sum of
+        the sequence lengths) of a packed workload, however its provider lays them out."""
+        if self.packed:
+            return sum(sequence_lengths(self))
         return self.batch * self.q_len
 
     def matches(self, patterns: Sequence[str]) -> bool:
@@ -103,7 +128,24 @@ class Workload:
                 "kv_heads": self.kv_heads, "q_len": self.q_len, "seq_len": self.seq_len,
                 "prefix_len": self.prefix_len, "head_dim": self.head_dim, "num_tasks": self.num_tasks,
                 "causal": self.causal, "padding": self.padding, "dtype": self.dtype,
+                "median_len": self.median_len or "", "min_len": self.min_len or "",
                 "targets": " ".join(self.targets)}
+
+
+@functools.lru_cache(maxsize=None)
+def sequence_lengths(w: Workload) -> tuple:
+    """The ``batch`` sequence lengths of a packed workload: the quantiles ``(i + 1/2) / B`` of a log-normal
+    distribution of median ``median_len`` and sigma ``LENGTH_SIGMA``, rounded and clipped to ``[min_len, seq_len]``,
+    in an order shuffled with a fixed seed. The same for every provider, input set and run: the batch is the
+    distribution itself (median ``median_len``, the longest clipped to ``seq_len`` once ``B`` is large enough)
+    rather than a draw that may miss its tail."""
+    if not w.packed:
+        raise ValueError(f"{w.name} is not a packed workload")
+    normal = NormalDist()
+    lengths = [min(w.seq_len, max(w.min_len, round(w.median_len * math.exp(LENGTH_SIGMA * normal.inv_cdf(
+        (i + 0.5) / w.batch))))) for i in range(w.batch)]
+    order = torch.randperm(w.batch, generator=torch.Generator().manual_seed(LENGTH_ORDER_SEED)).tolist()
+    return tuple(lengths[i] for i in order)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,15 +155,26 @@ class Workload:
 def visible_pairs(w: Workload) -> float:
     """(query, key) pairs per (sample, head): Nq·P for the prefix plus the sequence part, which docs/design.md §6
     halves when causal (exactly: the bottom-right-aligned visible count when Nq != N, e.g. a decode step)."""
-    q_len, k_len = w.q_len, w.seq_len
-    if not w.causal:
+    return _pairs(w.q_len, w.seq_len, w.prefix_len, w.causal)
+
+
+def _pairs(q_len: int, k_len: int, prefix_len: int, causal: bool) -> float:
+    if not causal:
         seq = q_len * k_len
     elif q_len == k_len:
         seq = q_len * k_len / 2
     else:
         offset = k_len - q_len
         seq = sum(min(k_len, max(0, i + offset + 1)) for i in range(q_len))
-    return q_len * w.prefix_len + seq
+    return q_len * prefix_len + seq
+
+
+def _total_pairs(w: Workload) -> float:
+    """(query, key) pairs per head over the whole batch: B times :func:`visible_pairs`, or for a packed workload
+    the sum over its sequences (each a batch of one: its queries see the prefix and its own keys)."""
+    if w.packed:
+        return sum(_pairs(n, n, w.prefix_len, w.causal) for n in sequence_lengths(w))
+    return w.batch * visible_pairs(w)
 
 
 def flops(w: Workload) -> float:
@@ -129,7 +182,7 @@ def flops(w: Workload) -> float:
     NaN for model-level and ceiling workloads (their rate is tokens/s, or set by the ceiling itself)."""
     if w.kind not in KERNEL_KINDS:
         return math.nan
-    forward = 4.0 * w.batch * w.q_heads * visible_pairs(w) * w.head_dim
+    forward = 4.0 * w.q_heads * _total_pairs(w) * w.head_dim
     return forward * (3.5 if w.kind == "fwdbwd" else 1.0)
 
 
@@ -137,12 +190,13 @@ def bytes_moved(w: Workload) -> float:
     """Bytes that must move between memory and the chip at the least: each input read once and each output written
     once. Forward: q, k, v, the prefixes in use (read once, however many samples share them), out. Backward adds
     q, k, v, prefixes, out and dO read, and dq, dk, dv, dprefix written. A decode step's count is P4's "bytes that
-    must be read" (the cache dominates)."""
+    must be read" (the cache dominates). A packed workload counts its real tokens (no padding)."""
     if w.kind not in KERNEL_KINDS:
         return math.nan
     element = torch.finfo(w.torch_dtype).bits // 8
-    q = w.batch * w.q_heads * w.q_len * w.head_dim
-    kv = 2 * w.batch * w.kv_heads * w.seq_len * w.head_dim
+    q_tokens, k_tokens = (w.tokens, w.tokens) if w.packed else (w.batch * w.q_len, w.batch * w.seq_len)
+    q = q_tokens * w.q_heads * w.head_dim
+    kv = 2 * k_tokens * w.kv_heads * w.head_dim
     prefix = 2 * min(w.num_tasks, w.batch) * w.kv_heads * w.prefix_len * w.head_dim
     forward = q + kv + prefix + q  # out has q's shape
     if w.kind != "fwdbwd":
@@ -165,6 +219,17 @@ def _llm(kind, n, p=128, batch=4, **kw) -> Workload:
     group = kw.pop("group", f"llm-{kind}")
     kw.setdefault("causal", True)
     return Workload(group, kind, batch=batch, q_heads=32, kv_heads=8, seq_len=n, prefix_len=p, head_dim=128, **kw)
+
+
+def _varlen(kind, **kw) -> Workload:
+    return Workload(f"varlen-{kind}", kind, **kw)
+
+
+# The packed kernel workload at the BERT-large shape (P1's heads, head dim and prefix).
+PACKED_BERT = dict(batch=32, q_heads=16, kv_heads=16, seq_len=256, prefix_len=64, head_dim=64, median_len=60,
+                   min_len=8)
+# The model-level group of target P9: a packed batch against the same sequences padded.
+PACKED_VS_PADDED = "packed-vs-padded"
 
 
 def _gpu_suite(full: bool) -> list[Workload]:
@@ -198,12 +263,21 @@ def _gpu_suite(full: bool) -> list[Workload]:
                 **headline_bert) for t in tasks]
     if full:
         w += [_llm("decode", 2048, batch=64, causal=False, num_tasks=t, group="mixed-decode") for t in (1, 8)]
+    # Packed batches at the BERT-large shape: 32 sequences of skewed lengths (median 60 in [8, 256]), every
+    # provider on the same sequences (packed, or padded to the longest by the SDPA baselines); full adds 8 tasks.
+    w += [_varlen(kind, **PACKED_BERT) for kind in ("fwd", "fwdbwd")]
+    if full:
+        w.append(_varlen("fwdbwd", num_tasks=8, **PACKED_BERT))
     # Model level: a P-Tuning v2 training step, decode steps of a patched decoder with a shared prefix.
     bert_large = dict(model="bert", size="large", q_heads=16, kv_heads=16, head_dim=64)
     llama_1b = dict(model="llama", size="1b", q_heads=32, kv_heads=8, head_dim=64)
     w.append(Workload("model-train", "train", batch=32, seq_len=256, prefix_len=64, padding=True, targets=("P6",),
                       **bert_large))
     w.append(Workload("model-train", "train", batch=4, seq_len=1024, prefix_len=128, causal=True, **llama_1b))
+    # P9: the same sequences packed into one row vs padded to the longest, one training step of the patched
+    # BERT-large-config token classifier each.
+    w.append(Workload(PACKED_VS_PADDED, "train", batch=32, seq_len=256, prefix_len=64, median_len=60, min_len=8,
+                      targets=("P9",), **bert_large))
     w.append(Workload("model-decode", "generate", batch=16, seq_len=1024, prefix_len=128, causal=True, **llama_1b))
     # What the device can do at all, measured in the same run: P3's and P4's fractions are relative to these.
     w.append(Workload("ceiling", "ceiling", note="copy-1GiB", dtype="bfloat16"))
@@ -235,12 +309,19 @@ def _cpu_suite(full: bool) -> list[Workload]:
     w.append(llm("decode", 64, batch=2, causal=False, targets=("P4",)))
     w += [bert("fwdbwd", 32, 8, batch=4, num_tasks=t, group="mixed-fwdbwd", targets=("P5",) if t != 2 else ())
           for t in ((1, 2, 8) if full else (1, 8))]
+    packed = dict(batch=6, q_heads=2, kv_heads=2, seq_len=32, prefix_len=8, head_dim=16, median_len=12, min_len=4,
+                  **f32)
+    w += [_varlen(kind, **packed) for kind in ("fwd", "fwdbwd")]
+    if full:
+        w.append(_varlen("fwdbwd", **dict(packed, num_tasks=3, q_heads=4)))
     bert_tiny = dict(model="bert", size="tiny", q_heads=2, kv_heads=2, head_dim=16, **f32)
     llama_tiny = dict(model="llama", size="tiny", q_heads=4, kv_heads=2, head_dim=16, **f32)
     w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, padding=True,
                       targets=("P6", "P8"), **bert_tiny))
     if full:
         w.append(Workload("model-train", "train", batch=2, seq_len=16, prefix_len=4, causal=True, **llama_tiny))
+    w.append(Workload(PACKED_VS_PADDED, "train", batch=6, seq_len=32, prefix_len=4, median_len=12, min_len=4,
+                      targets=("P9",), **bert_tiny))
     w.append(Workload("model-decode", "generate", batch=2, seq_len=16, prefix_len=4, causal=True,
                       targets=("P7", "P8"), **llama_tiny))
     w.append(HOST_OVERHEAD)
@@ -282,13 +363,9 @@ def select(workloads: Sequence[Workload], patterns: Optional[Sequence[str]]) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class KernelInputs:
-    """One set of inputs of a kernel workload, laid out the way a model produces them.
-
-    q/k/v are views ``[B, H, N, D]`` of ``[B, N, H, D]`` projections; the prefix is one shared ``[Hkv, P, D]``
-    tensor when T = 1 (``prefix_index`` None), else a ``[T, Hkv, P, D]`` bank indexed per sample. ``key_padding_mask``
-    is a ``[B, N]`` bool mask (True = attend) or None; ``grad_out`` is dO for fwd+bwd workloads.
-    """
+class _PrefixedInputs:
+    """What the two input kinds share: the five attention tensors and the bank index (their own fields follow,
+    ``grad_out`` among them), a prefix shared or from a bank."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -296,9 +373,6 @@ class KernelInputs:
     prefix_k: torch.Tensor
     prefix_v: torch.Tensor
     prefix_index: Optional[torch.Tensor]
-    key_padding_mask: Optional[torch.Tensor]
-    causal: bool
-    grad_out: Optional[torch.Tensor]
 
     @property
     def tensors(self) -> tuple:
@@ -314,40 +388,135 @@ class KernelInputs:
             return self.prefix_k.unsqueeze(0), self.prefix_v.unsqueeze(0)
         return self.prefix_k, self.prefix_v
 
+    def _each_prefix(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix of each of ``count`` samples (sequences), ``[count, Hkv, P, D]``: an expanded view for a
+        shared prefix, a gather for a bank."""
+        bank_k, bank_v = self.bank()
+        if self.prefix_index is None:
+            return (bank_k.expand(count, *bank_k.shape[1:]), bank_v.expand(count, *bank_v.shape[1:]))
+        return bank_k[self.prefix_index], bank_v[self.prefix_index]
+
+
+@dataclasses.dataclass
+class KernelInputs(_PrefixedInputs):
+    """One set of inputs of a kernel workload, laid out the way a model produces them.
+
+    q/k/v are views ``[B, H, N, D]`` of ``[B, N, H, D]`` projections; the prefix is one shared ``[Hkv, P, D]``
+    tensor when T = 1 (``prefix_index`` None), else a ``[T, Hkv, P, D]`` bank indexed per sample. ``key_padding_mask``
+    is a ``[B, N]`` bool mask (True = attend) or None; ``grad_out`` is dO for fwd+bwd workloads.
+    """
+
+    key_padding_mask: Optional[torch.Tensor]
+    causal: bool
+    grad_out: Optional[torch.Tensor]
+
     def per_sample_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sample's prefix ``[B, Hkv, P, D]``: an expanded view for a shared prefix, a gather for a bank."""
-        bank_k, bank_v = self.bank()
-        batch = self.q.shape[0]
-        if self.prefix_index is None:
-            return (bank_k.expand(batch, *bank_k.shape[1:]), bank_v.expand(batch, *bank_v.shape[1:]))
-        return bank_k[self.prefix_index], bank_v[self.prefix_index]
+        return self._each_prefix(self.q.shape[0])
 
     def op_kwargs(self) -> dict:
         return dict(prefix_index=self.prefix_index, key_padding_mask=self.key_padding_mask, causal=self.causal)
 
 
-def make_kernel_inputs(w: Workload, device: str, seed: int = 0) -> KernelInputs:
-    """Random inputs of a kernel workload (seeded on the CPU so a GPU and a CPU draw the same values)."""
+@dataclasses.dataclass
+class VarlenInputs(_PrefixedInputs):
+    """One set of inputs of a packed workload: ``S`` sequences packed along the token dim, as a packed model row
+    produces them (``q [total, Hq, D]``, ``k, v [total, Hkv, D]``), delimited by ``cu_seqlens`` (int32 ``[S + 1]``,
+    the same for queries and keys: self-attention), with the prefix as in :class:`KernelInputs` (``prefix_index``
+    ``[S]`` for a bank). :attr:`padded` is the same batch padded to the longest sequence, what the padded baselines
+    and the oracle run; :meth:`unpad` takes their per-token results back to the packed layout."""
+
+    cu_seqlens: torch.Tensor
+    lengths: tuple
+    causal: bool
+    grad_out: Optional[torch.Tensor]
+
+    @property
+    def max_seqlen(self) -> int:
+        return max(self.lengths, default=0)
+
+    def per_sequence_prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's prefix ``[S, Hkv, P, D]`` (a view for a shared prefix, a gather for a bank)."""
+        return self._each_prefix(len(self.lengths))
+
+    def op_args(self) -> tuple:
+        """The arguments of ``prefix_attention_varlen`` after the five tensors."""
+        return self.cu_seqlens, self.cu_seqlens, self.max_seqlen, self.max_seqlen
+
+    def op_kwargs(self) -> dict:
+        return dict(prefix_index=self.prefix_index, causal=self.causal)
+
+    @functools.cached_property
+    def token_mask(self) -> torch.Tensor:
+        """``[S, max_seqlen]`` bool: which positions of the padded batch hold real tokens."""
+        lengths = torch.tensor(self.lengths, device=self.q.device)
+        return torch.arange(self.max_seqlen, device=self.q.device)[None, :] < lengths[:, None]
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[total, H, D]`` -> ``[S, H, max_seqlen, D]`` (a view of ``[S, max_seqlen, H, D]``), zeros in the
+        padding."""
+        out = packed.new_zeros(len(self.lengths), self.max_seqlen, *packed.shape[1:])
+        out[self.token_mask] = packed
+        return out.transpose(1, 2)
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """``[S, H, max_seqlen, D]`` -> ``[total, H, D]``: the real tokens' rows."""
+        return padded.transpose(1, 2)[self.token_mask]
+
+    @functools.cached_property
+    def padded(self) -> KernelInputs:
+        """The same sequences padded to the longest, with a key-padding mask (dO zero in the padding, so the
+        padded rows add nothing to any gradient)."""
+        grad_out = None if self.grad_out is None else self.pad(self.grad_out)
+        return KernelInputs(self.pad(self.q), self.pad(self.k), self.pad(self.v), self.prefix_k, self.prefix_v,
+                            self.prefix_index, self.token_mask, self.causal, grad_out)
+
+
+def _random_prefix(w: Workload, count: int, gen: torch.Generator, device: str):
+    """(prefix_k, prefix_v, prefix_index) of a workload: one shared ``[Hkv, P, D]`` prefix for T = 1, else a
+    ``[T, Hkv, P, D]`` bank with an index over ``count`` samples or sequences that uses every entry."""
+    T, Hkv, P, D, dtype = w.num_tasks, w.kv_heads, w.prefix_len, w.head_dim, w.torch_dtype
+    prefix_k = torch.randn(T, Hkv, P, D, generator=gen).to(device=device, dtype=dtype)
+    prefix_v = torch.randn(T, Hkv, P, D, generator=gen).to(device=device, dtype=dtype)
+    if T == 1:
+        return prefix_k[0], prefix_v[0], None
+    prefix_index = torch.randint(0, T, (count,), generator=gen)
+    prefix_index[:T] = torch.arange(min(T, count))  # every entry in use
+    return prefix_k, prefix_v, prefix_index[torch.randperm(count, generator=gen)].to(device)
+
+
+def make_varlen_inputs(w: Workload, device: str, seed: int = 0) -> VarlenInputs:
+    """Random inputs of a packed kernel workload, its sequences of :func:`sequence_lengths` (seeded on the CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = sequence_lengths(w)
+    total = sum(lengths)
+
+    def tokens(heads):
+        return torch.randn(total, heads, w.head_dim, generator=gen).to(device=device, dtype=w.torch_dtype)
+
+    q, k, v = tokens(w.q_heads), tokens(w.kv_heads), tokens(w.kv_heads)
+    prefix_k, prefix_v, prefix_index = _random_prefix(w, len(lengths), gen, device)
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    grad_out = tokens(w.q_heads) if w.kind == "fwdbwd" else None
+    return VarlenInputs(q, k, v, prefix_k, prefix_v, prefix_index, cu_seqlens, lengths, w.causal, grad_out)
+
+
+def make_kernel_inputs(w: Workload, device: str, seed: int = 0):
+    """Random inputs of a kernel workload (seeded on the CPU so a GPU and a CPU draw the same values):
+    :class:`KernelInputs`, or :class:`VarlenInputs` for a packed workload."""
     if w.kind not in KERNEL_KINDS:
         raise ValueError(f"{w.name} is not a kernel workload")
+    if w.packed:
+        return make_varlen_inputs(w, device, seed)
     gen = torch.Generator().manual_seed(seed)
     dtype = w.torch_dtype
-    B, Hq, Hkv, Nq, N, P, D, T = (w.batch, w.q_heads, w.kv_heads, w.q_len, w.seq_len, w.prefix_len, w.head_dim,
-                                  w.num_tasks)
+    B, Hq, Hkv, Nq, N, D = w.batch, w.q_heads, w.kv_heads, w.q_len, w.seq_len, w.head_dim
 
     def projection(length, heads):
         return torch.randn(B, length, heads, D, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
 
     q, k, v = projection(Nq, Hq), projection(N, Hkv), projection(N, Hkv)
-    prefix_k = torch.randn(T, Hkv, P, D, generator=gen).to(device=device, dtype=dtype)
-    prefix_v = torch.randn(T, Hkv, P, D, generator=gen).to(device=device, dtype=dtype)
-    prefix_index = None
-    if T == 1:
-        prefix_k, prefix_v = prefix_k[0], prefix_v[0]
-    else:
-        prefix_index = torch.randint(0, T, (B,), generator=gen)
-        prefix_index[:T] = torch.arange(min(T, B))  # every entry in use
-        prefix_index = prefix_index[torch.randperm(B, generator=gen)].to(device)
+    prefix_k, prefix_v, prefix_index = _random_prefix(w, B, gen, device)
     key_padding_mask = None
     if w.padding:
         lengths = torch.randint(max(1, N // 2), N + 1, (B,), generator=gen)

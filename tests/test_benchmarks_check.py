@@ -3,6 +3,8 @@ pass, the chunked oracle equals the whole one, and the work counts follow docs/d
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -194,7 +196,8 @@ def test_suites_cover_every_target(gpu):
     for chosen in (quick, full):
         tags = {t for w in chosen for t in w.targets}
         # P7 (the host path) is measured on both; P8 is a CPU target: its workloads are in the CPU suite only
-        assert tags == {"P1", "P2", "P3", "P4", "P5", "P6", "P7"} | (set() if gpu else {"P8"})
+        assert tags == {"P1", "P2", "P3", "P4", "P5", "P6", "P7", "P9"} | (set() if gpu else {"P8"})
+        assert {w.group for w in chosen if w.packed} == {"varlen-fwd", "varlen-fwdbwd", "packed-vs-padded"}
     assert {w.name for w in quick} <= {w.name for w in full}
     assert workloads.select(full, ["bert-fwdbwd"]) and all(w.group == "bert-fwdbwd"
                                                            for w in workloads.select(full, ["bert-fwdbwd"]))
@@ -238,6 +241,13 @@ def test_model_workloads_skip_until_the_integration_exists(monkeypatch):
         if provider == "unpatched":  # the decode-only baseline, which needs no integration
             assert m.status == "skipped" and "decode steps only" in m.note, m.note
             continue
+        if provider in models.BATCH_FORMS:  # the packed workload's providers: skipped there too, see below
+            assert m.status == "skipped" and "packed workloads only" in m.note, m.note
+            continue
+        assert m.status == "skipped" and "integration not available yet" in m.note, (provider, m.note)
+    packed_train = next(w for w in workloads.suite("quick", gpu=False) if w.group == "packed-vs-padded")
+    for provider in models.BATCH_FORMS:
+        m = harness.measure(packed_train, provider, lambda: models.model_case(packed_train, provider))
         assert m.status == "skipped" and "integration not available yet" in m.note, (provider, m.note)
 
 
@@ -282,9 +292,6 @@ def test_model_workloads_name_the_shapes_of_their_configs():
 def test_the_flash_attn_provider_reads_its_layout_right(w, monkeypatch):
     """flash-attn works in [B, N, H, D]: a stand-in with its semantics (bottom-right causal, GQA) checks that the
     provider lays out its inputs and reads back its outputs and gradients correctly."""
-    import sys
-    import types
-
     from torch.nn.attention.bias import causal_lower_right
 
     def flash_attn_func(q, k, v, causal=False):
@@ -293,12 +300,213 @@ def test_the_flash_attn_provider_reads_its_layout_right(w, monkeypatch):
                                              attn_mask=mask, enable_gqa=True)
         return out.transpose(1, 2)
 
-    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    assert_flash_attn_provider_right(w, monkeypatch, flash_attn_func=flash_attn_func)
+
+
+def assert_flash_attn_provider_right(w, monkeypatch, **functions):
+    """The flash-attn provider, with ``functions`` standing in for the package's, agrees with the oracle."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(**functions))
     x = workloads.make_kernel_inputs(w, DEVICE, seed=5)
-    prepared = providers.FlashAttn().prepare(w, x)
+    prepared = providers.FlashAttn().prepare_inputs(w, x)
     got = prepared.finish(prepared.call())
     backward = w.kind == "fwdbwd"
     result = check.compare(got, check.kernel_reference(x, backward, torch.float64),
                            check.kernel_reference(x, backward, x.q.dtype), x.q.dtype)
     assert result.ok, result.summary()
     assert set(got) == ({"out", "q", "k", "v", "prefix_k", "prefix_v"} if backward else {"out"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed (variable-length) batches
+# ----------------------------------------------------------------------------------------------------------------
+
+def packed(kind="fwdbwd", **kw) -> Workload:
+    """A small packed workload: 5 sequences, lengths log-normal with median 6 in [2, 14]."""
+    settings = dict(batch=5, q_heads=4, kv_heads=2, seq_len=14, prefix_len=5, head_dim=16, median_len=6, min_len=2,
+                    dtype="float32")
+    settings.update(kw)
+    return Workload(f"test-varlen-{kind}", kind, **settings)
+
+
+def test_packed_lengths_follow_the_stated_distribution():
+    """BERT-large's packed shape: 32 sequences whose lengths are the log-normal's quantiles (median 60, sigma
+    LENGTH_SIGMA) clipped to [8, 256], in a fixed shuffled order; the work counts count real tokens only."""
+    gpu = [w for w in workloads.suite("quick", gpu=True) if w.packed]
+    assert {w.group for w in gpu} == {"varlen-fwd", "varlen-fwdbwd", "packed-vs-padded"}
+    w = next(w for w in gpu if w.group == "varlen-fwdbwd")
+    assert (w.batch, w.q_heads, w.head_dim, w.prefix_len, w.seq_len, w.median_len, w.min_len) == \
+        (32, 16, 64, 64, 256, 60, 8)
+    lengths = workloads.sequence_lengths(w)
+    assert len(lengths) == 32 and min(lengths) >= 8 and max(lengths) == 256
+    assert 55 <= sorted(lengths)[15] <= sorted(lengths)[16] <= 65  # the median
+    assert sorted(lengths) != list(lengths)  # shuffled, the same every time
+    assert workloads.sequence_lengths(dataclasses.replace(w, kind="fwd")) == lengths
+    # every workload of the packed groups draws the same sequences at the same shape
+    assert {workloads.sequence_lengths(x) for x in gpu} == {lengths}
+    assert w.tokens == sum(lengths) and w.tokens * 2 < 32 * 256  # most of a padded batch would be padding
+    per_sequence = sum(n * (64 + n) for n in lengths)
+    assert workloads.flops(w) == 3.5 * 4 * 16 * 64 * per_sequence
+    causal = dataclasses.replace(w, causal=True)
+    assert workloads.flops(causal) == 3.5 * 4 * 16 * 64 * sum(n * 64 + n * n / 2 for n in lengths)
+    assert workloads.bytes_moved(dataclasses.replace(w, kind="fwd")) == 2 * (
+        2 * sum(lengths) * 16 * 64 + 2 * sum(lengths) * 16 * 64 + 2 * 16 * 64 * 64)
+    assert w.name == "varlen-fwdbwd/B32-H16-N256-P64-D64-med60-bf16"
+
+
+def test_packed_inputs_pad_and_unpad_exactly():
+    w = packed(num_tasks=3)
+    x = workloads.make_kernel_inputs(w, DEVICE, seed=2)
+    lengths = workloads.sequence_lengths(w)
+    assert isinstance(x, workloads.VarlenInputs) and x.q.shape == (sum(lengths), 4, 16)
+    assert x.cu_seqlens.dtype == torch.int32 and x.cu_seqlens.tolist() == [0, *itertools.accumulate(lengths)]
+    assert x.prefix_k.shape == (3, 2, 5, 16) and sorted(set(x.prefix_index.tolist())) == [0, 1, 2]
+    padded = x.padded
+    assert padded.q.shape == (5, 4, max(lengths), 16) and padded.q.transpose(1, 2).is_contiguous()
+    assert padded.key_padding_mask.sum(1).tolist() == list(lengths)
+    assert not padded.grad_out[~padded.key_padding_mask[:, None, :, None].expand_as(padded.grad_out)].any()
+    for name in ("q", "k", "v", "grad_out"):
+        assert torch.equal(x.unpad(getattr(padded, name)), getattr(x, name))
+    s = 3
+    start = sum(lengths[:s])
+    assert torch.equal(padded.k[s, :, :lengths[s]].transpose(0, 1), x.k[start:start + lengths[s]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["ptv2-native", "reference", "peft-path", "sdpa-precat"])
+def test_right_providers_pass_on_packed_batches(name, dtype):
+    spy = SpyBenchmark()
+    w = packed(num_tasks=2, dtype=dtype)
+    m = measure(w, providers.by_name(name), spy)
+    assert m.status == "ok", m.note
+    assert 0.0 <= m.check_ratio <= 1.0 and m.timed and spy.pedantic_calls == 1
+    assert m.tokens == sum(workloads.sequence_lengths(w)) and m.flops == workloads.flops(w)
+
+
+def test_the_triton_varlen_provider_passes_the_check():
+    from ptv2_kernels import backends
+
+    if backends.unavailable_reason("triton"):
+        pytest.skip(backends.unavailable_reason("triton"))
+    for w in (packed("fwd", causal=True, num_tasks=2), packed("fwdbwd")):
+        m = measure(w, providers.by_name("ptv2-triton"))
+        assert m.status == "ok", (w.name, m.note)
+
+
+class PackedAsOneSequence(providers.Ptv2):
+    """Deliberately broken: the whole packed batch as one sequence (every token attends across sequences)."""
+
+    def prepare(self, w, x):
+        whole = dataclasses.replace(x, cu_seqlens=x.cu_seqlens[[0, -1]], lengths=(sum(x.lengths),))
+        return super().prepare(w, whole)
+
+
+class PaddingVisible(providers.SdpaPrecat):
+    """Deliberately broken: the padded baseline without its key-padding mask (the padding keys attended to)."""
+
+    def prepare(self, w, x):
+        return super().prepare(w, dataclasses.replace(x, key_padding_mask=None))
+
+
+@pytest.mark.parametrize("provider", [PackedAsOneSequence("native"), PaddingVisible()],
+                         ids=["sequences-not-separated", "padding-attended"])
+def test_a_wrong_packed_provider_is_reported_wrong(provider):
+    spy = SpyBenchmark()
+    m = measure(packed("fwd"), provider, spy)
+    assert m.status == "wrong" and "out" in m.note, m.note
+    assert spy.pedantic_calls == 0
+
+
+def test_providers_without_a_packed_form_skip_packed_workloads():
+    m = measure(packed("fwd"), providers.by_name("flex-attention"))
+    assert m.status == "skipped" and "packed" in m.note
+
+
+@pytest.mark.parametrize("w", [packed("fwdbwd", causal=True, num_tasks=3), packed("fwd")],
+                         ids=["fwdbwd-causal-gqa-bank", "fwd"])
+def test_the_flash_attn_varlen_provider_reads_its_layout_right(w, monkeypatch):
+    """flash_attn_varlen_func takes packed keys with each sequence's prefix in front (cumulative lengths moved by
+    P per sequence): a stand-in with its semantics (per sequence, bottom-right causal, GQA) checks that the
+    provider builds the concatenation and splits its gradients back into the keys and the bank correctly."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    def flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+        assert int(cu_k[-1]) == k.shape[0] and max_k == max_q + w.prefix_len
+        outs = []
+        for (q0, q1), (k0, k1) in zip(zip(cu_q.tolist(), cu_q.tolist()[1:]), zip(cu_k.tolist(), cu_k.tolist()[1:])):
+            mask = causal_lower_right(q1 - q0, k1 - k0) if causal else None
+            out = F.scaled_dot_product_attention(q[q0:q1].transpose(0, 1), k[k0:k1].transpose(0, 1),
+                                                 v[k0:k1].transpose(0, 1), attn_mask=mask, enable_gqa=True)
+            outs.append(out.transpose(0, 1))
+        return torch.cat(outs)
+
+    assert_flash_attn_provider_right(w, monkeypatch, flash_attn_varlen_func=flash_attn_varlen_func)
+
+
+# The packed-vs-padded model workload (target P9), CPU form: runs the patched model's packed-batch integration.
+PACKED_TRAIN = next(w for w in workloads.suite("quick", gpu=False) if w.group == "packed-vs-padded")
+
+
+@pytest.mark.parametrize("provider", ["ptv2-packed", "ptv2-padded"])
+def test_packed_and_padded_training_steps_pass_the_check(provider):
+    from benchmarks import models
+
+    if models.integration_missing():
+        pytest.skip(models.integration_missing())
+    spy = SpyBenchmark()
+    m = harness.measure(PACKED_TRAIN, provider, lambda: models.model_case(PACKED_TRAIN, provider), spy)
+    assert m.status == "ok", m.note
+    assert m.timed and m.tokens == sum(workloads.sequence_lengths(PACKED_TRAIN))
+
+
+def test_the_two_forms_hold_the_same_sequences():
+    from benchmarks import models
+
+    [pair] = models.make_packed_batches(PACKED_TRAIN, 1)
+    lengths = workloads.sequence_lengths(PACKED_TRAIN)
+    packed_batch, padded_batch = pair["packed"], pair["padded"]
+    assert packed_batch["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in packed_batch
+    assert padded_batch["input_ids"].shape == (len(lengths), max(lengths))
+    assert packed_batch["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    for name in ("input_ids", "labels"):
+        assert torch.equal(models.real_token_logits(padded_batch[name][..., None], padded_batch),
+                           models.real_token_logits(packed_batch[name][..., None], packed_batch))
+    assert packed_batch["task_ids"].tolist() == padded_batch["task_ids"].tolist() == [0] * len(lengths)
+
+
+def test_a_packed_batch_the_model_does_not_separate_is_caught(monkeypatch):
+    """With an all-ones attention mask a packed row is one long sequence to the model (given one task id for it):
+    every token attends across the sequences, which the check against the padded batch reports as wrong, never
+    timed."""
+    from benchmarks import models
+
+    if models.integration_missing():
+        pytest.skip(models.integration_missing())
+    make = models.make_packed_batches
+
+    def as_one_sequence(*args, **kwargs):
+        pairs = make(*args, **kwargs)
+        for pair in pairs:
+            row = pair["packed"]
+            row["attention_mask"] = torch.ones_like(row["input_ids"])
+            row["task_ids"] = row["task_ids"][:1]
+        return pairs
+
+    monkeypatch.setattr(models, "make_packed_batches", as_one_sequence)
+    spy = SpyBenchmark()
+    m = harness.measure(PACKED_TRAIN, "ptv2-packed", lambda: models.model_case(PACKED_TRAIN, "ptv2-packed"), spy)
+    assert m.status == "wrong" and "pre-timing check" in m.note, m.note
+    assert spy.pedantic_calls == 0
+
+
+def test_packed_providers_belong_to_the_packed_workload():
+    from benchmarks import models
+
+    for provider in ("ptv2-packed", "ptv2-padded"):
+        m = harness.measure(TINY_TRAIN, provider, lambda: models.model_case(TINY_TRAIN, provider))
+        assert m.status == "skipped" and "packed workloads only" in m.note
+    for provider in ("ptv2-auto", "peft-path"):
+        m = harness.measure(PACKED_TRAIN, provider, lambda: models.model_case(PACKED_TRAIN, provider))
+        assert m.status == "skipped" and "not compared on packed batches" in m.note

@@ -360,3 +360,52 @@ def test_run_list_says_which_workloads_measure_each_target():
         "no workload of this selection measures it" in "\n".join(run.targets_lines(only_decode))
     every_tag = {t for w in workloads.suite("full", gpu=True) + workloads.suite("full", gpu=False) for t in w.targets}
     assert every_tag <= set(workloads.TARGETS), "a workload carries a tag that TARGETS does not describe"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Packed batches: real tokens, P9
+# ----------------------------------------------------------------------------------------------------------------
+
+PACKED_KERNEL = Workload("varlen-fwdbwd", "fwdbwd", batch=32, q_heads=16, kv_heads=16, seq_len=256, prefix_len=64,
+                         head_dim=64, median_len=60, min_len=8)
+PACKED_MODEL = Workload("packed-vs-padded", "train", batch=32, seq_len=256, prefix_len=64, median_len=60, min_len=8,
+                        model="bert", size="large", targets=("P9",))
+
+
+def test_packed_workloads_report_real_tokens_per_second():
+    run = results.new_run(GPU_ENV)
+    real = sum(workloads.sequence_lengths(PACKED_KERNEL))
+    rows = results.run_rows(run, [timed(PACKED_KERNEL, "ptv2-triton", 2.0), timed(PACKED_KERNEL, "peft-path", 5.0)])
+    assert value(rows, PACKED_KERNEL.name, "ptv2-triton", "tokens_per_s") == pytest.approx(real / 2e-3, rel=1e-5)
+    assert value(rows, PACKED_KERNEL.name, "ptv2-triton", "speedup_vs_peft-path") == pytest.approx(2.5)
+    row = next(r for r in rows if r["metric"] == "time_median")
+    assert (row["median_len"], row["min_len"], row["seq_len"]) == ("60", "8", "256")
+    # not a packed kernel workload: no tokens/s row, as before
+    assert value(results.run_rows(run, [timed(bert(), "ptv2-triton", 2.0)]), bert().name, "ptv2-triton",
+                 "tokens_per_s") is None
+
+
+@pytest.mark.parametrize("padded_ms, status", [(160.0, "met"), (120.0, "missed")])
+def test_p9_is_the_packed_step_s_throughput_over_the_padded_one(padded_ms, status):
+    packed, padded = timed(PACKED_MODEL, "ptv2-packed", 100.0), timed(PACKED_MODEL, "ptv2-padded", padded_ms)
+    packed.peak_bytes, padded.peak_bytes = 300 * 2**20, 1000 * 2**20
+    rows = results.run_rows(results.new_run(GPU_ENV), [packed, padded])
+    assert value(rows, PACKED_MODEL.name, "ptv2-packed", "tokens_per_s") == pytest.approx(
+        PACKED_MODEL.tokens / 0.1, rel=1e-5)
+    [p9] = [t for t in report.evaluate_targets(report.by_device(rows)[0]) if t["id"] == "P9"]
+    assert p9["status"] == status and p9["measured"] == f"{padded_ms / 100:.3g}×" and p9["target"] == "≥ 1.5×"
+    assert "peak memory packed / padded 0.30×" in p9["note"]
+    assert f"**{PACKED_MODEL.name}** (targets P9)" in report.render_markdown(rows)
+
+
+def test_p9_is_not_measured_without_both_forms():
+    rows = results.run_rows(results.new_run(GPU_ENV), [timed(PACKED_MODEL, "ptv2-packed", 100.0)])
+    [p9] = [t for t in report.evaluate_targets(report.by_device(rows)[0]) if t["id"] == "P9"]
+    assert p9["status"] == "not measured" and p9["note"] == ""
+
+
+def test_the_gpu_check_times_the_providers_of_the_gpu_targets():
+    from benchmarks import gpu_check, models
+
+    assert set(models.BATCH_FORMS) <= set(gpu_check.BENCH_PROVIDERS)  # P9
+    assert {"ptv2-triton", "peft-path", "sdpa-precat"} <= set(gpu_check.BENCH_PROVIDERS)  # P1-P6, the varlen group

@@ -2,7 +2,8 @@
 
 On a machine without a GPU it is the functional run (small shapes, Triton in its CPU interpreter); a subset of the
 quick suite keeps it under a minute on two cores: fwd+bwd at the P1 shape's small form, a decode step, a model
-training step, a ceiling. On a GPU the same command runs the P1 and P4 shapes with the main providers."""
+training step, a packed batch's fwd+bwd and the packed and padded training steps (P9), a ceiling. On a GPU the
+same command runs the P1 and P4 shapes with the main providers."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def run_suite(*args, timeout=240):
 ON_GPU = torch.cuda.is_available()
 # On a GPU the same command measures real shapes: keep to the P1 and P4 shapes and the main providers there.
 SUBSET = ["--workload", "bert-fwdbwd", "--workload", "llm-decode", "--workload", "model-train",
-          "--workload", "ceiling"]
+          "--workload", "varlen-fwdbwd", "--workload", "packed-vs-padded", "--workload", "ceiling"]
 if ON_GPU:
     SUBSET = ["--workload", "bert-fwdbwd", "--workload", "llm-decode", "--workload", "ceiling/copy*"] + [
         arg for name in ("ptv2-triton", "reference", "peft-path", "sdpa-precat", "torch")
@@ -59,6 +60,12 @@ def test_the_suite_writes_results_report_and_raw_json(tmp_path):
         assert checks[("model-train", "peft-path")] == ("ok" if peft_prefix_tuning_problem() is None else "skipped")
         assert checks[("model-train", "ptv2-triton")] in ("ok", "skipped")
     assert checks[("ceiling", "torch")] == "ok"
+    if not ON_GPU:  # packed batches: the varlen op and the padded baselines, the packed and padded training steps
+        for provider in ("ptv2-triton", "ptv2-native", "reference", "peft-path", "sdpa-precat"):
+            assert checks[("varlen-fwdbwd", provider)] == "ok", (provider, output[-4000:])
+        assert checks[("packed-vs-padded", "ptv2-packed")] == checks[("packed-vs-padded", "ptv2-padded")] == "ok"
+        real = {r["provider"] for r in rows if r["metric"] == "tokens_per_s" and r["group"] == "varlen-fwdbwd"}
+        assert {"ptv2-native", "peft-path"} <= real
     assert {r["device_kind"] for r in rows} == {"cuda" if ON_GPU else "cpu"}
     speedups = [r for r in rows if r["metric"] == "speedup_vs_peft-path" and r["provider"] == "ptv2-triton"]
     assert {r["workload"].split("/")[0] for r in speedups} >= {"bert-fwdbwd", "llm-decode"}
