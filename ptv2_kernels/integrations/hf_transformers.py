@@ -175,6 +175,24 @@ def _unsupported(model, why: str) -> NotImplementedError:
                                f"({type(model).__name__}): {why}")
 
 
+# Families whose attention goes through AttentionInterface in a way a bank slot cannot serve, by model type: without
+# this they would fail at their first forward or silently give results that no cached prefix gives.
+_REFUSED_MODEL_TYPES = {
+    "jetmoe": "its attention tiles each key/value head over its experts' query heads (key_states.repeat), which a "
+              "bank slot's key/value heads do not follow",
+    "diffllama": "its differential attention calls the attention function twice, on the two halves of its value "
+                 "heads, and the prefix values are not split that way",
+    "nllb-moe": "its decoder's self-attention is not marked causal (is_causal=False), so a patched model would run "
+                "it without its causal mask",
+}
+
+
+def _refuse_listed_family(model):
+    reason = _REFUSED_MODEL_TYPES.get(_model_type(model))
+    if reason is not None:
+        raise _unsupported(model, reason)
+
+
 def _check_model(model):
     try:
         from transformers import PreTrainedModel
@@ -194,6 +212,7 @@ def prefix_layout(model, attentions: Optional[Sequence[str]] = None) -> tuple[li
     modules = _attention_modules(model)
     if not modules:
         raise _unsupported(model, "its attention does not go through transformers' AttentionInterface")
+    _refuse_listed_family(model)
     if attentions is not None:
         if not _is_encoder_decoder(model):
             raise ValueError("attentions selects the encoder/decoder/cross attentions of an encoder-decoder model; "
@@ -961,6 +980,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
     modules = _attention_modules(model)
     if not modules:
         raise _unsupported(model, "its attention does not go through transformers' AttentionInterface")
+    _refuse_listed_family(model)
     names, var_kwargs = _forward_parameters(model)
     if not var_kwargs:
         raise _unsupported(model, "its forward takes no **kwargs to pass the prefix to its attention")
