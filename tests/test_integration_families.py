@@ -129,12 +129,10 @@ FAMILIES = [
                "gpt_neox", "stablelm", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "cohere",
                "cohere2", "granite", "granitemoe", "granitemoeshared", "starcoder2", "smollm3", "helium", "exaone4",
                "exaone_moe", "seed_oss", "arcee", "apertus", "hunyuan_v1_dense", "hunyuan_v1_moe", "ernie4_5",
-               "ernie4_5_moe", "biogpt", "persimmon", "bitnet", "llama4_text", "ctrl", "bert-generation"),
+               "ernie4_5_moe", "biogpt", "persimmon", "bitnet", "llama4_text", "ctrl", "bert-generation", "opt"),
     # Hybrids without Mamba layers (convolutions, linear attention): their caches are not a list of layers.
     *_decoders("lfm2", "olmo_hybrid", "minimax", oracle="attention"),
     *_decoders("qwen3_next", config=dict(layer_types=["linear_attention", "full_attention"]), oracle="attention"),
-    *_decoders("opt", bug="a left-padded forward without position_ids numbers the padding (positions L + 0..N-1), "
-                          "where OPT numbers the real tokens only (from the attention mask); generate is right"),
     *_decoders("modernbert-decoder", bug="freeze_backbone leaves the LM head's transform (lm_head.dense, "
                                          "lm_head.norm) trainable: only the output projection is taken for the "
                                          "LM head"),

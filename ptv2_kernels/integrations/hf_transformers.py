@@ -344,6 +344,8 @@ class _PatchState:
         self.backend = backend
         self.model_name = model_name
         self.position_room: Optional[tuple[int, Optional[int]]] = None  # (positions, max_position_embeddings)
+        # The family numbers a call's positions from its attention mask (real tokens only) when none are given.
+        self.positions_from_mask = False
         self.bindings: list[nn.Module] = []
         self.hooks = []
         self.previous_implementations: list = []  # (sub-model, implementation before patching)
@@ -768,7 +770,14 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
     shift = context.shift_for(lead[0])
     if not isinstance(shift, int):  # [B, 1] -> [B, 1, ..., 1] for inputs like multiple choice's [B, C, N]
         shift = shift.view(lead[0], *([1] * len(lead)))
-    if position_ids is None:
+    attention_mask = _argument("attention_mask", names, args, kwargs)
+    if position_ids is None and context.state.positions_from_mask and isinstance(attention_mask, Tensor) \
+            and attention_mask.dim() == 2:
+        # as the family counts them: real tokens from 0 (padding -1), then after the prefix; padding stays
+        real = attention_mask.long()
+        position_ids = ((torch.cumsum(real, dim=1) - 1) * real - (1 - real))[:, past:]
+        position_ids = position_ids + shift * real[:, past:]
+    elif position_ids is None:
         if roberta is not None and input_ids is not None:
             # RoBERTa counts positions from padding_idx + 1 and leaves padding at padding_idx.
             real = input_ids.ne(roberta.padding_idx).long()
@@ -780,6 +789,11 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
     else:
         position_ids = position_ids + shift
     kwargs["position_ids"] = position_ids
+
+
+# Families whose models number the positions from the attention mask when given none (OPT: cumsum of the mask,
+# padding at -1), where the others count every token.
+_POSITIONS_FROM_MASK = frozenset({"opt"})
 
 
 def _position_shift(context: PrefixContext, batch: int):
@@ -1036,6 +1050,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
         state.hooks.append(sub.register_forward_hook(_PostHook(state), with_kwargs=True, always_call=True))
     if positions == "shifted" and not _is_encoder_decoder(model):
         state.position_room = _position_room(model, roberta)
+    state.positions_from_mask = _model_type(model) in _POSITIONS_FROM_MASK
     if positions == "shifted" and _is_encoder_decoder(model):
         roles = {slot.name.split(".")[0] for slot in prefix.slots}
         max_positions = getattr(model.config, "max_position_embeddings", None)
