@@ -129,13 +129,11 @@ FAMILIES = [
                "gpt_neox", "stablelm", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "cohere",
                "cohere2", "granite", "granitemoe", "granitemoeshared", "starcoder2", "smollm3", "helium", "exaone4",
                "exaone_moe", "seed_oss", "arcee", "apertus", "hunyuan_v1_dense", "hunyuan_v1_moe", "ernie4_5",
-               "ernie4_5_moe", "biogpt", "persimmon", "bitnet", "llama4_text", "ctrl", "bert-generation", "opt"),
+               "ernie4_5_moe", "biogpt", "persimmon", "bitnet", "llama4_text", "ctrl", "bert-generation", "opt",
+               "modernbert-decoder"),
     # Hybrids without Mamba layers (convolutions, linear attention): their caches are not a list of layers.
     *_decoders("lfm2", "olmo_hybrid", "minimax", oracle="attention"),
     *_decoders("qwen3_next", config=dict(layer_types=["linear_attention", "full_attention"]), oracle="attention"),
-    *_decoders("modernbert-decoder", bug="freeze_backbone leaves the LM head's transform (lm_head.dense, "
-                                         "lm_head.norm) trainable: only the output projection is taken for the "
-                                         "LM head"),
     *_decoders("jetmoe", refused="tiles each key/value head over its experts' query heads"),
     *_decoders("diffllama", refused="calls the attention function twice, on the two halves of its value heads"),
     *_decoders("gemma2", "vaultgemma", fails=SOFTCAP),

@@ -1165,12 +1165,20 @@ def _lm_head_parameters(model) -> set:
     if not isinstance(output, nn.Module):
         return set()
     base = model.base_model
+    head = {id(p) for p in output.parameters()}
     for name, child in model.named_children():
         if child is base or name == _BANK_MODULE:
             continue
-        if any(module is output for module in child.modules()):
-            return {id(p) for p in child.parameters()}
-    return {id(p) for p in output.parameters()}
+        # the module around the output embeddings, and a transform beside it (ModernBERT's head, lm_head)
+        if any(module is output for module in child.modules()) or _is_lm_transform(name, child):
+            head |= {id(p) for p in child.parameters()}
+    return head
+
+
+def _is_lm_transform(name: str, child: nn.Module) -> bool:
+    """A language-model head's transform held beside the output projection rather than around it."""
+    kind = type(child).__name__
+    return name == "lm_head" or kind.endswith("PredictionHead") or kind.endswith("LMHead")
 
 
 def freeze_backbone(model, *, train_head: bool = True, train_lm_head: bool = False) -> list[str]:
