@@ -432,3 +432,18 @@ def test_one_task_bank_reads_its_task_ids_once_per_generate(monkeypatch):
     with pytest.raises(IndexError, match="out of range"):
         model.generate(input_ids=input_ids, attention_mask=mask, task_ids=torch.tensor([0, 1]), max_new_tokens=2,
                        **GREEDY)
+
+
+def test_key_value_heads_come_from_the_key_projection():
+    """A BERT-type config may carry a num_key_value_heads its attention does not use: the bank follows the
+    key projection's width (all heads), and the patched model runs."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64)
+    config.num_key_value_heads = 2
+    model = transformers.BertForSequenceClassification(config).eval()
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=1, prefix_len=3)
+    assert {(slot.num_kv_heads, slot.head_dim) for slot in bank.slots} == {(4, 8)}
+    ptv2_kernels.patch(model, bank, backend="reference")
+    with torch.no_grad():
+        assert model(input_ids=torch.randint(3, 90, (2, 5))).logits.shape == (2, 2)

@@ -156,11 +156,20 @@ def _module_kv_shape(module, config) -> tuple[int, int]:
         if groups is not None and heads is not None:
             kv_heads = heads // groups
         else:
-            kv_heads = _first_attr([config], ("num_key_value_heads",)) or heads
+            kv_heads = None  # from the key projection below, else from the config
     if head_dim is None:
         head_dim = _first_attr([config], ("head_dim",))
         if head_dim is None and heads:
             head_dim = _first_attr([config], ("hidden_size", "d_model")) // heads
+    if kv_heads is None:
+        # The key projection's width says what the module computes; a config may carry a num_key_value_heads its
+        # attention does not use (a BERT-type config).
+        keys = [getattr(module, name, None) for name in ("k_proj", "key", "k", "k_lin", "key_proj")]
+        width = next((key.out_features for key in keys if isinstance(key, nn.Linear)), None)
+        if width and head_dim and width % head_dim == 0:
+            kv_heads = width // head_dim
+        else:
+            kv_heads = _first_attr([config], ("num_key_value_heads",)) or heads
     if not kv_heads or not head_dim:
         raise NotImplementedError(f"cannot read the key/value head count and head dim of {type(module).__name__}")
     return kv_heads, head_dim
