@@ -39,7 +39,8 @@ import math
 from torch import Tensor
 
 from ..ops import prefix_attention
-from .hf_transformers import _module_context, _module_prefix
+from .adapters import PrefixForward, defining_module, split_heads, unpacked_context
+from .hf_transformers import _module_prefix
 
 __all__ = ["serves", "install", "uninstall", "DisentangledPrefixForward"]
 
@@ -51,10 +52,7 @@ _CLASS_NAME = "DisentangledSelfAttention"
 
 def _is_v2(cls):
     """True for DeBERTa-v2's attention (or a subclass), False for DeBERTa's, None for anything else."""
-    for klass in getattr(cls, "__mro__", ()):
-        if klass.__name__ == _CLASS_NAME and klass.__module__ in _DEFINING_MODULES:
-            return _DEFINING_MODULES[klass.__module__]
-    return None
+    return _DEFINING_MODULES.get(defining_module(cls, _CLASS_NAME, _DEFINING_MODULES))
 
 
 def serves(cls) -> bool:
@@ -62,28 +60,11 @@ def serves(cls) -> bool:
     return _is_v2(cls) is not None
 
 
-def install(module) -> None:
-    """Make the bound ``module`` attend over its bank slot (its forward, replaced on the instance)."""
-    module.forward = DisentangledPrefixForward(module)
-
-
-def uninstall(module) -> None:
-    """Give ``module`` its class's forward back."""
-    if isinstance(module.__dict__.get("forward"), DisentangledPrefixForward):
-        del module.__dict__["forward"]
-
-
-def _heads(x: Tensor, heads: int) -> Tensor:
-    """``[B, N, H * D]`` as ``[B, H, N, D]``, a view."""
-    batch, length = x.shape[:2]
-    return x.view(batch, length, heads, -1).transpose(1, 2)
-
-
 def _projections(module, hidden_states: Tensor, v2: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The module's query, key and value, each ``[B, H, N, D]``, computed as the module computes them."""
     heads = module.num_attention_heads
     if v2:
-        return tuple(_heads(proj(hidden_states), heads)
+        return tuple(split_heads(proj(hidden_states), heads)
                      for proj in (module.query_proj, module.key_proj, module.value_proj))
     # DeBERTa's one projection holds each head's query, key and value side by side; q and v have a bias of their own.
     query, key, value = module.transpose_for_scores(module.in_proj(hidden_states)).chunk(3, dim=-1)
@@ -114,13 +95,10 @@ def _relative_terms(module, query, key, relative_pos, rel_embeddings, scale_fact
     return terms if isinstance(terms, Tensor) else None
 
 
-class DisentangledPrefixForward:
+class DisentangledPrefixForward(PrefixForward):
     """The forward of a bound DeBERTa / DeBERTa-v2 attention module: its disentangled attention with the prefix of
     its bank slot in front of the keys and values (see the module docstring for the exact semantics). Takes the
     arguments of the module's own forward and returns ``(context, None)``: no attention weights."""
-
-    def __init__(self, module):
-        self.module = module
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor, output_attentions: bool = False,
                  query_states=None, relative_pos=None, rel_embeddings=None):
@@ -139,10 +117,7 @@ class DisentangledPrefixForward:
         scale_factor = _scale_factor(module, v2)
         scale = 1.0 / math.sqrt(query.shape[-1] * scale_factor)
         terms = _relative_terms(module, query, key, relative_pos, rel_embeddings, scale_factor, scale, v2)
-        context = _module_context(module, {})
-        if context is not None and context.packing is not None:
-            raise NotImplementedError("a patched DeBERTa does not serve packed sequences (its relative positions "
-                                      "would span them): pass a padded batch with an attention mask")
+        context = unpacked_context(module, {}, "DeBERTa", "its relative positions would span them")
         mask = attention_mask.bool()
         prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, {}, context)
         out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
@@ -152,3 +127,7 @@ class DisentangledPrefixForward:
         out = out.transpose(1, 2)
         out = out.masked_fill(~mask.any(-1).transpose(1, 2).unsqueeze(-1), 0.0)
         return out.reshape(*out.shape[:2], -1), None
+
+
+install = DisentangledPrefixForward.install
+uninstall = DisentangledPrefixForward.uninstall

@@ -12,8 +12,9 @@ How a model is patched, on the instance only (no class is modified):
   function as a keyword argument (transformers forwards such keyword arguments to every attention call, also under
   gradient checkpointing). ``model(**batch, task_ids=ids)`` selects each sample's task.
 * ``generate`` gets an instance-level wrapper that accepts ``task_ids``; the cache holds real tokens only.
-* A family whose attention does not go through AttentionInterface (DeBERTa, DeBERTa-v2) is served by an adapter
-  module of this package (``deberta.py``), which replaces each bound attention module's forward on the instance.
+* A family whose attention does not go through AttentionInterface (DeBERTa, DeBERTa-v2, GPT-Neo, MPNet, Falcon) is
+  served by an adapter module of this package (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``, ``falcon.py``), which
+  replaces each bound attention module's forward on the instance.
 * Hooks and the wrapper are instances of module-level classes (no closures), so a patched model deep-copies and
   pickles whole; the copy is patched with its own bank.
 
@@ -87,8 +88,9 @@ def _calls_attention_interface(cls) -> bool:
 
 # Families whose attention does not go through AttentionInterface, each served by an adapter module of this package
 # (``serves(cls)``, ``install(module)``, ``uninstall(module)``) that replaces a bound attention module's forward on the
-# instance. Imported when first asked (an adapter imports this module).
-_FAMILY_ADAPTERS = ("deberta",)
+# instance; one may also say why it cannot serve a module (``unsupported(module)``: a reason or None), which patch and
+# PrefixBank.for_model raise before changing anything. Imported when first asked (an adapter imports this module).
+_FAMILY_ADAPTERS = ("deberta", "gpt_neo", "mpnet", "falcon")
 
 
 @functools.cache
@@ -101,6 +103,15 @@ def _family_adapter(cls):
         if adapter.serves(cls):
             return adapter
     return None
+
+
+def _refuse_unserved(model, modules):
+    """Raise where a family adapter recognizes an attention module it cannot serve (BLOOM's and Falcon's ALiBi)."""
+    for _, path, module in modules:
+        unsupported = getattr(_family_adapter(type(module)), "unsupported", None)
+        why = unsupported(module) if unsupported is not None else None
+        if why:
+            raise _unsupported(model, f"{why} ({path})")
 
 
 def _is_encoder_decoder(model) -> bool:
@@ -221,6 +232,7 @@ def prefix_layout(model, attentions: Optional[Sequence[str]] = None) -> tuple[li
     modules = _attention_modules(model)
     if not modules:
         raise _unsupported(model, "its attention does not go through transformers' AttentionInterface")
+    _refuse_unserved(model, modules)
     _refuse_listed_family(model)
     if attentions is not None:
         if not _is_encoder_decoder(model):
@@ -629,7 +641,8 @@ def _input_lead(names, args, kwargs) -> Optional[tuple]:
 def _padding_idx_embeddings(model):
     """RoBERTa-style embeddings (positions count from padding_idx + 1, padding keeps padding_idx), if any."""
     for module in model.modules():
-        if hasattr(module, "create_position_ids_from_input_ids") and hasattr(module, "padding_idx"):
+        if hasattr(module, "padding_idx") and (hasattr(module, "create_position_ids_from_input_ids")
+                                               or hasattr(module, "create_position_ids_from_inputs_embeds")):  # MPNet
             return module
     return None
 
@@ -1003,6 +1016,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
     modules = _attention_modules(model)
     if not modules:
         raise _unsupported(model, "its attention does not go through transformers' AttentionInterface")
+    _refuse_unserved(model, modules)
     _refuse_listed_family(model)
     names, var_kwargs = _forward_parameters(model)
     if not var_kwargs:

@@ -1,0 +1,100 @@
+"""What the family adapters share (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``, ``falcon.py``).
+
+A family adapter serves attention modules whose forward does not go through transformers' AttentionInterface: it
+replaces the ``forward`` of each bound module, on the instance, by an instance of a module-level
+:class:`PrefixForward` subclass (so that the model deep-copies and pickles), which calls
+:func:`~ptv2_kernels.prefix_attention` with the module's bank slot. The pieces here: which classes an adapter
+serves, installing and removing its forward, the head split and merge around the op, the context of the running
+forward, and the masks a family's model hands its attention in the op's forms.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .hf_transformers import _module_context
+
+__all__ = ["ALIBI_REASON", "defining_module", "PrefixForward", "split_heads", "merge_heads", "unpacked_context",
+           "op_masks"]
+
+# Why ALiBi models (BLOOM, Falcon with alibi=True) are refused when patched: ALiBi biases every key by its distance
+# from the query, the prefix keys too (they come first), and the op's attn_bias reaches the sequence keys only.
+ALIBI_REASON = "ALiBi needs a bias on the prefix keys' scores, which the op does not take yet"
+
+
+def defining_module(cls, class_name: str, modules) -> Optional[str]:
+    """The module, one of ``modules``, that defines the first class named ``class_name`` in ``cls``'s MRO, or None.
+
+    An adapter serves transformers' own class and its subclasses (the flash-attention variants share the weights
+    and differ only in their forward, which the adapter replaces), and no other class of that name."""
+    for klass in getattr(cls, "__mro__", ()):
+        if klass.__name__ == class_name and klass.__module__ in modules:
+            return klass.__module__
+    return None
+
+
+class PrefixForward:
+    """Base of an adapter's forward: set on a bound attention module's instance (:meth:`install`), it holds the
+    module and is called with the module's forward arguments."""
+
+    def __init__(self, module):
+        self.module = module
+
+    @classmethod
+    def install(cls, module) -> None:
+        """Make the bound ``module`` attend over its bank slot (its forward, replaced on the instance)."""
+        module.forward = cls(module)
+
+    @classmethod
+    def uninstall(cls, module) -> None:
+        """Give ``module`` its class's forward back."""
+        if isinstance(module.__dict__.get("forward"), cls):
+            del module.__dict__["forward"]
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """``[B, N, H * D]`` as ``[B, H, N, D]``, a view."""
+    batch, length = x.shape[:2]
+    return x.view(batch, length, heads, -1).transpose(1, 2)
+
+
+def merge_heads(out: Tensor) -> Tensor:
+    """The op's output ``[B, H, N, D]`` (laid out as ``[B, N, H, D]``) as ``[B, N, H * D]``, a view."""
+    return out.transpose(1, 2).flatten(2)
+
+
+def unpacked_context(module, kwargs, family: str, why: str):
+    """The context of the forward running now (see ``_module_context``), refusing a packed (padding-free) batch:
+    the family's model makes its mask (or positions) over the packed row, which would span its sequences."""
+    context = _module_context(module, kwargs)
+    if context is not None and context.packing is not None:
+        raise NotImplementedError(f"a patched {family} does not serve packed sequences ({why}): pass a padded batch "
+                                  "with an attention mask")
+    return context
+
+
+def op_masks(attention_mask: Optional[Tensor], key_length: int, causal: bool):
+    """The op's ``(key_padding_mask, attn_mask, causal)`` for the mask a family's model hands its attention.
+
+    * None: no mask; causality from the module (``causal``), aligned bottom-right as a growing cache needs.
+    * ``[B, Nk]``: the padding mask of the flash-attention implementations, causality from the module.
+    * 4-D: the eager (additive float: 0 or very negative) or SDPA (bool) mask, causality included; passed on as it
+      is (a float mask adds to the sequence keys' scores, as the module adds it), cut to the keys (a static cache's
+      mask may be longer) and integer masks read as bool.
+
+    Masks reach the sequence keys only: the prefix stays visible to every query.
+    """
+    if attention_mask is None:
+        return None, None, causal
+    if attention_mask.dim() == 2:
+        return attention_mask[:, :key_length].to(torch.bool), None, causal
+    if attention_mask.dim() != 4:
+        raise ValueError(f"a patched attention expects a 2-D or 4-D attention mask, got shape "
+                         f"{list(attention_mask.shape)}")
+    mask = attention_mask[..., :key_length]
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        mask = mask != 0
+    return None, mask, False
