@@ -114,6 +114,32 @@ def patch_with_random_bank(model, prefix_len, std: float, backend: str = "refere
     return bank
 
 
+def seeded_bank(model, lengths, std: float = 0.5, seed: int = 3):
+    """A bank of ``len(lengths)`` tasks for ``model`` whose prefixes are drawn N(0, std²) from a generator of their
+    own (``seed``), so that a test's other random draws do not change them."""
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=len(lengths), prefix_len=list(lengths))
+    with torch.no_grad():
+        weight = bank.encoder.embedding.weight
+        weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * std)
+    return bank
+
+
+def assert_matches_oracle(model, actual, bank, oracle_model, expected, oracle_bank, rel: float):
+    """The patched ``model``'s outputs ``actual`` equal the oracle's ``expected`` (logits, start/end logits), and so
+    do, after a backward of :func:`loss_of` on both, the prefix gradient and every backbone gradient that the oracle
+    gives (``oracle_model`` is the unpatched twin the oracle ran, ``oracle_bank`` its copy of ``bank``)."""
+    assert_close_scaled(logits_of(actual), logits_of(expected), rel, "logits")
+    loss_of(expected).backward()
+    loss_of(actual).backward()
+    assert_close_scaled(bank.encoder.embedding.weight.grad, oracle_bank.encoder.embedding.weight.grad, rel,
+                        "prefix gradient")
+    oracle_params = dict(oracle_model.named_parameters())
+    for name, param in model.named_parameters():
+        oracle = oracle_params.get(name)
+        if oracle is not None and oracle.grad is not None and oracle.grad.abs().max() > 0:
+            assert_close_scaled(param.grad, oracle.grad, rel, name)
+
+
 # generate's raw logits at each step, for comparing with forwards over the whole sequence so far
 GENERATE_STEPS = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
                       return_dict_in_generate=True)

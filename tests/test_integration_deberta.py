@@ -25,7 +25,8 @@ import ptv2_kernels
 from ptv2_kernels.integrations import deberta as deberta_adapter
 from ptv2_kernels.integrations import hf_transformers
 
-from .hf_models import VOCAB, ShapeRecorder, assert_close_scaled, logits_of, loss_of, random_batch
+from .hf_models import (VOCAB, ShapeRecorder, assert_close_scaled, assert_matches_oracle, loss_of, random_batch,
+                        seeded_bank)
 
 transformers = pytest.importorskip("transformers")
 
@@ -65,12 +66,8 @@ def deberta_model(name: str, head: str, seed: int = 0, **overrides):
     return model_class(config).eval()
 
 
-def random_bank(model, lengths=LENGTHS, std: float = 0.5, seed: int = 3):
-    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=len(lengths), prefix_len=list(lengths))
-    with torch.no_grad():
-        bank.encoder.embedding.weight.copy_(torch.randn(bank.encoder.embedding.weight.shape,
-                                                        generator=torch.Generator().manual_seed(seed)) * std)
-    return bank
+def random_bank(model, lengths=LENGTHS):
+    return seeded_bank(model, lengths)
 
 
 def attention_modules(model):
@@ -196,17 +193,7 @@ def test_matches_the_official_attention(name, head, backend):
     batch = _batch(head)
     expected, oracle_bank = oracle_outputs(oracle_model, bank, batch, TASK_IDS, LENGTHS)
     actual = model(**batch, task_ids=TASK_IDS)
-    assert_close_scaled(logits_of(actual), logits_of(expected), REL, "logits")
-    loss_of(expected).backward()
-    loss_of(actual).backward()
-    assert_close_scaled(bank.encoder.embedding.weight.grad, oracle_bank.encoder.embedding.weight.grad, REL,
-                        "prefix gradient")
-    oracle_grads = dict(oracle_model.named_parameters())
-    for param_name, param in model.named_parameters():
-        if param_name.startswith("ptv2_prefix.") or oracle_grads[param_name].grad is None:
-            continue
-        if oracle_grads[param_name].grad.abs().max() > 0:
-            assert_close_scaled(param.grad, oracle_grads[param_name].grad, REL, param_name)
+    assert_matches_oracle(model, actual, bank, oracle_model, expected, oracle_bank, REL)
 
 
 def test_the_task_ids_matter_and_positions_shift():
