@@ -11,7 +11,10 @@ mask expanded, as a view, to ``[B, Hq, Nq, Nk]``; every additive term folded int
   -> (dq, dk, dv, dprefix_k, dprefix_v)``, writing the bias gradient into ``grad_bias`` (float32
   ``[B, Hq, Nq, Nk]`` zeros) when it is a non-empty tensor
 
-``attn_bias``, when given, is a float view expanded to ``[B, Hq, Nq, Nk]``.
+``attn_bias``, when given, is a float view expanded to ``[B, Hq, Nq, Nk]``. A backend that serves the score
+options (:data:`SCORE_OPTIONS`) also takes them as keywords, given only when a call uses them: ``softcap`` (a
+positive float) and ``sinks`` (``[Hq]``) in both passes, and in the backward ``grad_sinks``, float32 ``[Hq]``
+zeros into which it writes the sinks' gradient summed over the rows it was given.
 
 ``seed`` is a 0-d int64 tensor on the inputs' device when ``dropout_p > 0`` (else None): both passes regenerate
 the same dropout mask from it.
@@ -57,6 +60,27 @@ class KernelLimits:
 
 TRITON_LIMITS = KernelLimits()
 NO_BIAS_REASON = "its kernels take no additive score bias (attn_bias or a float attn_mask); the triton backend does"
+# The score options (docs/design.md §4), and which backends serve each of them.
+SCORE_OPTIONS = ("softcap", "sinks")
+SERVES_SCORE_OPTION = {"softcap": ("triton", "reference"), "sinks": ("triton", "reference")}
+_SCORE_OPTION_WHAT = {"softcap": "score softcapping (softcap)", "sinks": "attention sinks (sinks)"}
+_SCORE_OPTION_WHY = {
+    "native": {"softcap": "torch's fused CPU attention cannot cap the scores inside its softmax",
+               "sinks": "the merge of torch's fused CPU attention parts has no sink term"},
+    "cuda": {"softcap": "its kernels have no score cap", "sinks": "its kernels have no sink term"},
+}
+
+
+def score_option_reasons(name: str, softcap: Optional[float] = None, sinks: Optional[Tensor] = None) -> list[str]:
+    """Why backend ``name`` cannot serve the score options a call uses (empty: it serves them)."""
+    used = [option for option, value in (("softcap", softcap), ("sinks", sinks)) if value is not None]
+    reasons = []
+    for option in used:
+        if name not in SERVES_SCORE_OPTION[option]:
+            servers = " and ".join(SERVES_SCORE_OPTION[option])
+            reasons.append(f"it does not serve {_SCORE_OPTION_WHAT[option]}: {_SCORE_OPTION_WHY[name][option]} "
+                           f"(the {servers} backends do)")
+    return reasons
 
 
 def _dtype_names(dtypes) -> str:
@@ -153,25 +177,27 @@ def unavailable_reason(name: str) -> Optional[str]:
 
 
 def unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
-                        attn_bias: Optional[Tensor] = None, bias_grad: bool = False) -> list[str]:
+                        attn_bias: Optional[Tensor] = None, bias_grad: bool = False, *,
+                        softcap: Optional[float] = None, sinks: Optional[Tensor] = None) -> list[str]:
     """Every reason backend ``name`` cannot serve a call with these inputs (empty: it can), the machine first.
-    ``bias_grad``: the additive bias requires a gradient."""
+    ``bias_grad``: the additive bias requires a gradient; ``softcap`` and ``sinks``: the call's score options."""
     reason = unavailable_reason(name)
     if reason is not None:
         return [reason]
     if name == "reference":
         return []
+    options = score_option_reasons(name, softcap, sinks)
     if name == "native":
         from . import native
 
-        return native.unsupported_reasons(q, prefix_k, dropout_p, attn_bias, bias_grad)
+        return native.unsupported_reasons(q, prefix_k, dropout_p, attn_bias, bias_grad) + options
     if name == "cuda":
         from . import cuda_backend
 
-        # a feature the kernels lack, whatever the machine; then what the extension and the GPU say
+        # features the kernels lack, whatever the machine; then what the extension and the GPU say
         reasons = [] if attn_bias is None or cuda_backend.TAKES_BIAS else [NO_BIAS_REASON]
-        return reasons + cuda_backend.unsupported_reasons(q, k, prefix_k, dropout_p)
-    return _triton_reasons(limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, attn_bias), q, prefix_k)
+        return reasons + options + cuda_backend.unsupported_reasons(q, k, prefix_k, dropout_p)
+    return _triton_reasons(limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, attn_bias), q, prefix_k) + options
 
 
 def _triton_reasons(reasons: list, q: Tensor, prefix_k: Tensor) -> list[str]:
@@ -186,25 +212,27 @@ def _triton_reasons(reasons: list, q: Tensor, prefix_k: Tensor) -> list[str]:
 
 
 def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
-                       attn_bias: Optional[Tensor] = None, bias_grad: bool = False) -> Optional[str]:
+                       attn_bias: Optional[Tensor] = None, bias_grad: bool = False, **score_options) -> Optional[str]:
     """None if backend ``name`` can serve a call with these inputs, else every reason why not, in one sentence."""
-    return "; ".join(unsupported_reasons(name, q, k, prefix_k, dropout_p, attn_bias, bias_grad)) or None
+    return "; ".join(unsupported_reasons(name, q, k, prefix_k, dropout_p, attn_bias, bias_grad,
+                                         **score_options)) or None
 
 
 def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
-           attn_bias: Optional[Tensor] = None, bias_grad: bool = False) -> str:
+           attn_bias: Optional[Tensor] = None, bias_grad: bool = False, **score_options) -> str:
     """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
     fastest one that supports the case. Off CUDA that is torch's fused attention (``native``) where it can serve,
-    else the reference (Triton's interpreter is for tests)."""
+    else the reference (Triton's interpreter is for tests). ``score_options``: the call's ``softcap`` and
+    ``sinks``."""
     if requested == "auto":
         if q.device.type != "cuda":
-            if unsupported_reason("native", q, k, prefix_k, dropout_p, attn_bias, bias_grad) is None:
+            if unsupported_reason("native", q, k, prefix_k, dropout_p, attn_bias, bias_grad, **score_options) is None:
                 return "native"
             return "reference"
         # Triton first until a GPU benchmark shows the CUDA kernels faster; CUDA where Triton cannot serve.
         reasons = {}
         for name in ("triton", "cuda"):
-            reasons[name] = unsupported_reason(name, q, k, prefix_k, dropout_p, attn_bias)
+            reasons[name] = unsupported_reason(name, q, k, prefix_k, dropout_p, attn_bias, **score_options)
             if reasons[name] is None:
                 return name
         # Correct but slow (materialized scores): say so rather than fall back in silence.
@@ -212,7 +240,7 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
                       f"{q.device}, no fused kernel can serve it (triton: {reasons['triton']}; cuda: "
                       f"{reasons['cuda']})", RuntimeWarning, stacklevel=3)
         return "reference"
-    reason = unsupported_reason(requested, q, k, prefix_k, dropout_p, attn_bias, bias_grad)
+    reason = unsupported_reason(requested, q, k, prefix_k, dropout_p, attn_bias, bias_grad, **score_options)
     if reason is not None:
         raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
     return requested
@@ -225,7 +253,8 @@ NO_VARLEN_REASON = ("its kernels have no variable-length form (packed sequences)
 
 
 def varlen_unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],
-                               dropout_p: float = 0.0) -> list[str]:
+                               dropout_p: float = 0.0, *, softcap: Optional[float] = None,
+                               sinks: Optional[Tensor] = None) -> list[str]:
     """Every reason backend ``name`` cannot serve a variable-length call (q, k ``[total, H, D]``; ``packed`` =
     (S, max_seqlen_q, max_seqlen_k)), the machine first."""
     reason = unavailable_reason(name)
@@ -236,14 +265,16 @@ def varlen_unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor
     if name == "native":
         from . import native
 
-        return native.unsupported_reasons(q, prefix_k, dropout_p, None, False)
+        return native.unsupported_reasons(q, prefix_k, dropout_p, None, False) + score_option_reasons(
+            name, softcap, sinks)
     if name == "cuda":
         return [NO_VARLEN_REASON]
-    return _triton_reasons(limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, packed=packed), q, prefix_k)
+    return _triton_reasons(limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, packed=packed), q,
+                           prefix_k) + score_option_reasons(name, softcap, sinks)
 
 
 def choose_varlen(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],
-                  dropout_p: float = 0.0) -> str:
+                  dropout_p: float = 0.0, **score_options) -> str:
     """The backend of a variable-length call: ``requested`` if it can serve it (else ValueError saying why), or
     for "auto" Triton on CUDA, torch's fused CPU attention per sequence (``native``) elsewhere, the reference
     where neither can (with a warning on CUDA, as :func:`choose` does)."""
@@ -251,7 +282,8 @@ def choose_varlen(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed
         order = ("triton",) if q.device.type == "cuda" else ("native",)
         reasons = {}
         for name in order:
-            reasons[name] = "; ".join(varlen_unsupported_reasons(name, q, k, prefix_k, packed, dropout_p))
+            reasons[name] = "; ".join(varlen_unsupported_reasons(name, q, k, prefix_k, packed, dropout_p,
+                                                                 **score_options))
             if not reasons[name]:
                 return name
         if q.device.type == "cuda":
@@ -259,7 +291,7 @@ def choose_varlen(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed
                           f"on {q.device}, no fused kernel can serve it (triton: {reasons['triton']})",
                           RuntimeWarning, stacklevel=3)
         return "reference"
-    reason = "; ".join(varlen_unsupported_reasons(requested, q, k, prefix_k, packed, dropout_p))
+    reason = "; ".join(varlen_unsupported_reasons(requested, q, k, prefix_k, packed, dropout_p, **score_options))
     if reason:
         raise ValueError(f"backend={requested!r} cannot serve this variable-length call: {reason}")
     return requested
@@ -289,22 +321,25 @@ class ReferenceBackend:
 
     @staticmethod
     def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                dropout_p, *, attn_bias=None):
+                dropout_p, *, attn_bias=None, softcap=None, sinks=None):
         out, lse = reference.attention_ref(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-            **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal, scale=scale, dropout_p=dropout_p,
-            generator=_generator(seed, q))
+            **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal, scale=scale, softcap=softcap,
+            sinks=sinks, dropout_p=dropout_p, generator=_generator(seed, q))
         return _in_output_layout(out.to(q.dtype)), lse.float()
 
     @staticmethod
     def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
-                 out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
+                 out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, softcap=None,
+                 sinks=None, grad_sinks=None):
         grads = reference.attention_ref_backward(
             grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
             prefix_lengths=prefix_lengths, **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal,
-            scale=scale, dropout_p=dropout_p, generator=_generator(seed, q))
+            scale=scale, softcap=softcap, sinks=sinks, dropout_p=dropout_p, generator=_generator(seed, q))
         if grad_bias is not None and grad_bias.numel():
             grad_bias.copy_(grads[5])
+        if grad_sinks is not None:
+            grad_sinks.copy_(grads[-1])
         return grads[:5]
 
 

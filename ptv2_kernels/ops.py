@@ -44,6 +44,8 @@ def prefix_attention(
     return_lse: bool = False,
     backend: str = "auto",
     deterministic: Optional[bool] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of ``q`` over a per-layer prefix followed by the sequence's own keys/values, without concatenating.
 
@@ -76,6 +78,11 @@ def prefix_attention(
             the call raises ValueError saying why; ``"auto"`` picks the fastest one that can.
         deterministic: bitwise-reproducible prefix gradients (the batch reduction runs in a fixed order instead of
             with atomics). None follows ``torch.are_deterministic_algorithms_enabled()`` or ``PTV2_DETERMINISTIC=1``.
+        softcap: a positive number c: every key's scaled score s (prefix keys too) becomes ``c * tanh(s / c)``
+            before the additive terms and masks, as Gemma2's ``attn_logit_softcapping``.
+        sinks: ``[Hq]`` float tensor, one logit per query head added to each row's softmax denominator and then
+            dropped (GPT-OSS's ``s_aux``): ``p_j = exp(s_j) / (sum_i exp(s_i) + exp(sinks[h]))``. The lse then
+            includes the sink, so a query that sees no key has out 0 and lse ``sinks[h]``. Differentiable.
 
     Returns:
         ``out`` ``[B, Hq, Nq, D]`` in q's dtype, laid out in memory as ``[B, Nq, Hq, D]`` (so
@@ -86,8 +93,9 @@ def prefix_attention(
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias = _checked(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
         scale, dropout_p)
+    softcap, sinks = _checked_score_options(softcap, sinks, q.shape[1], q.device)
     bias_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
-    name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad)
+    name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap=softcap, sinks=sinks)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
@@ -96,7 +104,7 @@ def prefix_attention(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)
     out, lse = _run(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, bool(causal),
-        _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, bool(deterministic))
+        _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, bool(deterministic), sinks, softcap)
     return (out, lse) if return_lse else out
 
 
@@ -178,12 +186,7 @@ def _checked_bank(prefix_k, prefix_v, prefix_index, prefix_lengths, kv_heads, he
     """The prefix bank as 4-D ``[T, Hkv, P, D]`` and its contiguous index tensors (``prefix_index`` ``[samples]``),
     checked against k's head count and head dim."""
     for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-        if t.device != device:
-            raise ValueError(f"{name} is on {t.device} but q is on {device}; all inputs must share a device")
+        _checked_float_tensor(name, t, device)
     if prefix_k.shape != prefix_v.shape:
         raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and "
                          f"{tuple(prefix_v.shape)}")
@@ -218,6 +221,32 @@ def _checked_options(causal, scale, dropout_p):
         raise ValueError(f"scale must be None or a finite number, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+
+
+def _checked_float_tensor(name, t, device):
+    """Raise unless ``t`` is a floating-point tensor on q's device."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}; all inputs must share a device")
+
+
+def _checked_score_options(softcap, sinks, q_heads, device):
+    """(softcap as a float or None, sinks as given or None), checked: a positive finite cap, sinks a floating
+    ``[Hq]`` tensor on q's device."""
+    if softcap is not None:
+        if (not isinstance(softcap, (int, float)) or isinstance(softcap, bool) or not math.isfinite(softcap)
+                or softcap <= 0):
+            raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+        softcap = float(softcap)
+    if sinks is not None:
+        _checked_float_tensor("sinks", sinks, device)
+        if tuple(sinks.shape) != (q_heads,):
+            raise ValueError(f"sinks must have shape [Hq] = [{q_heads}] (one logit per query head), got "
+                             f"{list(sinks.shape)}")
+    return softcap, sinks
 
 
 def _checked_index_tensor(name, t, shape, device) -> Tensor:
@@ -339,22 +368,35 @@ def _checked_bias(attn_bias, full, device) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal,
-                  scale, dropout_p, backend, deterministic):
+                  scale, dropout_p, backend, deterministic, sinks=None, softcap=None):
     """(out, lse): the forward, shared by the custom op and the eager path."""
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
     return backends.implementation(backend).forward(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
-        attn_bias=_expanded_bias(attn_bias, q, k))
+        attn_bias=_expanded_bias(attn_bias, q, k), **_score_options(softcap, sinks))
 
 
+def _score_options(softcap, sinks) -> dict:
+    """The backends' keyword arguments for the score options a call uses (none: backends that take neither
+    are called as before)."""
+    options = {}
+    if softcap is not None:
+        options["softcap"] = softcap
+    if sinks is not None:
+        options["sinks"] = sinks
+    return options
+
+
+# sinks and softcap come last, with defaults: calls without them keep the schema's earlier positions.
 @torch.library.custom_op("ptv2_kernels::prefix_attention", mutates_args=())
 def _prefix_attention_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_index: Optional[Tensor],
     prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor], attn_bias: Optional[Tensor],
     seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
+    sinks: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     return _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                         causal, scale, dropout_p, backend, deterministic)
+                         causal, scale, dropout_p, backend, deterministic, sinks, softcap)
 
 
 def _expanded_bias(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
@@ -364,7 +406,7 @@ def _expanded_bias(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optiona
 
 @_prefix_attention_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-      dropout_p, backend, deterministic):
+      dropout_p, backend, deterministic, sinks=None, softcap=None):
     batch, heads, length, dim = q.shape
     out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
     return out, q.new_empty(batch, heads, length, dtype=torch.float32)
@@ -375,27 +417,40 @@ def _prefix_attention_backward_op(
     grad_out: Tensor, grad_lse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor,
     prefix_v: Tensor, prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor],
     attn_bias: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float,
-    dropout_p: float, backend: str, deterministic: bool, bias_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The five input gradients, and the bias gradient (in the compact bias's shape and dtype) when ``bias_grad``,
-    else an empty tensor."""
+    dropout_p: float, backend: str, deterministic: bool, bias_grad: bool, sinks: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The five input gradients, the bias gradient (in the compact bias's shape and dtype) when ``bias_grad``,
+    else an empty tensor, and the sinks' gradient (in their dtype) when there are sinks, else an empty tensor."""
     return _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
-                          attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad)
+                          attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad,
+                          sinks=sinks, softcap=softcap)
 
 
 def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
                    attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad,
-                   exact_layout=True):
+                   sinks=None, softcap=None, exact_layout=True):
     """The backward, shared by the custom op and the eager path. ``exact_layout``: each gradient in the layout of
     ``empty_like`` of its input, as the custom op's fake implementation promises (a copy where a backend's layout
-    differs); the eager path promises nothing and takes the backend's layout as autograd does any other op's."""
+    differs); the eager path promises nothing and takes the backend's layout as autograd does any other op's.
+
+    The sinks' gradient: the backends write it (float32 ``[Hq]``) into ``grad_sinks``, summed over the rows they
+    are given; the batch chunks of a bias gradient add theirs in order."""
     impl = backends.implementation(backend)
     bias = _expanded_bias(attn_bias, q, k)
     inputs = (q, k, v, prefix_k, prefix_v)
+    options = _score_options(softcap, sinks)
+    grad_sinks = q.new_empty(0, dtype=torch.float32)
+    if sinks is not None:
+        grad_sinks = torch.zeros(sinks.shape, dtype=torch.promote_types(torch.float32, sinks.dtype),
+                                 device=q.device)
+        options["grad_sinks"] = grad_sinks
     if not bias_grad or attn_bias is None:
         grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias)
-        return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)), q.new_empty(0, dtype=torch.float32))
+                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias,
+                              **options)
+        return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)),
+                q.new_empty(0, dtype=torch.float32), _sinks_grad_out(grad_sinks, sinks))
 
     # The backends write the bias gradient densely ([n, Hq, Nq, Nk] for n samples, in float32). A bias that broadcasts
     # (T5's [1, H, N, N]) would need a buffer B * Hq / H times its own size for the whole batch at once, so the
@@ -413,10 +468,10 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
         dense = torch.zeros(bias.shape, dtype=accumulate, device=q.device)
         grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
                               attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias,
-                              grad_bias=dense)
+                              grad_bias=dense, **options)
         grads = tuple(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs))
         grad_bias = dense.sum(reduced, keepdim=True) if reduced else dense
-        return (*grads, grad_bias.to(attn_bias.dtype))
+        return (*grads, grad_bias.to(attn_bias.dtype), _sinks_grad_out(grad_sinks, sinks))
 
     grads = [torch.empty_like(x) for x in (q, k, v)]
     prefix_grads = [torch.zeros(x.shape, dtype=torch.promote_types(torch.float32, x.dtype), device=x.device)
@@ -424,11 +479,15 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
     for start in range(0, batch, chunk):
         rows = slice(start, min(batch, start + chunk))
         dense = torch.zeros((rows.stop - rows.start, *bias.shape[1:]), dtype=accumulate, device=q.device)
+        if sinks is not None:
+            options["grad_sinks"] = torch.zeros_like(grad_sinks)
         part = impl.backward(
             grad_out[rows], None if grad_lse is None else grad_lse[rows], q[rows], k[rows], v[rows], prefix_k,
             prefix_v, None if prefix_index is None else prefix_index[rows], prefix_lengths,
             None if attn_mask is None else attn_mask[rows], seed, out[rows], lse[rows], causal, scale, dropout_p,
-            deterministic, attn_bias=bias[rows], grad_bias=dense)
+            deterministic, attn_bias=bias[rows], grad_bias=dense, **options)
+        if sinks is not None:
+            grad_sinks += options["grad_sinks"]
         for whole, piece in zip(grads, part[:3]):
             whole[rows].copy_(piece)
         for whole, piece in zip(prefix_grads, part[3:]):
@@ -438,7 +497,13 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
         else:
             grad_bias[rows] = dense.sum(reduced, keepdim=True)
     grads += [g.to(x.dtype) for g, x in zip(prefix_grads, (prefix_k, prefix_v))]
-    return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)), grad_bias.to(attn_bias.dtype))
+    return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)), grad_bias.to(attn_bias.dtype),
+            _sinks_grad_out(grad_sinks, sinks))
+
+
+def _sinks_grad_out(grad_sinks: Tensor, sinks: Optional[Tensor]) -> Tensor:
+    """The sinks' gradient in their dtype, or the empty tensor the op returns without sinks."""
+    return grad_sinks if sinks is None else grad_sinks.to(sinks.dtype)
 
 
 # The most memory a dense bias-gradient chunk may take beyond the bias's own size (see the backward op).
@@ -469,35 +534,45 @@ def _dense(x: Tensor) -> bool:
 
 @_prefix_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out,
-      lse, causal, scale, dropout_p, backend, deterministic, bias_grad):
+      lse, causal, scale, dropout_p, backend, deterministic, bias_grad, sinks=None, softcap=None):
     grads = tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))
+    grad_sinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
     if not bias_grad or attn_bias is None:
-        return (*grads, q.new_empty(0, dtype=torch.float32))
-    return (*grads, torch.empty_like(attn_bias, memory_format=torch.contiguous_format))
+        return (*grads, q.new_empty(0, dtype=torch.float32), grad_sinks)
+    return (*grads, torch.empty_like(attn_bias, memory_format=torch.contiguous_format), grad_sinks)
 
 
 _BIAS_INPUT = 8  # the position of attn_bias among the forward op's inputs
+_SINKS_INPUT = 15  # and of sinks
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale, dropout_p,
-     backend, deterministic) = inputs
+     backend, deterministic, *score_options) = inputs
+    sinks, softcap = (*score_options, None, None)[:2]  # a direct call of the op may leave out both
     out, lse = output
     ctx.set_materialize_grads(False)  # an unused lse gets no gradient: the backends skip its terms
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                          out, lse)
+                          out, lse, sinks)
     ctx.options = (causal, scale, dropout_p, backend, deterministic)
+    ctx.softcap, ctx.num_inputs = softcap, len(inputs)
 
 
 def _backward(ctx, grad_out, grad_lse, backward_fn=None):
-    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out, lse = ctx.saved_tensors
+    (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out, lse,
+     sinks) = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     bias_grad = attn_bias is not None and ctx.needs_input_grad[_BIAS_INPUT]
-    *grads, grad_bias = (backward_fn or torch.ops.ptv2_kernels.prefix_attention_backward)(
+    *grads, grad_bias, grad_sinks = (backward_fn or torch.ops.ptv2_kernels.prefix_attention_backward)(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-        out, lse, *ctx.options, bias_grad)
-    return (*grads, None, None, None, grad_bias if bias_grad else None, None, None, None, None, None, None)
+        out, lse, *ctx.options, bias_grad, sinks, ctx.softcap)
+    result = [*grads] + [None] * (ctx.num_inputs - len(grads))
+    if bias_grad:
+        result[_BIAS_INPUT] = grad_bias
+    if sinks is not None and ctx.needs_input_grad[_SINKS_INPUT]:
+        result[_SINKS_INPUT] = grad_sinks
+    return tuple(result)
 
 
 torch.library.register_autograd("ptv2_kernels::prefix_attention", _backward, setup_context=_setup_context)
@@ -541,11 +616,12 @@ def _eager_path_serves(tensors) -> bool:
 
 
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-         dropout_p, backend, deterministic):
+         dropout_p, backend, deterministic, sinks=None, softcap=None):
     inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-              dropout_p, backend, deterministic)
-    if EAGER_PATH and _eager_path_serves(inputs[:10]):
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:10])):
+              dropout_p, backend, deterministic, sinks, softcap)
+    tensors = inputs[:10] + (sinks,)
+    if EAGER_PATH and _eager_path_serves(tensors):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
             return _forward_body(*inputs)  # nothing to differentiate: no autograd node to build
         return _EagerPrefixAttention.apply(*inputs)
     return torch.ops.ptv2_kernels.prefix_attention(*inputs)

@@ -31,6 +31,8 @@ def attention_ref(
     attn_bias: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_keep: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -48,12 +50,17 @@ def attention_ref(
     * ``compute_dtype``: the precision of the whole computation; float32 by default (float64 for float64 inputs).
       Pass ``q.dtype`` for the same-precision PyTorch computation that bounds a kernel's error in the tests.
 
+    ``softcap`` caps the scaled scores ``s`` of every key (prefix and sequence) to ``softcap * tanh(s / softcap)``
+    before the additive terms and masks (Gemma2); ``sinks`` ``[Hq]`` are one logit per query head that joins each
+    row's softmax denominator and is then dropped (GPT-OSS): ``p_j = exp(s_j) / (sum_i exp(s_i) + exp(sink))``,
+    and the lse includes it (a row that sees no key then has lse = sink and output 0).
+
     ``out`` is ``[B, Hq, Nq, D]`` and ``lse`` (natural log, -inf for a query that sees no key) ``[B, Hq, Nq]``,
     both in ``compute_dtype``.
     """
-    keys, values, probs, lse, scale = _attention_probs(
+    keys, values, probs, lse, scale, _ = _attention_probs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
-        scale, compute_dtype)
+        scale, compute_dtype, softcap, sinks)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
     return torch.matmul(_dropped(probs, keep, dropout_p), values), lse
 
@@ -71,6 +78,8 @@ def attention_ref_varlen(
     prefix_lengths: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`attention_ref` of each packed sequence on its own: the oracle of
@@ -88,7 +97,7 @@ def attention_ref_varlen(
             q[q_start:q_end].transpose(0, 1)[None], k[k_start:k_end].transpose(0, 1)[None],
             v[k_start:k_end].transpose(0, 1)[None], prefix_k, prefix_v,
             prefix_index=None if prefix_index is None else prefix_index[s:s + 1], prefix_lengths=prefix_lengths,
-            causal=causal, scale=scale, compute_dtype=dtype)
+            causal=causal, scale=scale, softcap=softcap, sinks=sinks, compute_dtype=dtype)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     if not outs:
@@ -112,6 +121,8 @@ def attention_ref_backward(
     attn_bias: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_keep: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -119,14 +130,20 @@ def attention_ref_backward(
 ) -> tuple[Tensor, ...]:
     """Gradients of :func:`attention_ref` for ``q, k, v, prefix_k, prefix_v``, each in its input's dtype, and,
     when ``attn_bias`` is given, a sixth: the gradient of ``attn_bias`` in its shape and dtype (a float
-    ``attn_mask`` gets no gradient here: pass it as ``attn_bias`` to have one).
+    ``attn_mask`` gets no gradient here: pass it as ``attn_bias`` to have one), and, when ``sinks`` is given, last
+    the gradient of ``sinks`` in its dtype.
+
+    With softcap the scores' gradient passes through the cap's derivative ``1 - tanh²(s / softcap)`` (the bias
+    gradient does not: the bias is added after the cap). A sink's gradient is ``-sum_rows p_sink * Δ`` over the
+    samples and queries of its head, with ``p_sink = exp(sink - lse)`` and ``Δ = rowsum(dO * O) - dlse`` the
+    softmax backward's row term: the sink is a logit whose value vector is zero.
 
     Written out by hand (the reference backend runs inside a custom op, where autograd is off); the tests check
     it against autograd through :func:`attention_ref`. ``generator`` must be in the state it had in the forward.
     """
-    keys, values, probs, lse, scale = _attention_probs(
+    keys, values, probs, lse, scale, capped = _attention_probs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
-        scale, compute_dtype)
+        scale, compute_dtype, softcap, sinks)
     dtype = probs.dtype
     grad_out = grad_out.to(dtype)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
@@ -136,8 +153,8 @@ def attention_ref_backward(
     row_term = (grad_probs * probs).sum(-1, keepdim=True)
     if grad_lse is not None:
         row_term = row_term - grad_lse.to(dtype).masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)
-    grad_logits = probs * (grad_probs - row_term)  # of scale * q.k + bias
-    grad_scores = grad_logits * scale
+    grad_logits = probs * (grad_probs - row_term)  # of cap(scale * q.k) + bias
+    grad_scores = grad_logits * scale if capped is None else grad_logits * (1.0 - capped * capped) * scale
     grad_q = torch.matmul(grad_scores, keys)
     grad_keys = torch.matmul(grad_scores.transpose(-1, -2), q.to(dtype))
 
@@ -155,8 +172,10 @@ def attention_ref_backward(
         grads.append((grad_full[:, :, prefix_len:].to(seq.dtype), grad_bank.view(bank.shape).to(bank.dtype)))
     (grad_k, grad_prefix_k), (grad_v, grad_prefix_v) = grads
     grads = (grad_q.to(q.dtype), grad_k, grad_v, grad_prefix_k, grad_prefix_v)
+    if sinks is not None:
+        grad_sinks = -(_sink_probs(sinks, lse) * row_term.squeeze(-1)).sum((0, 2)).to(sinks.dtype)
     if attn_bias is None:
-        return grads
+        return grads if sinks is None else (*grads, grad_sinks)
     grad_bias = grad_logits[..., prefix_len:]
     # Sum over the dims the bias was broadcast along: the leading dims it lacks, and its size-1 dims.
     if grad_bias.dim() > attn_bias.dim():
@@ -164,12 +183,14 @@ def attention_ref_backward(
     broadcast = [dim for dim in range(attn_bias.dim()) if attn_bias.shape[dim] == 1 and grad_bias.shape[dim] != 1]
     if broadcast:
         grad_bias = grad_bias.sum(broadcast, keepdim=True)
-    return (*grads, grad_bias.to(attn_bias.dtype))
+    grads = (*grads, grad_bias.to(attn_bias.dtype))
+    return grads if sinks is None else (*grads, grad_sinks)
 
 
 def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask,
-                     attn_bias, causal, scale, compute_dtype):
-    """The materialized keys/values [B, Hq, P + Nk, D], the softmax probabilities and lse, and the scale."""
+                     attn_bias, causal, scale, compute_dtype, softcap=None, sinks=None):
+    """The materialized keys/values [B, Hq, P + Nk, D], the softmax probabilities and lse, the scale, and with
+    ``softcap`` the capped scores' tanh (None without)."""
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     batch, q_heads, _, head_dim = q.shape
@@ -187,6 +208,10 @@ def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, 
     values = values.repeat_interleave(group, dim=1)
 
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
+    capped = None
+    if softcap is not None:  # on every key's scaled score, before the additive terms and masks (Gemma2)
+        capped = torch.tanh(scores / softcap)
+        scores = capped * softcap
     additive = [t for t in (attn_bias, attn_mask) if t is not None and t.is_floating_point()]
     for term in additive:  # on the sequence keys only: the prefix columns get a zero bias
         bias = term.to(compute_dtype).expand(batch, q_heads, q.shape[2], k.shape[2])
@@ -195,10 +220,20 @@ def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, 
     visible = _visibility(q, k, prefix_k.shape[2], prefix_index, prefix_lengths, key_padding_mask, bool_mask,
                           causal)
     scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
+    if sinks is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    else:  # one more logit per head in each row's denominator, with no value
+        sink_column = sinks.to(compute_dtype)[None, :, None, None].expand(*scores.shape[:3], 1)
+        lse = torch.logsumexp(torch.cat([scores, sink_column], dim=-1), dim=-1)
     # A query that sees nothing has lse = -inf; shifting by 0 instead keeps its probabilities at exp(-inf) = 0.
     probs = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1))
-    return keys, values, probs, lse, scale
+    return keys, values, probs, lse, scale, capped
+
+
+def _sink_probs(sinks: Tensor, lse: Tensor) -> Tensor:
+    """``[B, Hq, Nq]``: the probability of each row's sink, exp(sink - lse) (0 where lse = -inf: sink = -inf)."""
+    sinks = sinks.to(lse.dtype)[None, :, None]
+    return torch.exp(sinks - lse).masked_fill(lse == float("-inf"), 0.0)
 
 
 def _dropout_keep(probs, dropout_p, dropout_keep, generator):

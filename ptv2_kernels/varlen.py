@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
-from .ops import (_check_index_values, _checked_bank, _checked_options, _checked_qkv, _eager_path_serves,
-                  _scale_or_default)
+from .ops import (_check_index_values, _checked_bank, _checked_options, _checked_qkv, _checked_score_options,
+                  _eager_path_serves, _scale_or_default, _score_options)
 
 __all__ = ["prefix_attention_varlen"]
 
@@ -49,6 +49,8 @@ def prefix_attention_varlen(
     return_lse: bool = False,
     backend: str = "auto",
     deterministic: Optional[bool] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Prefix attention over packed variable-length sequences, without padding and without concatenating.
 
@@ -73,6 +75,8 @@ def prefix_attention_varlen(
             CPU attention, one sequence at a time, elsewhere.
         return_lse: also return the log-sum-exp ``[Hq, total_q]`` (float32; -inf where a query sees no key),
             differentiable.
+        softcap, sinks: the score cap and the attention sinks ``[Hq]`` of :func:`ptv2_kernels.prefix_attention`
+            (the sinks' gradient sums over all sequences).
 
     Returns:
         ``out`` ``[total_q, Hq, D]`` (contiguous, q's dtype), or ``(out, lse)`` with ``return_lse``. Gradients
@@ -83,8 +87,9 @@ def prefix_attention_varlen(
     (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_index,
      prefix_lengths) = _checked(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 prefix_index, prefix_lengths, causal, scale, dropout_p)
+    softcap, sinks = _checked_score_options(softcap, sinks, q.shape[1], q.device)
     packed = (cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k))
-    name = backends.choose_varlen(backend, q, k, prefix_k, packed, dropout_p)
+    name = backends.choose_varlen(backend, q, k, prefix_k, packed, dropout_p, softcap=softcap, sinks=sinks)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
@@ -93,9 +98,9 @@ def prefix_attention_varlen(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)
     inputs = (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed,
               int(max_seqlen_q), int(max_seqlen_k), bool(causal), _scale_or_default(scale, q.shape[-1]),
-              float(dropout_p), name, bool(deterministic))
-    if ops.EAGER_PATH and _eager_path_serves(inputs[:10]):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:5]):
+              float(dropout_p), name, bool(deterministic), sinks, softcap)
+    if ops.EAGER_PATH and _eager_path_serves(inputs[:10] + (sinks,)):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:5] + (sinks,)):
             out, lse = _EagerVarlen.apply(*inputs)
         else:
             out, lse = _forward_body(*inputs)
@@ -232,7 +237,7 @@ class SequenceLoop:
         return None if prefix_index is None else prefix_index[s:s + 1]
 
     def forward_varlen(self, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       prefix_index, prefix_lengths, seed, causal, scale, dropout_p):
+                       prefix_index, prefix_lengths, seed, causal, scale, dropout_p, **score_options):
         out = q.new_zeros(q.shape)
         lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
         for s, (q_start, q_end, k_start, k_end) in enumerate(self._spans(cu_seqlens_q, cu_seqlens_k)):
@@ -241,26 +246,30 @@ class SequenceLoop:
             part, part_lse = self.padded.forward(
                 self._sequence(q, q_start, q_end), self._sequence(k, k_start, k_end),
                 self._sequence(v, k_start, k_end), prefix_k, prefix_v, self._entry(prefix_index, s), prefix_lengths,
-                None, None if seed is None else seed + s, causal, scale, dropout_p)
+                None, None if seed is None else seed + s, causal, scale, dropout_p, **score_options)
             out[q_start:q_end] = part[0].transpose(0, 1)
             lse[:, q_start:q_end] = part_lse[0]
         return out, lse
 
     def backward_varlen(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k,
                         max_seqlen_q, max_seqlen_k, prefix_index, prefix_lengths, seed, out, lse, causal, scale,
-                        dropout_p, deterministic):
+                        dropout_p, deterministic, grad_sinks=None, **score_options):
         grads = [torch.zeros_like(x) for x in (q, k, v)]
         prefix_grads = [torch.zeros(x.shape, dtype=torch.promote_types(torch.float32, x.dtype), device=x.device)
                         for x in (prefix_k, prefix_v)]
         for s, (q_start, q_end, k_start, k_end) in enumerate(self._spans(cu_seqlens_q, cu_seqlens_k)):
             if q_end == q_start:
                 continue  # no query: its keys and its prefix get no gradient
+            sequence_grad_sinks = None if grad_sinks is None else torch.zeros_like(grad_sinks)
             rows = lambda x: self._sequence(x, q_start, q_end)  # noqa: E731
             part = self.padded.backward(
                 rows(grad_out), None if grad_lse is None else grad_lse[:, q_start:q_end].unsqueeze(0), rows(q),
                 self._sequence(k, k_start, k_end), self._sequence(v, k_start, k_end), prefix_k, prefix_v,
                 self._entry(prefix_index, s), prefix_lengths, None, None if seed is None else seed + s, rows(out),
-                lse[:, q_start:q_end].unsqueeze(0), causal, scale, dropout_p, deterministic)
+                lse[:, q_start:q_end].unsqueeze(0), causal, scale, dropout_p, deterministic, **score_options,
+                **({} if grad_sinks is None else {"grad_sinks": sequence_grad_sinks}))
+            if grad_sinks is not None:  # summed over the sequences in order
+                grad_sinks += sequence_grad_sinks
             for whole, piece, (start, end) in zip(grads, part[:3], ((q_start, q_end), (k_start, k_end),
                                                                   (k_start, k_end))):
                 whole[start:end] = piece[0].transpose(0, 1)
@@ -281,35 +290,45 @@ def implementation(name: str):
 # ----------------------------------------------------------------------------------------------------------------
 
 def _forward_body(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed,
-                  max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic):
+                  max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks=None,
+                  softcap=None):
     _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
     return implementation(backend).forward_varlen(
         q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_index,
-        prefix_lengths, seed, causal, scale, dropout_p)
+        prefix_lengths, seed, causal, scale, dropout_p, **_score_options(softcap, sinks))
 
 
 def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index,
                    prefix_lengths, seed, out, lse, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend,
-                   deterministic):
-    return implementation(backend).backward_varlen(
+                   deterministic, sinks=None, softcap=None):
+    """The five input gradients and the sinks' (in their dtype; empty without sinks)."""
+    options = _score_options(softcap, sinks)
+    grad_sinks = q.new_empty(0, dtype=torch.float32)
+    if sinks is not None:
+        grad_sinks = options["grad_sinks"] = q.new_zeros(sinks.shape, dtype=torch.float32)
+    grads = implementation(backend).backward_varlen(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        prefix_index, prefix_lengths, seed, out, lse, causal, scale, dropout_p, deterministic)
+        prefix_index, prefix_lengths, seed, out, lse, causal, scale, dropout_p, deterministic, **options)
+    return (*grads, grad_sinks if sinks is None else grad_sinks.to(sinks.dtype))
 
 
+# sinks and softcap come last, with defaults, as in the padded op.
 @torch.library.custom_op("ptv2_kernels::prefix_attention_varlen", mutates_args=())
 def _varlen_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int,
     max_seqlen_k: int, causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
+    sinks: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     return _forward_body(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths,
-                         seed, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic)
+                         seed, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks,
+                         softcap)
 
 
 @_varlen_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed, max_seqlen_q,
-      max_seqlen_k, causal, scale, dropout_p, backend, deterministic):
+      max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks=None, softcap=None):
     total, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(heads, total, dtype=torch.float32)
 
@@ -320,37 +339,47 @@ def _varlen_backward_op(
     prefix_v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, prefix_index: Optional[Tensor],
     prefix_lengths: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k,
-                           prefix_index, prefix_lengths, seed, out, lse, max_seqlen_q, max_seqlen_k, causal, scale,
-                           dropout_p, backend, deterministic)
+    sinks: Optional[Tensor] = None, softcap: Optional[float] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    *grads, grad_sinks = _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k,
+                                        prefix_index, prefix_lengths, seed, out, lse, max_seqlen_q, max_seqlen_k,
+                                        causal, scale, dropout_p, backend, deterministic, sinks, softcap)
     # the layout of empty_like of each input, which the fake implementation promises
-    return tuple(g if g.stride() == torch.empty_like(x).stride() else torch.empty_like(x).copy_(g)
-                 for g, x in zip(grads, (q, k, v, prefix_k, prefix_v)))
+    return (*(g if g.stride() == torch.empty_like(x).stride() else torch.empty_like(x).copy_(g)
+              for g, x in zip(grads, (q, k, v, prefix_k, prefix_v))), grad_sinks)
 
 
 @_varlen_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths,
-      seed, out, lse, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic):
-    return tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))
+      seed, out, lse, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks=None,
+      softcap=None):
+    grad_sinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
+    return (*(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v)), grad_sinks)
+
+
+_VARLEN_SINKS_INPUT = 17  # the position of sinks among the forward op's inputs
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed, *options) = inputs
+    options, (sinks, softcap) = options[:7], (*options[7:], None, None)[:2]  # a direct call may leave out both
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths,
-                          seed, *output)
-    ctx.options = tuple(options)
+                          seed, *output, sinks)
+    ctx.options, ctx.softcap, ctx.num_inputs = tuple(options), softcap, len(inputs)
 
 
 def _backward(ctx, grad_out, grad_lse, backward_fn=None):
-    q, k, v, prefix_k, prefix_v, cu_q, cu_k, prefix_index, prefix_lengths, seed, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, cu_q, cu_k, prefix_index, prefix_lengths, seed, out, lse, sinks = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = (backward_fn or torch.ops.ptv2_kernels.prefix_attention_varlen_backward)(
+    *grads, grad_sinks = (backward_fn or torch.ops.ptv2_kernels.prefix_attention_varlen_backward)(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_q, cu_k, prefix_index, prefix_lengths, seed, out, lse,
-        *ctx.options)
-    return (*grads,) + (None,) * 12
+        *ctx.options, sinks, ctx.softcap)
+    result = [*grads] + [None] * (ctx.num_inputs - len(grads))
+    if sinks is not None and ctx.needs_input_grad[_VARLEN_SINKS_INPUT]:
+        result[_VARLEN_SINKS_INPUT] = grad_sinks
+    return tuple(result)
 
 
 torch.library.register_autograd("ptv2_kernels::prefix_attention_varlen", _backward, setup_context=_setup_context)

@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 
 from ptv2_kernels.triton import prefix_attention as kernels
 
-FLOAT_ARGS = {"qk_scale", "sm_scale", "dropout_p"}
+FLOAT_ARGS = {"qk_scale", "cap_log2", "sm_scale", "dropout_p"}
 
 
 def _signature(fn, pointers: dict, constants: dict):
@@ -51,7 +51,7 @@ def _flags(everything: bool, head_dim: int):
     return dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=everything,
                 HAS_LENGTHS=everything, HAS_KEY_PAD=everything, HAS_DENSE=everything, HAS_BIAS=everything,
                 CAUSAL=everything,
-                HAS_DROPOUT=everything, DOT_PRECISION="tf32", VARLEN=False)
+                HAS_DROPOUT=everything, DOT_PRECISION="tf32", VARLEN=False, HAS_SOFTCAP=everything)
 
 
 def _optional_pointers(flags, dtype):
@@ -64,7 +64,9 @@ def _optional_pointers(flags, dtype):
                              ("KeyPad", "HAS_KEY_PAD", "*u8"), ("Dense", "HAS_DENSE", "*u8"),
                              ("Bias", "HAS_BIAS", "*fp32"),
                              ("Seed", "HAS_DROPOUT", "*i64"), ("CuSeqQ", "VARLEN", "*i32"),
-                             ("CuSeqK", "VARLEN", "*i32")):
+                             ("CuSeqK", "VARLEN", "*i32"), ("Sinks", "HAS_SINKS", "*fp32")):
+        if flag not in flags:  # HAS_SINKS: the forward's alone
+            continue
         if flags[flag]:
             pointers[name] = kind
         else:
@@ -74,20 +76,22 @@ def _optional_pointers(flags, dtype):
 
 def cases():
     """(name, kernel, pointer types, constants, launch options) of every kernel in the configurations that matter:
-    all features on (bf16 inputs with a float32 prefix, a padded head dim; the forward also in its decode form,
-    GQA-packed and split, with the merge of its splits) and all off (fp16, head dim 128)."""
+    all features on (bf16 inputs with a float32 prefix, a padded head dim, softcap and sinks; the forward also in
+    its decode form, GQA-packed and split, with the merge of its splits) and all off (fp16, head dim 128)."""
     for everything, dtype, head_dim in ((True, "*bf16", 80), (False, "*fp16", 128)):
         flags = _flags(everything, head_dim)
         pointers, optional = _optional_pointers(flags, dtype)
+        forward_pointers, forward_optional = _optional_pointers({**flags, "HAS_SINKS": everything}, dtype)
+        sinks = {**forward_optional, "HAS_SINKS": everything}
         blocks = dict(BLOCK_M=128, BLOCK_N=64)
-        yield ("forward", kernels._forward_kernel, pointers,
-               {**optional, **flags, **blocks, "PACK_GQA": False, "SPLIT_KV": False}, (8, 3))
+        yield ("forward", kernels._forward_kernel, forward_pointers,
+               {**sinks, **flags, **blocks, "PACK_GQA": False, "SPLIT_KV": False}, (8, 3))
         if everything:  # the decode form: query heads of a GQA group packed into one small block, keys split
-            yield ("forward_decode", kernels._forward_kernel, {**pointers, "Out": "*fp32"},
-                   {**optional, **flags, "BLOCK_M": 16, "BLOCK_N": 128, "PACK_GQA": True, "SPLIT_KV": True}, (4, 2))
+            yield ("forward_decode", kernels._forward_kernel, {**forward_pointers, "Out": "*fp32"},
+                   {**sinks, **flags, "BLOCK_M": 16, "BLOCK_N": 128, "PACK_GQA": True, "SPLIT_KV": True}, (4, 2))
             yield ("combine_splits", kernels._combine_splits_kernel,
-                   {"PartialOut": "*fp32", "PartialLse": "*fp32", "Out": dtype, "Lse": "*fp32"},
-                   {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "BLOCK_M": 64}, (4, 1))
+                   {"PartialOut": "*fp32", "PartialLse": "*fp32", "Out": dtype, "Lse": "*fp32", "Sinks": "*fp32"},
+                   {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_SINKS": True, "BLOCK_M": 64}, (4, 1))
         yield ("backward_keys", kernels._backward_key_kernel, pointers,
                {**optional, **flags, "DETERMINISTIC": everything, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
         yield ("backward_queries", kernels._backward_query_kernel, {**pointers, "DBias": "*fp32"},
@@ -105,8 +109,10 @@ def cases():
     # packed sequences: no masks nor bias (the variable-length op takes none), everything else on
     flags = {**_flags(True, 80), "HAS_KEY_PAD": False, "HAS_DENSE": False, "HAS_BIAS": False, "VARLEN": True}
     pointers, optional = _optional_pointers(flags, "*bf16")
-    yield ("forward_varlen", kernels._forward_kernel, pointers,
-           {**optional, **flags, "BLOCK_M": 128, "BLOCK_N": 64, "PACK_GQA": False, "SPLIT_KV": False}, (8, 3))
+    forward_pointers, forward_optional = _optional_pointers({**flags, "HAS_SINKS": True}, "*bf16")
+    yield ("forward_varlen", kernels._forward_kernel, forward_pointers,
+           {**forward_optional, **flags, "HAS_SINKS": True, "BLOCK_M": 128, "BLOCK_N": 64, "PACK_GQA": False,
+            "SPLIT_KV": False}, (8, 3))
     yield ("backward_keys_varlen", kernels._backward_key_kernel, pointers,
            {**optional, **flags, "DETERMINISTIC": True, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
     yield ("backward_queries_varlen", kernels._backward_query_kernel, pointers,

@@ -67,6 +67,8 @@ class Case:
     prefix_dtype: Optional[torch.dtype] = None  # None: q's dtype
     scale: Optional[float] = None
     bias: str = "none"  # additive attn_bias: "none", "heads" [B, Hq, Nq, Nk], "shared" [1, 1, Nq, Nk] with -inf
+    softcap: Optional[float] = None  # the op's score cap
+    sinks: bool = False  # float32 attention sinks [Hq], as a float32 parameter of a half model would be
 
 
 def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
@@ -122,6 +124,10 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     elif case.bias == "shared":  # broadcast over samples and heads; -inf entries hide keys like a mask
         bias = torch.randn(1, 1, Nq, Nk, generator=gen).to(dtype)
         kwargs["attn_bias"] = bias.masked_fill(torch.rand(1, 1, Nq, Nk, generator=gen) < 0.2, float("-inf")).to(DEVICE)
+    if case.softcap is not None:
+        kwargs["softcap"] = case.softcap
+    if case.sinks:  # about the scores' size, so that a sink takes a fair share of its rows
+        kwargs["sinks"] = (torch.randn(Hq, generator=gen) + 1.0).to(DEVICE)
     return [q, k, v, prefix_k, prefix_v], kwargs
 
 
@@ -146,11 +152,12 @@ def backend_mask(kwargs):
 
 def run_backend(inputs, kwargs, deterministic=False, seed=1, backend="triton"):
     """Forward with lse, then backward with random dO and dlse. Returns (out, lse, grads, (dO, dlse)); the grads
-    of q, k, v, prefix_k, prefix_v, and of attn_bias when there is one."""
+    of q, k, v, prefix_k, prefix_v, then of attn_bias and of sinks when there are."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    if kwargs.get("attn_bias") is not None:
-        kwargs = dict(kwargs, attn_bias=kwargs["attn_bias"].detach().requires_grad_(True))
-        leaves.append(kwargs["attn_bias"])
+    for name in ("attn_bias", "sinks"):
+        if kwargs.get(name) is not None:
+            kwargs = dict(kwargs, **{name: kwargs[name].detach().requires_grad_(True)})
+            leaves.append(kwargs[name])
     out, lse = ptv2_kernels.prefix_attention(*leaves[:5], **kwargs, return_lse=True, backend=backend,
                                              deterministic=deterministic)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -182,6 +189,18 @@ def assert_close_to_reference(name, got, oracle, same_precision, dtype):
     assert error <= bound, f"{name}: max error {error:.3e} > bound {bound:.3e} (PyTorch {dtype}: {pt_error:.3e})"
 
 
+def force_kv_splits(monkeypatch, case: Case, multiprocessors: int = 8):
+    """Make the Triton forward split the keys of a decode-sized case (asserted) by pretending to have
+    ``multiprocessors`` to fill, with splits of at least 16 keys."""
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: multiprocessors)
+    monkeypatch.setattr(triton_backend, "MIN_KEYS_PER_SPLIT", 16)
+    programs = case.batch * (case.kv_heads if triton_backend.packs_query_heads(
+        case.q_len, case.q_heads, case.kv_heads) else case.q_heads)
+    assert triton_backend.kv_splits(case.q_len, programs, case.prefix_len + case.k_len, multiprocessors) > 1
+
+
 def check_against_reference(case: Case, dtype: torch.dtype, deterministic=False, seed=0, backend="triton"):
     inputs, kwargs = make_inputs(case, dtype, seed)
     out, lse, grads, upstream = run_backend(inputs, kwargs, deterministic=deterministic, backend=backend)
@@ -198,9 +217,9 @@ def check_against_reference(case: Case, dtype: torch.dtype, deterministic=False,
     assert (out[~seen] == 0).all(), "a query that sees no key outputs 0"
     assert_close_to_reference("out", out, oracle[0], same_precision[0], dtype)
     assert_close_to_reference("lse", lse[seen], oracle[1][seen], same_precision[1][seen].float(), torch.float32)
-    assert len(grads) == len(oracle[2]) == (6 if case.bias != "none" else 5)
-    for name, grad, want, pt in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v", "dbias"), grads, oracle[2],
-                                    same_precision[2]):
+    names = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"] + ["dbias"] * (case.bias != "none") + ["dsinks"] * case.sinks
+    assert len(grads) == len(oracle[2]) == len(names)
+    for name, grad, want, pt in zip(names, grads, oracle[2], same_precision[2]):
         assert_close_to_reference(name, grad, want, pt, min(dtype, grad.dtype, key=lambda d: torch.finfo(d).bits))
 
 

@@ -23,7 +23,8 @@ from ptv2_kernels import backends
 
 from .kernel_cases import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
     DEVICE, GRID, MASKS, ON_GPU, PREFIX_LENS, Case, RecordOps, assert_close_to_reference, backend_mask,
-    check_against_reference, make_inputs, poison_uninitialized_memory, reference_results, run_backend,
+    check_against_reference, force_kv_splits, make_inputs, poison_uninitialized_memory, reference_results,
+    run_backend,
 )
 
 pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton") is not None,
@@ -105,13 +106,7 @@ def test_split_kv_forward(case, monkeypatch):
     """Decode with too few programs for the GPU splits the keys of [prefix ; sequence] across programs and merges
     their partial outputs by lse. Forced here by pretending to have multiprocessors to fill; the splits then cut
     through the prefix, the sequence and the boundary between them, and some get no key at all."""
-    from ptv2_kernels.triton import prefix_attention as triton_backend
-
-    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: 8)
-    monkeypatch.setattr(triton_backend, "MIN_KEYS_PER_SPLIT", 16)
-    programs = case.batch * (case.kv_heads if triton_backend.packs_query_heads(
-        case.q_len, case.q_heads, case.kv_heads) else case.q_heads)
-    assert triton_backend.kv_splits(case.q_len, programs, case.prefix_len + case.k_len, 8) > 1
+    force_kv_splits(monkeypatch, case)
     check_against_reference(case, torch.float32)
 
 

@@ -19,6 +19,11 @@ concatenated, expanded or made contiguous.
   gradients in the prefix's own dtype.
 * Dropout — a Philox counter per (sample·head stream, query, key column of [prefix slots ; sequence]) from one
   seed, so backward regenerates exactly the forward's mask.
+* Score options — HAS_SOFTCAP caps every key's score to cap · tanh(scale · q·k / cap) before the bias, in all three
+  kernels (the backward multiplies the scores' gradient by 1 − tanh² on its way to dQ/dK; the bias gradient is
+  taken before). HAS_SINKS adds each head's sink logit to the forward's softmax denominator; the backward needs no
+  flag, its probabilities coming from the lse, which includes the sink (the sinks' gradient, −Σ p_sink · Δ over
+  the rows, is a reduction the launcher runs).
 """
 
 from __future__ import annotations
@@ -104,6 +109,21 @@ def _biased(scores, bias, rows, cols, q_len, k_len, stride_bm, stride_bn):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh in float32 from exp2 (Triton's interpreter has no libdevice): an odd Taylor polynomial where |x| < 1/4
+    (there (1 - e) / (1 + e) would cancel; the first term left out is below 1e-8 relative), else
+    sign(x) (1 - e) / (1 + e) with e = exp(-2|x|)."""
+    magnitude = tl.abs(x)
+    e = tl.math.exp2(magnitude * (-2.0 * LOG2E))
+    far = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    near = magnitude * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    t = tl.where(magnitude < 0.25, near, far)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
 def _dropout_keep(seed, stream, rows, cols, cols_total, dropout_p):
     """Keep mask of dropout: Philox on (query · (P + Nk) + key column, sample·head stream) under ``seed``."""
     counter = rows * cols_total + cols
@@ -180,10 +200,10 @@ def _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN: tl.constexpr):
 def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
             start, end, k_len, offs_m, offs_d, q_len, diag,
             key_pad, stride_kpn, dense, stride_mm, stride_mn,
-            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+            seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
             HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+            DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Online-softmax update of (acc, l_i, m_i) with key blocks [start, end) of one key/value source."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -191,6 +211,8 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         k_t = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, offs_n[None, :] < k_len,
                     offs_d[:, None] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
         scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:  # qk_scale is scale / cap here: cap * tanh(scale * q.k / cap), in log2 units
+            scores = _tanh(scores) * cap_log2
         if HAS_BIAS:
             scores = _biased(scores, bias, offs_m[:, None], offs_n[None, :], q_len, k_len, stride_bm, stride_bn)
         if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
@@ -218,42 +240,45 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
 def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                    lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                   seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                   seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
                    HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """Key blocks [lo, hi) of one source in two stages: those before ``full_end``, which every query of the block
     sees whole, without bounds or causal masks; the rest (the ragged end, the causal diagonal) with them."""
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                             lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                            seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
+                            bias, stride_bm, stride_bn,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
                             HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                             tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                            seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                            seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
+                            bias, stride_bm, stride_bn,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
                             HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed, CuSeqQ, CuSeqK,
+    Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed, CuSeqQ, CuSeqK, Sinks,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_os, stride_ob, stride_oh, stride_om, stride_ls, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm,
     stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
-    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, dropout_p, num_splits,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, dropout_p, num_splits,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
-    SPLIT_KV: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_KV: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
     (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
@@ -263,7 +288,9 @@ def _forward_kernel(
     With SPLIT_KV (too few programs to fill the GPU), program (block, split) attends to the split-th of
     ``num_splits`` equal runs of key blocks of [prefix blocks ; sequence blocks] and writes its own normalized
     output and lse at offsets ``split · stride_os`` / ``split · stride_ls``; ``_combine_splits_kernel`` merges
-    them. An additive bias (HAS_BIAS) applies to the sequence keys' scores only.
+    them. An additive bias (HAS_BIAS) applies to the sequence keys' scores only. HAS_SOFTCAP caps every key's
+    score before the bias (``qk_scale`` is then scale / cap, in natural units, and ``cap_log2`` = cap · log2 e);
+    HAS_SINKS adds ``exp(Sinks[h])`` to each row's denominator (with SPLIT_KV, in the merge of the splits).
 
     With VARLEN the samples are the packed sequences of ``[total, H, D]`` tensors (batch strides 0): program
     ``pid`` serves the query block ``_varlen_block`` gives, ``q_len``/``k_len`` arrive as the longest sequence's
@@ -332,10 +359,11 @@ def _forward_kernel(
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                                    prefix_lo, prefix_hi, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m,
                                    offs_d, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                   seed, stream, 0, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                                   seed, stream, 0, cols_total, dropout_p, qk_scale, cap_log2,
+                                   bias, stride_bm, stride_bn,
                                    HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                                   HAS_BIAS=False)
+                                   HAS_BIAS=False, HAS_SOFTCAP=HAS_SOFTCAP)
 
     # Stage 2: the sequence, with the caller's masks, bias and causal rule.
     Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
@@ -343,12 +371,16 @@ def _forward_kernel(
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
                                    seq_lo, seq_hi, seq_full, k_len, offs_m, offs_d, q_len, diag,
                                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                   seed, stream, prefix_len, cols_total, dropout_p, qk_scale, bias, stride_bm,
-                                   stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL,
-                                   HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                                   DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS)
+                                   seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
+                                   bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N,
+                                   CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
+                                   HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
+                                   HAS_SOFTCAP=HAS_SOFTCAP)
 
-    # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf. Dropout's 1/(1-p) is applied once here.
+    # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf (= its sink with one). Dropout's 1/(1-p)
+    # is applied once here.
+    if HAS_SINKS and not SPLIT_KV:
+        acc, l_i, m_i = _add_sink(acc, l_i, m_i, Sinks, h)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if HAS_DROPOUT:
@@ -364,13 +396,25 @@ def _forward_kernel(
 
 
 @triton.jit
+def _add_sink(acc, l_i, m_i, Sinks, h):
+    """The online-softmax state (log2 units) with the sink logit of head ``h`` (a scalar or one per row) in the
+    denominator: a key whose value is zero. A row that saw no key ends with l = 1 at m = sink, so lse = sink."""
+    sink = tl.load(Sinks + h) * LOG2E
+    m_new = tl.maximum(m_i, sink)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a sink of -inf on a row that saw nothing
+    alpha = tl.math.exp2(m_i - shift)
+    return acc * alpha[:, None], l_i * alpha + tl.math.exp2(sink - shift), m_new
+
+
+@triton.jit
 def _combine_splits_kernel(
-    PartialOut, PartialLse, Out, Lse, stride_ps, stride_pb, stride_ph, stride_pm, stride_ls,
+    PartialOut, PartialLse, Out, Lse, Sinks, stride_ps, stride_pb, stride_ph, stride_pm, stride_ls,
     stride_ob, stride_oh, stride_om, q_heads, q_len, num_splits,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Merge the splits of a split-KV forward: lse = log Σ exp(lse_s), out = Σ exp(lse_s − lse) · out_s.
-    Splits that saw no key (lse_s = −inf) weigh 0; a row no split saw keeps out 0 and lse −inf."""
+    Splits that saw no key (lse_s = −inf) weigh 0; a row no split saw keeps out 0 and lse −inf. With HAS_SINKS the
+    head's sink joins the sum as one more term of output 0."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -383,8 +427,13 @@ def _combine_splits_kernel(
     top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(0, num_splits):
         top = tl.maximum(top, tl.load(lse_rows + s * stride_ls, mask=row_ok, other=float("-inf")))
+    if HAS_SINKS:
+        sink = tl.load(Sinks + h)
+        top = tl.maximum(top, sink)
     shift = tl.where(top == float("-inf"), 0.0, top)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_SINKS:
+        total += tl.exp(sink - shift)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
     for s in range(0, num_splits):
         weight = tl.exp(tl.load(lse_rows + s * stride_ls, mask=row_ok, other=float("-inf")) - shift)
@@ -439,10 +488,11 @@ def _lse_log2(Lse, rows, row_ok):
 def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                           start, end, offs_n, offs_d, q_len, diag,
                           key_pad, stride_kpn, dense, stride_mm, stride_mn, k_len,
-                          seed, stream, col_base, cols_total, dropout_p, qk_scale, bias, stride_bm, stride_bn,
+                          seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
                           HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr,
-                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr):
+                          HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr):
     """dK, dV of one key block from query blocks [start, end) of one query head; tiles are [keys, queries]."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -453,6 +503,9 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
                       offs_d[None, :] < HEAD_DIM, True, PAD_D).to(q.dtype)
         lse = _lse_log2(Lse, row_base + offs_m, row_ok)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            capped_t = _tanh(scores_t)
+            scores_t = capped_t * cap_log2
         if HAS_BIAS:
             scores_t = _biased(scores_t, bias, offs_m[None, :], offs_n[:, None], q_len, k_len, stride_bm, stride_bn)
         probs_t = tl.math.exp2(scores_t - lse[None, :])
@@ -471,6 +524,8 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
             dv += tl.dot(probs_t.to(q.dtype), d_out, input_precision=DOT_PRECISION)
         delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
         d_scores_t = probs_t * (d_probs_t - delta[None, :])
+        if HAS_SOFTCAP:  # through the cap: d tanh = 1 - tanh²
+            d_scores_t = d_scores_t * (1.0 - capped_t * capped_t)
         dk += tl.dot(d_scores_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -484,12 +539,12 @@ def _backward_key_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, sm_scale, dropout_p,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK/dV of one key block (prefix blocks first, then sequence blocks) of one key/value head of one sample.
 
@@ -540,9 +595,11 @@ def _backward_key_kernel(
                     DOut + b * stride_dob + q_start * stride_dom + h * stride_doh, Lse, Delta, stride_qm, stride_dom,
                     stride_dod, _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN), 0, q_len, offs_n, offs_d,
                     q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
-                    (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, Bias, stride_bm, stride_bn,
+                    (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, cap_log2, Bias,
+                    stride_bm, stride_bn,
                     HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=False,
-                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False)
+                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False,
+                    HAS_SOFTCAP=HAS_SOFTCAP)
             # One sample's share of the bank entry's gradient: [S, Hkv, P, D] float32 buffers indexed by the
             # entry (atomics) or by the sample (deterministic, summed in order by the finalize kernel).
             slot = entry
@@ -586,17 +643,17 @@ def _backward_key_kernel(
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                 first_row, tl.minimum(full_row, q_len), offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
                 bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL,
                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                HAS_BIAS=HAS_BIAS)
+                HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                 full_row, q_len, offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
                 bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False,
                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                HAS_BIAS=HAS_BIAS)
+                HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
         grad_ok = key_ok & d_ok
         tl.store(DK + b * stride_dkb + k_start * stride_dkn + hkv * stride_dkh + offs_n[:, None] * stride_dkn
                  + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=grad_ok)
@@ -608,12 +665,12 @@ def _backward_key_kernel(
 def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                            start, end, k_len, offs_m, offs_d, q_len, diag,
                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                           seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                           seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                            bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
                            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
                            MASK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
                            HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """dQ of one query block from key blocks [start, end) of one key/value source; with BIAS_GRAD, also the
     gradient of the additive bias (the scores' gradient, in natural units) of these (query, key) pairs."""
     for start_n in range(start, end, BLOCK_N):
@@ -623,6 +680,9 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
         v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
                   offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if HAS_SOFTCAP:
+            capped = _tanh(scores)
+            scores = capped * cap_log2
         if HAS_BIAS:
             scores = _biased(scores, bias, offs_m[:, None], offs_n[None, :], q_len, k_len, stride_bm, stride_bn)
         probs = tl.math.exp2(scores - lse[:, None])
@@ -638,6 +698,8 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
         if BIAS_GRAD:
             tl.store(dbias + offs_m[:, None] * stride_dbm + offs_n[None, :] * stride_dbn, d_scores,
                      mask=(offs_m[:, None] < q_len) & (offs_n[None, :] < k_len))
+        if HAS_SOFTCAP:  # the bias is added after the cap: its gradient is the capped scores'
+            d_scores = d_scores * (1.0 - capped * capped)
         dq += tl.dot(d_scores.to(q.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -646,29 +708,32 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
 def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                        lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
                        key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                       seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                       seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                        bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
                        HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                        HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr):
     """dQ over key blocks [lo, hi) of one source in the forward's two stages: before ``full_end`` without bounds
     or causal masks, the rest with them."""
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                                 lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
                                 key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                                seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                                 bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
                                 HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
                                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
+                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD,
+                                HAS_SOFTCAP=HAS_SOFTCAP)
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                                 tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
                                 key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                seed, stream, col_base, cols_total, dropout_p, qk_scale,
+                                seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                                 bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
                                 HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
                                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
+                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD,
+                                HAS_SOFTCAP=HAS_SOFTCAP)
     return dq
 
 
@@ -681,12 +746,12 @@ def _backward_query_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm,
     stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, sm_scale, dropout_p,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, sm_scale, dropout_p,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one head of one sample: the forward's two stages, replayed. With BIAS_GRAD it
     also writes the bias gradient of the sequence keys it visits (the caller zeroes the rest). VARLEN: packed
@@ -731,10 +796,10 @@ def _backward_query_kernel(
     dq = _query_grad_staged(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                             0, prefix_keys, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m, offs_d, q_len, 0,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
-                            dropout_p, qk_scale, bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                             HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False,
-                            BIAS_GRAD=False)
+                            BIAS_GRAD=False, HAS_SOFTCAP=HAS_SOFTCAP)
     Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
     Vb = V + b * stride_vb + k_start * stride_vn + hkv * stride_vh
     diag = k_len - q_len
@@ -742,11 +807,11 @@ def _backward_query_kernel(
                                             CAUSAL)
     dq = _query_grad_staged(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
                             0, seq_end, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
                             bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
                             HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                            HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD)
+                            HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP)
     tl.store(DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

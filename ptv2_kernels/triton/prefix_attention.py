@@ -62,7 +62,7 @@ _QUERY_GRAD_CONFIGS = _configs([
 # The interpreter cannot time configurations and runs each program in Python: one small block shape.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 _AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE", "HAS_BIAS",
-                 "HAS_DROPOUT", "VARLEN"]
+                 "HAS_DROPOUT", "VARLEN", "HAS_SOFTCAP"]
 # The forward packs the query heads of a GQA group into one program's rows up to this many queries: decode (1) and
 # speculative or chunked decode steps. Longer queries fill whole blocks per head, and their key/value tiles, shared
 # by the group's programs running side by side, come from L2.
@@ -176,7 +176,7 @@ class _Launcher:
         return functools.partial(self._kernel[grid], **self._meta)
 
 
-_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS, extra_key=["PACK_GQA", "SPLIT_KV"])
+_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS, extra_key=["PACK_GQA", "SPLIT_KV", "HAS_SINKS"])
 _backward_keys = _Launcher(_backward_key_kernel, _KEY_GRAD_CONFIGS, reset_to_zero=["PrefixGradK", "PrefixGradV"])
 _backward_queries = _Launcher(_backward_query_kernel, _QUERY_GRAD_CONFIGS)
 # Memory-bound helpers: one fixed block shape each.
@@ -225,7 +225,7 @@ def _strides3(x: torch.Tensor, packing) -> tuple:
 
 
 def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p,
-                       packing=None):
+                       packing=None, softcap=None):
     """Kernel arguments shared by every launch: sizes, autotuning classes and compile-time flags. Packed sequences
     pass their longest lengths as the lengths."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -241,8 +241,31 @@ def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, 
                  HAS_LENGTHS=prefix_lengths is not None, HAS_KEY_PAD=attn_mask is not None and attn_mask.dim() == 2,
                  HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, HAS_BIAS=attn_bias is not None,
                  CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="tf32" if use_tf32 else "ieee",
-                 VARLEN=packing is not None)
+                 VARLEN=packing is not None, HAS_SOFTCAP=softcap is not None)
     return sizes, classes, flags
+
+
+def _score_scales(scale: float, softcap) -> tuple[float, float]:
+    """(qk_scale, cap_log2) of the kernels: the dot product's factor to log2 units, scale · log2 e, and no cap; or
+    with a cap c, the factor scale / c of the tanh's argument and c · log2 e, the factor of its result."""
+    if softcap is None:
+        return scale * LOG2E.value, 0.0
+    return scale / softcap, softcap * LOG2E.value
+
+
+def _sinks_arg(sinks):
+    """The sinks as the kernels read them: float32, contiguous (a copy of Hq numbers at most), or None."""
+    return None if sinks is None else sinks.to(torch.float32).contiguous()
+
+
+def sinks_grad(sinks, lse, delta):
+    """The sinks' gradient ``[Hq]`` from a backward's rows: −Σ p_sink · Δ over the samples and queries of each
+    head, with p_sink = exp(sink − lse) (0 where lse = −inf, a sink of −inf on a row that saw nothing) and Δ the
+    softmax backward's row term. ``lse`` and ``delta`` are ``[B, Hq, N]``; torch's reduction runs in a fixed order
+    (deterministic)."""
+    sink_probs = torch.exp(sinks.to(torch.float32)[None, :, None] - lse)
+    sink_probs = sink_probs.masked_fill(lse == float("-inf"), 0.0)
+    return -(sink_probs * delta).sum((0, 2))
 
 
 def _mask_args(attn_mask):
@@ -292,19 +315,19 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
-            attn_bias=None):
+            attn_bias=None, softcap=None, sinks=None):
     batch, q_heads, q_len, head_dim = q.shape
     out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                    causal, scale, dropout_p)
+                    causal, scale, dropout_p, softcap=softcap, sinks=sinks)
     return out, lse
 
 
 def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                   prefix_index, prefix_lengths, seed, causal, scale, dropout_p):
+                   prefix_index, prefix_lengths, seed, causal, scale, dropout_p, *, softcap=None, sinks=None):
     """The variable-length forward (see :func:`ptv2_kernels.prefix_attention_varlen`): ``out [total_q, Hq, D]``
     and ``lse [Hq, total_q]``, one program per query block of each packed sequence."""
     total_q, q_heads, head_dim = q.shape
@@ -314,17 +337,18 @@ def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_
         return out, lse
     packing = _Packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, k.shape[0])
     _launch_forward(*map(_packed_view, (q, k, v)), prefix_k, prefix_v, _packed_view(out), lse, prefix_index,
-                    prefix_lengths, None, None, seed, causal, scale, dropout_p, packing)
+                    prefix_lengths, None, None, seed, causal, scale, dropout_p, packing, softcap=softcap, sinks=sinks)
     return out, lse
 
 
 def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                    causal, scale, dropout_p, packing=None):
+                    causal, scale, dropout_p, packing=None, softcap=None, sinks=None):
     """Write ``out`` and ``lse`` of a forward on 4-D operands (``[1, H, total, D]`` views for packed sequences)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing)
+                                               causal, dropout_p, packing, softcap)
+    sinks = _sinks_arg(sinks)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
     if packing is not None:
         # no GQA packing nor split-KV: programs follow the packed query blocks
@@ -351,31 +375,33 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
     dest_strides = dest.stride()[-4:-1] if packing is None else _strides3(dest, packing)
     _forward[grid](
         q, k, v, prefix_k, prefix_v, dest, dest_lse, prefix_index, prefix_lengths, key_pad, dense, attn_bias, seed,
-        *cu_seqlens, *_strides3(q, packing), *_strides3(k, packing), *_strides3(v, packing), *prefix_k.stride(),
-        *prefix_v.stride(), dest.stride(0) if splits > 1 else 0, *dest_strides, dest_lse.stride(0) if splits > 1 else 0,
-        *mask_strides, *_bias_strides(attn_bias), *sizes, scale * LOG2E.value, dropout_p, splits, *varlen_sizes,
-        *classes, PACK_GQA=pack, SPLIT_KV=splits > 1, **flags)
+        *cu_seqlens, sinks, *_strides3(q, packing), *_strides3(k, packing), *_strides3(v, packing),
+        *prefix_k.stride(), *prefix_v.stride(), dest.stride(0) if splits > 1 else 0, *dest_strides,
+        dest_lse.stride(0) if splits > 1 else 0, *mask_strides, *_bias_strides(attn_bias), *sizes,
+        *_score_scales(scale, softcap), dropout_p, splits, *varlen_sizes, *classes, PACK_GQA=pack,
+        SPLIT_KV=splits > 1, HAS_SINKS=sinks is not None, **flags)
     if splits > 1:
         _combine_splits_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
-            dest, dest_lse, out, lse, *dest.stride()[:4], dest_lse.stride(0), *out.stride()[:3], q_heads, q_len,
-            splits, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], BLOCK_M=_ROW_BLOCK)
+            dest, dest_lse, out, lse, sinks, *dest.stride()[:4], dest_lse.stride(0), *out.stride()[:3], q_heads,
+            q_len, splits, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_SINKS=sinks is not None, BLOCK_M=_ROW_BLOCK)
 
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
-             lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
+             lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, softcap=None,
+             sinks=None, grad_sinks=None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), d_prefix_k.zero_(), d_prefix_v.zero_()
     _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                      out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
-                     dq, dk, dv, d_prefix_k, d_prefix_v)
+                     dq, dk, dv, d_prefix_k, d_prefix_v, softcap=softcap, sinks=sinks, grad_sinks=grad_sinks)
     return dq, dk, dv, d_prefix_k, d_prefix_v
 
 
 def backward_varlen(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                     max_seqlen_k, prefix_index, prefix_lengths, seed, out, lse, causal, scale, dropout_p,
-                    deterministic):
+                    deterministic, *, softcap=None, sinks=None, grad_sinks=None):
     """The variable-length backward: (dq, dk, dv, dprefix_k, dprefix_v), the prefix gradients summed over the
     sequences in the kernels (atomics, or per sequence then in order when ``deterministic``)."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -386,20 +412,23 @@ def backward_varlen(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_
     _launch_backward(_packed_view(grad_out), None if grad_lse is None else grad_lse.unsqueeze(0),
                      *map(_packed_view, (q, k, v)), prefix_k, prefix_v, prefix_index, prefix_lengths, None, seed,
                      _packed_view(out), lse.unsqueeze(0), causal, scale, dropout_p, deterministic, None, None,
-                     *map(_packed_view, (dq, dk, dv)), d_prefix_k, d_prefix_v, packing)
+                     *map(_packed_view, (dq, dk, dv)), d_prefix_k, d_prefix_v, packing, softcap=softcap, sinks=sinks,
+                     grad_sinks=grad_sinks)
     return dq, dk, dv, d_prefix_k, d_prefix_v
 
 
 def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                      out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
-                     dq, dk, dv, d_prefix_k, d_prefix_v, packing=None):
+                     dq, dk, dv, d_prefix_k, d_prefix_v, packing=None, softcap=None, sinks=None, grad_sinks=None):
     """Write the five gradients of a backward on 4-D operands (``[1, H, total, D]`` views and a ``[1, Hq, total]``
-    lse for packed sequences), and the bias gradient into ``grad_bias`` when it is a non-empty tensor."""
+    lse for packed sequences), the bias gradient into ``grad_bias`` when it is a non-empty tensor, and the sinks'
+    into ``grad_sinks`` when there are sinks (the kernels need no sink: the lse includes it)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing)
+                                               causal, dropout_p, packing, softcap)
+    qk_scale, cap_log2 = _score_scales(scale, softcap)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
 
     # Δ runs over the rows as they lie: for packed sequences, one sample of total_q rows.
@@ -408,6 +437,8 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
         out, grad_out, grad_lse, delta, *out.stride()[:3], *grad_out.stride(),
         *(grad_lse.stride() if grad_lse is not None else (0, 0, 0)), q_heads, q_len,
         HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_DLSE=grad_lse is not None, BLOCK_M=_ROW_BLOCK)
+    if sinks is not None and grad_sinks is not None:
+        grad_sinks.copy_(sinks_grad(sinks, lse, delta))
 
     if packing is None:
         samples, cu_seqlens, varlen_sizes = batch, *_NOT_PACKED
@@ -428,7 +459,7 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
         _backward_keys[key_grid](
             q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dk, dv, partial_k, partial_v, prefix_index,
             prefix_lengths, key_pad, dense, attn_bias, seed, *cu_seqlens, *common, *_strides3(dk, packing),
-            *_strides3(dv, packing), *mask_strides, *_bias_strides(attn_bias), *sizes, scale * LOG2E.value, scale,
+            *_strides3(dv, packing), *mask_strides, *_bias_strides(attn_bias), *sizes, qk_scale, cap_log2, scale,
             dropout_p, *varlen_sizes, *classes, DETERMINISTIC=deterministic, **flags)
     else:
         dk.zero_()
@@ -438,7 +469,7 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
         q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, prefix_index, prefix_lengths, key_pad, dense,
         attn_bias, grad_bias if bias_grad else None, seed, *cu_seqlens, *common, *_strides3(dq, packing),
         *mask_strides, *_bias_strides(attn_bias), *(grad_bias.stride() if bias_grad else (0, 0, 0, 0)), *sizes,
-        scale * LOG2E.value, scale, dropout_p, *varlen_sizes, *classes, BIAS_GRAD=bias_grad, **flags)
+        qk_scale, cap_log2, scale, dropout_p, *varlen_sizes, *classes, BIAS_GRAD=bias_grad, **flags)
     if prefix_len > 0:
         _prefix_grad_finalize_kernel[(triton.cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
             partial_k, partial_v, d_prefix_k, d_prefix_v, prefix_index, *d_prefix_k.stride(), *d_prefix_v.stride(),
