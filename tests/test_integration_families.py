@@ -66,8 +66,6 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, d_model=32, num_hidden_layers=2, 
 # refuse but cannot serve (the doc table gives the same words).
 NO_INTERFACE = "its attention does not go through transformers' AttentionInterface"
 ALIBI = "ALiBi needs a bias on the prefix keys' scores, which the op does not take yet"
-SOFTCAP = "does not support 'softcap'"
-SINKS = "does not support 's_aux'"
 MLA = "k and v must have the same shape"
 MLA_DIMS = dict(num_key_value_heads=4, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, kv_lora_rank=16,
                 q_lora_rank=16)  # keys of 4 + 4 channels, values of 4, as DeepSeek's 128 + 64 and 128
@@ -138,8 +136,7 @@ FAMILIES = [
     *_decoders("qwen3_next", config=dict(layer_types=["linear_attention", "full_attention"]), oracle="attention"),
     *_decoders("jetmoe", refused="tiles each key/value head over its experts' query heads"),
     *_decoders("diffllama", refused="calls the attention function twice, on the two halves of its value heads"),
-    *_decoders("gemma2", "vaultgemma", fails=SOFTCAP),
-    *_decoders("gpt_oss", fails=SINKS),
+    *_decoders("gemma2", "vaultgemma", "gpt_oss"),  # attention-logit softcapping; attention sinks
     *_decoders("deepseek_v2", "deepseek_v3", config=MLA_DIMS, fails=MLA),
     *_decoders("falcon"),
     *_decoders("bloom", refused=ALIBI),

@@ -8,11 +8,15 @@ sinks), docs/design.md §4.
     against the float64 oracle, with the bounds of tests/kernel_cases.py: both options alone and together, with
     causality, padding, dense masks, a bias, GQA (also packed decode rows and split keys), banks, fp16 and fp32;
     deterministic mode bitwise reproducible; the packed variable-length op;
-(c) the errors and the backends that refuse (naming the argument and why), opcheck of the custom ops and
-    torch.compile.
+(c) the errors and the backends that refuse (naming the argument and why), opcheck of the custom ops;
+(d) Gemma2 and GPT-OSS tiny models patched against the unpatched model with the prefix in its cache as PEFT
+    puts it (PEFT itself, and a cache filled by hand that needs no PEFT): logits, prefix and sink gradients,
+    ``generate``.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -395,3 +399,153 @@ def test_compiled_forward_and_backward_equal_eager():
     got = torch.autograd.grad(compiled(*leaves), leaves)
     for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, **F64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# (d) Gemma2 and GPT-OSS
+# ----------------------------------------------------------------------------------------------------------------
+
+FAMILIES = ["gemma2", "gpt_oss"]
+REFERENCE_REL = 1e-5
+TRITON_REL = 1e-4
+GENERATE = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=1)
+
+
+def family_model(family: str, seed: int = 0):
+    """A tiny Gemma2 (scores capped at 1, which bites: the logits move by O(1) without it) or GPT-OSS (a random
+    sink per head, about the scores' size) in float32, sliding windows longer than the tests' sequences."""
+    transformers = pytest.importorskip("transformers")
+    from .hf_models import VOCAB
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+                  attention_dropout=0.0, sliding_window=32, initializer_range=0.2)
+    if family == "gemma2":
+        config = transformers.Gemma2Config(intermediate_size=64, attn_logit_softcapping=1.0,
+                                           final_logit_softcapping=None, query_pre_attn_scalar=8, **common)
+        return transformers.Gemma2ForCausalLM(config).eval()
+    config = transformers.GptOssConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                       rope_parameters=dict(rope_type="default", rope_theta=10000.0), **common)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 1.0)
+    return model
+
+
+def _weighted(logits, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return (logits * torch.randn(logits.shape, generator=gen)).sum()
+
+
+def _sink_grads(model):
+    return [p.grad for name, p in model.named_parameters() if name.endswith("self_attn.sinks")]
+
+
+def _prefix_cache(model, bank, batch: int):
+    """The unpatched model's cache holding the bank's prefix as PEFT places it: P tokens of every layer."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (key, value) in enumerate(bank()):
+        cache.update(key.expand(batch, *key.shape[1:]), value.expand(batch, *value.shape[1:]), layer)
+    return cache
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_family_equals_the_prefix_in_its_cache(family, backend):
+    """Logits, prefix gradients and (GPT-OSS) sink gradients of the patched model equal those of the unpatched
+    model fed the prefix as its cache (left padding; the attention mask gets P ones in front)."""
+    from ptv2_kernels.integrations.hf_transformers import cache_keyword
+
+    from .hf_models import assert_close_scaled, random_batch
+
+    model = family_model(family)
+    ours = copy.deepcopy(model)
+    bank = ptv2_kernels.PrefixBank.for_model(ours, prefix_len=4)
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, 1.0)
+    ptv2_kernels.patch(ours, bank, backend=backend)
+    prefix_len = bank.prefix_len
+    input_ids, mask = random_batch(3, 7, padding="left", seed=1)
+    real = mask.bool()
+    actual = ours(input_ids=input_ids, attention_mask=mask).logits
+
+    twin = copy.deepcopy(bank)
+    full_mask = torch.cat([torch.ones(3, prefix_len, dtype=mask.dtype), mask], 1)
+    expected = model(input_ids=input_ids, attention_mask=full_mask,
+                     **{cache_keyword(): _prefix_cache(model, twin, 3)}).logits
+    rel = REFERENCE_REL if backend == "reference" else TRITON_REL
+    assert_close_scaled(actual[real], expected[real], rel, "logits")
+
+    _weighted(actual[real]).backward()
+    _weighted(expected[real]).backward()
+    assert_close_scaled(bank.encoder.embedding.weight.grad, twin.encoder.embedding.weight.grad, rel,
+                        "prefix gradient")
+    if family == "gpt_oss":
+        for got, want in zip(_sink_grads(ours), _sink_grads(model)):
+            assert_close_scaled(got, want, rel, "sink gradient")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_batches_are_refused_with_the_options(family):
+    """A packed (padding-free) batch would run the variable-length op, to which the patched model does not hand
+    the options yet: it raises instead of leaving them out (sliding windows off, so that this is what refuses)."""
+    model = family_model(family)
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = None
+    ptv2_kernels.patch(model, ptv2_kernels.PrefixBank.for_model(model, prefix_len=3), backend="reference")
+    input_ids = torch.randint(3, 90, (1, 9), generator=torch.Generator().manual_seed(0))
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]])  # two sequences packed in one row
+    with pytest.raises(NotImplementedError, match="caps its scores or has attention sinks.*packed sequences"):
+        model(input_ids=input_ids, position_ids=position_ids)
+
+
+def test_the_options_bite_in_these_models():
+    """Without the cap (Gemma2) or the sinks (GPT-OSS) the logits differ by far more than the tolerances."""
+    from .hf_models import random_batch
+
+    input_ids, mask = random_batch(3, 7, padding="left", seed=1)
+    for family in FAMILIES:
+        model = family_model(family)
+        with torch.no_grad():
+            base = model(input_ids=input_ids, attention_mask=mask).logits
+            if family == "gemma2":
+                for layer in model.model.layers:
+                    layer.self_attn.attn_logit_softcapping = None
+            else:
+                for layer in model.model.layers:
+                    layer.self_attn.sinks.fill_(-1e4)
+            changed = model(input_ids=input_ids, attention_mask=mask).logits
+        assert (changed - base)[mask.bool()].abs().max() > 1e3 * REFERENCE_REL * base.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_family_matches_peft(family):
+    """Against PEFT's prefix tuning itself: logits and prefix gradients with left padding, and ``generate``."""
+    pytest.importorskip("peft")
+    from .hf_models import assert_close_scaled, bank_grads, patched_twin, peft_grads, peft_twin, random_batch
+
+    model = family_model(family)
+    peft_model = peft_twin(model, "CAUSAL_LM", num_virtual_tokens=4)
+    ours, bank = patched_twin(model, peft_model)
+    input_ids, mask = random_batch(3, 7, padding="left", seed=2)
+    real = mask.bool()
+    expected = peft_model(input_ids=input_ids, attention_mask=mask).logits
+    actual = ours(input_ids=input_ids, attention_mask=mask).logits
+    assert_close_scaled(actual[real], expected[real], REFERENCE_REL, "logits")
+    _weighted(expected[real]).backward()
+    _weighted(actual[real]).backward()
+    assert_close_scaled(bank_grads(bank)["embedding.weight"], peft_grads(peft_model)["embedding.weight"],
+                        REFERENCE_REL, "prefix gradient")
+
+    input_ids, mask = random_batch(3, 5, padding="left", seed=3)
+    want = peft_model.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    got = ours.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    assert torch.equal(got.sequences, want.sequences)
+    assert len(got.scores) == len(want.scores) == GENERATE["max_new_tokens"]
+    for a, b in zip(got.scores, want.scores):
+        assert_close_scaled(a, b, REFERENCE_REL, "scores")
+    assert len(set(got.sequences[:, -GENERATE["max_new_tokens"]:].flatten().tolist())) > 1

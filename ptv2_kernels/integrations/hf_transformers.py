@@ -480,10 +480,12 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
                              attention_mask: Optional[Tensor], scaling: Optional[float] = None,
                              dropout: float = 0.0, **kwargs):
     """The attention function registered as ``"ptv2_prefix"``: attention over the module's bank slot + K/V."""
-    for name in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"a patched model's attention does not support {name!r} "
-                                      f"({type(module).__name__})")
+    # Gemma2's score cap and GPT-OSS's attention sinks (its s_aux), for the op; not on packed sequences.
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux", kwargs.get("sinks"))
+    if (softcap is not None or sinks is not None) and \
+            getattr(_module_context(module, kwargs), "packing", None) is not None:
+        raise NotImplementedError(f"{type(module).__name__} caps its scores or has attention sinks, which a patched "
+                                  "model does not serve on packed sequences: pass a padded batch")
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
@@ -495,7 +497,8 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     # T5's relative position bias: on the sequence keys' scores; the prefix keys get none (zero bias columns).
     out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
                            key_padding_mask=key_padding_mask, attn_mask=mask, attn_bias=kwargs.get("position_bias"),
-                           causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend)
+                           causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend, softcap=softcap,
+                           sinks=sinks)
     return out.transpose(1, 2), None
 
 
