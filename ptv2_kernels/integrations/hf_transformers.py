@@ -482,10 +482,6 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     """The attention function registered as ``"ptv2_prefix"``: attention over the module's bank slot + K/V."""
     # Gemma2's score cap and GPT-OSS's attention sinks (its s_aux), for the op; not on packed sequences.
     softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux", kwargs.get("sinks"))
-    if (softcap is not None or sinks is not None) and \
-            getattr(_module_context(module, kwargs), "packing", None) is not None:
-        raise NotImplementedError(f"{type(module).__name__} caps its scores or has attention sinks, which a patched "
-                                  "model does not serve on packed sequences: pass a padded batch")
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", False))
@@ -514,6 +510,9 @@ def _packed_attention(module, query, key, value, context: PrefixContext, is_caus
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError(f"{type(module).__name__} uses sliding-window attention, which a patched model "
                                   "does not serve on packed sequences: pass a padded batch with an attention mask")
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux", kwargs.get("sinks")) is not None:
+        raise NotImplementedError(f"{type(module).__name__} caps its scores or has attention sinks, which a patched "
+                                  "model does not serve on packed sequences: pass a padded batch")
     state, slot = module.__dict__[_BINDING_ATTR]
     prefix_k, prefix_v = context.kv[slot]
     out = prefix_attention_varlen(

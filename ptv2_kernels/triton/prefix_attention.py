@@ -21,6 +21,17 @@ from .kernels import (  # noqa: F401 - the kernels are also reached as attribute
 )
 
 
+# Host-side integer helpers. Triton's own (triton.cdiv, triton.next_power_of_2) are constexpr functions now, which
+# cost microseconds a call on the host; the launch path calls them a dozen times per forward and backward.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (0 for n = 0, as Triton's)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def dropout_keep_mask(seed: torch.Tensor, batch: int, q_heads: int, q_len: int, prefix_len: int, k_len: int,
                       dropout_p: float) -> torch.Tensor:
     """The bool keep mask ``[B, Hq, Nq, P + Nk]`` the kernels draw from ``seed`` (a debugging and testing aid:
@@ -28,9 +39,9 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, q_heads: int, q_len: int, 
     cols = prefix_len + k_len
     keep = torch.empty(batch, q_heads, q_len, cols, dtype=torch.int8, device=seed.device)
     if keep.numel():
-        grid = (q_heads * batch, triton.cdiv(q_len, 16))
+        grid = (q_heads * batch, _cdiv(q_len, 16))
         _dropout_mask_kernel[grid](keep, seed, q_len, cols, dropout_p, BLOCK_M=16,
-                                   BLOCK_N=triton.next_power_of_2(cols))
+                                   BLOCK_N=_next_power_of_2(cols))
     return keep.bool()
 
 
@@ -233,10 +244,10 @@ def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, 
     if packing is not None:
         q_len, k_len = packing.max_q, packing.max_k
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
-    d_pad = max(16, triton.next_power_of_2(head_dim))
+    d_pad = max(16, _next_power_of_2(head_dim))
     use_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
     sizes = (q_heads, q_len, k_len, num_prefixes, prefix_len, q_heads // kv_heads)
-    classes = (triton.next_power_of_2(q_len), triton.next_power_of_2(prefix_len + k_len))
+    classes = (_next_power_of_2(q_len), _next_power_of_2(prefix_len + k_len))
     flags = dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=prefix_index is not None,
                  HAS_LENGTHS=prefix_lengths is not None, HAS_KEY_PAD=attn_mask is not None and attn_mask.dim() == 2,
                  HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, HAS_BIAS=attn_bias is not None,
@@ -284,12 +295,12 @@ def _bias_strides(attn_bias):
 
 
 def _query_block_grid(q_len, q_heads, batch):
-    return lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)
+    return lambda meta: (_cdiv(q_len, meta["BLOCK_M"]), q_heads, batch)
 
 
 def _key_block_grid(prefix_len, k_len, kv_heads, batch):
     """Prefix key blocks first, then sequence key blocks: the key kernel tells them apart by program id."""
-    return lambda meta: (triton.cdiv(prefix_len, meta["BLOCK_N"]) + triton.cdiv(k_len, meta["BLOCK_N"]), kv_heads,
+    return lambda meta: (_cdiv(prefix_len, meta["BLOCK_N"]) + _cdiv(k_len, meta["BLOCK_N"]), kv_heads,
                          batch)
 
 
@@ -304,7 +315,7 @@ def kv_splits(q_len: int, programs: int, keys: int, multiprocessors: int) -> int
     (no merge) when there are many queries or already enough programs."""
     if q_len > PACK_GQA_MAX_QUERIES or programs >= multiprocessors:
         return 1
-    return max(1, min(triton.cdiv(2 * multiprocessors, programs), keys // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS))
+    return max(1, min(_cdiv(2 * multiprocessors, programs), keys // MIN_KEYS_PER_SPLIT, MAX_KV_SPLITS))
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -359,7 +370,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
         pack = packs_query_heads(q_len, q_heads, kv_heads)
         if pack:
             rows, programs_per_sample = q_len * (q_heads // kv_heads), kv_heads
-            classes = (triton.next_power_of_2(rows), classes[1])
+            classes = (_next_power_of_2(rows), classes[1])
         else:
             rows, programs_per_sample = q_len, q_heads
         splits = kv_splits(q_len, batch * programs_per_sample, prefix_k.shape[2] + k.shape[2],
@@ -381,7 +392,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
         *_score_scales(scale, softcap), dropout_p, splits, *varlen_sizes, *classes, PACK_GQA=pack,
         SPLIT_KV=splits > 1, HAS_SINKS=sinks is not None, **flags)
     if splits > 1:
-        _combine_splits_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
+        _combine_splits_kernel[(_cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
             dest, dest_lse, out, lse, sinks, *dest.stride()[:4], dest_lse.stride(0), *out.stride()[:3], q_heads,
             q_len, splits, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_SINKS=sinks is not None, BLOCK_M=_ROW_BLOCK)
 
@@ -433,7 +444,7 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
 
     # Δ runs over the rows as they lie: for packed sequences, one sample of total_q rows.
     delta = torch.empty_like(lse)
-    _backward_preprocess_kernel[(triton.cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
+    _backward_preprocess_kernel[(_cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
         out, grad_out, grad_lse, delta, *out.stride()[:3], *grad_out.stride(),
         *(grad_lse.stride() if grad_lse is not None else (0, 0, 0)), q_heads, q_len,
         HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_DLSE=grad_lse is not None, BLOCK_M=_ROW_BLOCK)
@@ -447,7 +458,7 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
     else:
         samples, (cu_seqlens, varlen_sizes) = packing.num_seqs, packing.kernel_args()
         query_grid = (lambda meta: (packing.total_q // meta["BLOCK_M"] + samples, q_heads, 1))
-        key_grid = (lambda meta: (samples * triton.cdiv(prefix_len, meta["BLOCK_N"])
+        key_grid = (lambda meta: (samples * _cdiv(prefix_len, meta["BLOCK_N"])
                                   + packing.total_k // meta["BLOCK_N"] + samples, kv_heads, 1))
     # One float32 partial per bank entry (atomics) or per sample (deterministic); never-written slots stay 0.
     slots = samples if deterministic else num_prefixes
@@ -471,7 +482,7 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
         *mask_strides, *_bias_strides(attn_bias), *(grad_bias.stride() if bias_grad else (0, 0, 0, 0)), *sizes,
         qk_scale, cap_log2, scale, dropout_p, *varlen_sizes, *classes, BIAS_GRAD=bias_grad, **flags)
     if prefix_len > 0:
-        _prefix_grad_finalize_kernel[(triton.cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
+        _prefix_grad_finalize_kernel[(_cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
             partial_k, partial_v, d_prefix_k, d_prefix_v, prefix_index, *d_prefix_k.stride(), *d_prefix_v.stride(),
             samples, kv_heads, prefix_len, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"],
             HAS_INDEX=prefix_index is not None, SUM_SAMPLES=deterministic, BLOCK_N=_ROW_BLOCK)
