@@ -66,7 +66,7 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, d_model=32, num_hidden_layers=2, 
 # refuse but cannot serve (the doc table gives the same words).
 NO_INTERFACE = "its attention does not go through transformers' AttentionInterface"
 ALIBI = "ALiBi needs a bias on the prefix keys' scores, which the op does not take yet"
-MLA = "k and v must have the same shape"
+MLA = "its values have head dim 4 and its keys 8 (multi-head latent attention)"
 MLA_DIMS = dict(num_key_value_heads=4, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, kv_lora_rank=16,
                 q_lora_rank=16)  # keys of 4 + 4 channels, values of 4, as DeepSeek's 128 + 64 and 128
 ROTARY = dict(rotary_dim=4)
@@ -137,7 +137,7 @@ FAMILIES = [
     *_decoders("jetmoe", refused="tiles each key/value head over its experts' query heads"),
     *_decoders("diffllama", refused="calls the attention function twice, on the two halves of its value heads"),
     *_decoders("gemma2", "vaultgemma", "gpt_oss"),  # attention-logit softcapping; attention sinks
-    *_decoders("deepseek_v2", "deepseek_v3", config=MLA_DIMS, fails=MLA),
+    *_decoders("deepseek_v2", "deepseek_v3", config=MLA_DIMS, refused=MLA),
     *_decoders("falcon"),
     *_decoders("bloom", refused=ALIBI),
     *_decoders("xglm", "mpt", "openai-gpt", refused=NO_INTERFACE),

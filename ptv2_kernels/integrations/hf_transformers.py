@@ -209,8 +209,23 @@ _REFUSED_MODEL_TYPES = {
 
 def _refuse_listed_family(model):
     reason = _REFUSED_MODEL_TYPES.get(_model_type(model))
+    if reason is None:
+        reason = _value_head_dim_reason(getattr(model, "config", None))
     if reason is not None:
         raise _unsupported(model, reason)
+
+
+def _value_head_dim_reason(config) -> Optional[str]:
+    """Why a model whose values have another head dim than its keys (multi-head latent attention: DeepSeek-V2/V3)
+    cannot be served, or None."""
+    value_dim = getattr(config, "v_head_dim", None)
+    key_dim = getattr(config, "qk_head_dim", None)
+    if key_dim is None and getattr(config, "qk_nope_head_dim", None) is not None:
+        key_dim = config.qk_nope_head_dim + (getattr(config, "qk_rope_head_dim", 0) or 0)
+    if isinstance(value_dim, int) and isinstance(key_dim, int) and value_dim != key_dim:
+        return (f"its values have head dim {value_dim} and its keys {key_dim} (multi-head latent attention); the op "
+                "takes one head dim for both")
+    return None
 
 
 def _check_model(model):
