@@ -424,6 +424,8 @@ def family_model(family: str, seed: int = 0):
     if family == "gemma2":
         config = transformers.Gemma2Config(intermediate_size=64, attn_logit_softcapping=1.0,
                                            final_logit_softcapping=None, query_pre_attn_scalar=8, **common)
+        # eager: older transformers (5.17) default Gemma2 to SDPA, which drops the cap the oracle needs
+        config._attn_implementation = "eager"
         return transformers.Gemma2ForCausalLM(config).eval()
     config = transformers.GptOssConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                                        rope_parameters=dict(rope_type="default", rope_theta=10000.0), **common)
