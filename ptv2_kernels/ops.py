@@ -46,6 +46,7 @@ def prefix_attention(
     deterministic: Optional[bool] = None,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    prefix_bias: Optional[Tensor] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of ``q`` over a per-layer prefix followed by the sequence's own keys/values, without concatenating.
 
@@ -83,6 +84,11 @@ def prefix_attention(
         sinks: ``[Hq]`` float tensor, one logit per query head added to each row's softmax denominator and then
             dropped (GPT-OSS's ``s_aux``): ``p_j = exp(s_j) / (sum_i exp(s_i) + exp(sinks[h]))``. The lse then
             includes the sink, so a query that sees no key has out 0 and lse ``sinks[h]``. Differentiable.
+        prefix_bias: an additive bias on the prefix keys' scores, as ``attn_bias`` is on the sequence keys': a float
+            tensor broadcastable to ``[B, Hq, Nq, P]`` (column j is bank slot j; the slots past an entry's
+            ``prefix_lengths`` stay hidden). What a prefix held in a model's cache would get from a position-
+            dependent bias: T5's relative position bias or ALiBi over the prefix positions. -inf hides a prefix
+            key from a query. Differentiable, like ``attn_bias``.
 
     Returns:
         ``out`` ``[B, Hq, Nq, D]`` in q's dtype, laid out in memory as ``[B, Nq, Hq, D]`` (so
@@ -94,8 +100,11 @@ def prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
         scale, dropout_p)
     softcap, sinks = _checked_score_options(softcap, sinks, q.shape[1], q.device)
+    if prefix_bias is not None:
+        prefix_bias = _checked_bias("prefix_bias", prefix_bias, (*q.shape[:3], prefix_k.shape[2]), q.device)
     bias_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
-    name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap=softcap, sinks=sinks)
+    name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap=softcap, sinks=sinks,
+                           prefix_bias=prefix_bias)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
@@ -104,7 +113,8 @@ def prefix_attention(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)
     out, lse = _run(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, bool(causal),
-        _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, bool(deterministic), sinks, softcap)
+        _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, bool(deterministic), sinks, softcap,
+        prefix_bias)
     return (out, lse) if return_lse else out
 
 
@@ -148,9 +158,10 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padd
             dense = attn_mask if mask is None else attn_mask & mask[:, None, None, :]
             mask = dense.expand(full)
         else:
-            attn_bias = attn_mask if attn_bias is None else _checked_bias(attn_bias, full, q.device) + attn_mask
+            attn_bias = (attn_mask if attn_bias is None
+                         else _checked_bias("attn_bias", attn_bias, full, q.device) + attn_mask)
     if attn_bias is not None:
-        attn_bias = _checked_bias(attn_bias, full, q.device)
+        attn_bias = _checked_bias("attn_bias", attn_bias, full, q.device)
     _checked_options(causal, scale, dropout_p)
     return q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, mask, attn_bias
 
@@ -333,17 +344,18 @@ def _checked_key_padding_mask(mask, batch, k_len, device) -> Tensor:
     return mask
 
 
-def _checked_broadcastable(name, t, full, device, key_padding_hint=False) -> Tensor:
-    """``t`` (bool or float, broadcastable to ``full`` = [B, Hq, Nq, Nk] by torch's rules) viewed as 4-D with
-    its size-1 dims kept: a compact view, never expanded here."""
+def _checked_broadcastable(name, t, full, device, key_padding_hint=False, columns="Nk") -> Tensor:
+    """``t`` (bool or float, broadcastable to ``full`` = [B, Hq, Nq, Nk] by torch's rules; [B, Hq, Nq, P] for the
+    prefix columns, ``columns`` = "P") viewed as 4-D with its size-1 dims kept: a compact view, never expanded
+    here."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
     shape = tuple(t.shape)
     if t.dim() > 4 or any(size not in (1, want) for size, want in zip(reversed(shape), reversed(full))):
-        message = (f"{name} must be broadcastable to [B, Hq, Nq, Nk] = {list(full)} (as in "
-                   f"scaled_dot_product_attention; a 2-D {name} is [Nq, Nk]), got shape {list(shape)}")
+        message = (f"{name} must be broadcastable to [B, Hq, Nq, {columns}] = {list(full)} (as in "
+                   f"scaled_dot_product_attention; a 2-D {name} is [Nq, {columns}]), got shape {list(shape)}")
         if key_padding_hint and shape == (full[0], full[3]):
             message += "; for a [B, Nk] key-padding mask pass key_padding_mask= instead"
         raise ValueError(message)
@@ -356,11 +368,12 @@ def _checked_mask_dtype(attn_mask):
                         f"got {attn_mask.dtype}")
 
 
-def _checked_bias(attn_bias, full, device) -> Tensor:
-    """The bias as a compact 4-D view (size-1 dims broadcast; the backends expand it, its gradient keeps it)."""
-    if isinstance(attn_bias, Tensor) and not attn_bias.is_floating_point():
-        raise TypeError(f"attn_bias must have a floating-point dtype, got {attn_bias.dtype}")
-    return _checked_broadcastable("attn_bias", attn_bias, full, device)
+def _checked_bias(name, bias, full, device) -> Tensor:
+    """An additive bias (``attn_bias`` over the sequence keys, ``prefix_bias`` over the prefix slots) as a compact
+    4-D view (size-1 dims broadcast; the backends expand it, its gradient keeps it)."""
+    if isinstance(bias, Tensor) and not bias.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {bias.dtype}")
+    return _checked_broadcastable(name, bias, full, device, columns="P" if name == "prefix_bias" else "Nk")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,45 +381,49 @@ def _checked_bias(attn_bias, full, device) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal,
-                  scale, dropout_p, backend, deterministic, sinks=None, softcap=None):
+                  scale, dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None):
     """(out, lse): the forward, shared by the custom op and the eager path."""
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
     return backends.implementation(backend).forward(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
-        attn_bias=_expanded_bias(attn_bias, q, k), **_score_options(softcap, sinks))
+        attn_bias=_expanded_bias(attn_bias, q, k.shape[2]),
+        **_score_options(softcap, sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2])))
 
 
-def _score_options(softcap, sinks) -> dict:
-    """The backends' keyword arguments for the score options a call uses (none: backends that take neither
+def _score_options(softcap, sinks, prefix_bias=None) -> dict:
+    """The backends' keyword arguments for the score options a call uses (none: backends that take none of them
     are called as before)."""
     options = {}
     if softcap is not None:
         options["softcap"] = softcap
     if sinks is not None:
         options["sinks"] = sinks
+    if prefix_bias is not None:
+        options["prefix_bias"] = prefix_bias
     return options
 
 
-# sinks and softcap come last, with defaults: calls without them keep the schema's earlier positions.
+# sinks, softcap and prefix_bias come last, with defaults: calls without them keep the schema's earlier positions.
 @torch.library.custom_op("ptv2_kernels::prefix_attention", mutates_args=())
 def _prefix_attention_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_index: Optional[Tensor],
     prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor], attn_bias: Optional[Tensor],
     seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
-    sinks: Optional[Tensor] = None, softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None, softcap: Optional[float] = None, prefix_bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     return _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                         causal, scale, dropout_p, backend, deterministic, sinks, softcap)
+                         causal, scale, dropout_p, backend, deterministic, sinks, softcap, prefix_bias)
 
 
-def _expanded_bias(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
-    """The compact bias as the [B, Hq, Nq, Nk] view the backends read (stride 0 along broadcast dims)."""
-    return None if attn_bias is None else attn_bias.expand(*q.shape[:3], k.shape[2])
+def _expanded_bias(bias: Optional[Tensor], q: Tensor, columns: int) -> Optional[Tensor]:
+    """A compact bias as the [B, Hq, Nq, columns] view the backends read (stride 0 along broadcast dims):
+    Nk columns for ``attn_bias``, P for ``prefix_bias``."""
+    return None if bias is None else bias.expand(*q.shape[:3], columns)
 
 
 @_prefix_attention_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-      dropout_p, backend, deterministic, sinks=None, softcap=None):
+      dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None):
     batch, heads, length, dim = q.shape
     out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
     return out, q.new_empty(batch, heads, length, dtype=torch.float32)
@@ -418,18 +435,19 @@ def _prefix_attention_backward_op(
     prefix_v: Tensor, prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor],
     attn_bias: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float,
     dropout_p: float, backend: str, deterministic: bool, bias_grad: bool, sinks: Optional[Tensor] = None,
-    softcap: Optional[float] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    softcap: Optional[float] = None, prefix_bias: Optional[Tensor] = None, prefix_bias_grad: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The five input gradients, the bias gradient (in the compact bias's shape and dtype) when ``bias_grad``,
-    else an empty tensor, and the sinks' gradient (in their dtype) when there are sinks, else an empty tensor."""
+    else an empty tensor, the sinks' gradient (in their dtype) when there are sinks, else an empty tensor, and
+    the prefix bias's gradient (as the bias's) when ``prefix_bias_grad``, else an empty tensor."""
     return _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
                           attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad,
-                          sinks=sinks, softcap=softcap)
+                          sinks=sinks, softcap=softcap, prefix_bias=prefix_bias, prefix_bias_grad=prefix_bias_grad)
 
 
 def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
                    attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad,
-                   sinks=None, softcap=None, exact_layout=True):
+                   sinks=None, softcap=None, prefix_bias=None, prefix_bias_grad=False, exact_layout=True):
     """The backward, shared by the custom op and the eager path. ``exact_layout``: each gradient in the layout of
     ``empty_like`` of its input, as the custom op's fake implementation promises (a copy where a backend's layout
     differs); the eager path promises nothing and takes the backend's layout as autograd does any other op's.
@@ -437,68 +455,90 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
     The sinks' gradient: the backends write it (float32 ``[Hq]``) into ``grad_sinks``, summed over the rows they
     are given; the batch chunks of a bias gradient add theirs in order."""
     impl = backends.implementation(backend)
-    bias = _expanded_bias(attn_bias, q, k)
     inputs = (q, k, v, prefix_k, prefix_v)
-    options = _score_options(softcap, sinks)
+    options = _score_options(softcap, sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2]))
+    options["attn_bias"] = _expanded_bias(attn_bias, q, k.shape[2])
     grad_sinks = q.new_empty(0, dtype=torch.float32)
     if sinks is not None:
         grad_sinks = torch.zeros(sinks.shape, dtype=torch.promote_types(torch.float32, sinks.dtype),
                                  device=q.device)
         options["grad_sinks"] = grad_sinks
-    if not bias_grad or attn_bias is None:
-        grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias,
-                              **options)
-        return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)),
-                q.new_empty(0, dtype=torch.float32), _sinks_grad_out(grad_sinks, sinks))
+    # The additive terms whose gradient is asked for: (compact term, the backends' expanded view of it, the
+    # backends' keyword for its dense gradient buffer).
+    biases = []
+    if bias_grad and attn_bias is not None:
+        biases.append((attn_bias, options["attn_bias"], "grad_bias"))
+    if prefix_bias_grad and prefix_bias is not None:
+        biases.append((prefix_bias, options["prefix_bias"], "grad_prefix_bias"))
+    def no_grad():  # a fresh empty tensor each: a custom op's outputs may not alias each other
+        return q.new_empty(0, dtype=torch.float32)
 
-    # The backends write the bias gradient densely ([n, Hq, Nq, Nk] for n samples, in float32). A bias that broadcasts
-    # (T5's [1, H, N, N]) would need a buffer B * Hq / H times its own size for the whole batch at once, so the
-    # batch runs in chunks whose dense buffer is about the bias's size, each chunk summed into the compact gradient
-    # as it finishes (in a fixed order: deterministic). Dropout numbers its random streams by sample, so a call
-    # with dropout runs in one piece.
-    reduced = [dim for dim in range(4) if attn_bias.shape[dim] == 1 and bias.shape[dim] != 1]
-    batch, per_sample = q.shape[0], bias[0].numel() * 4
+    if not biases:
+        grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, **options)
+        return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)), no_grad(),
+                _sinks_grad_out(grad_sinks, sinks), no_grad())
+
+    # The backends write a bias gradient densely ([n, Hq, Nq, columns] for n samples, in float32). A bias that
+    # broadcasts (T5's [1, H, N, N]) would need a buffer B * Hq / H times its own size for the whole batch at once,
+    # so the batch runs in chunks whose dense buffers are about the biases' size, each chunk summed into the compact
+    # gradients as it finishes (in a fixed order: deterministic). Dropout numbers its random streams by sample, so
+    # a call with dropout runs in one piece.
+    reduced = [[dim for dim in range(4) if term.shape[dim] == 1 and view.shape[dim] != 1]
+               for term, view, _ in biases]
+    batch = q.shape[0]
+    per_sample = sum(view[0].numel() * 4 for _, view, _ in biases)
     chunk = batch
-    if reduced and dropout_p == 0.0 and per_sample:
-        chunk = max(1, min(batch, max(attn_bias.numel() * 4, BIAS_GRAD_CHUNK_BYTES) // per_sample))
-    accumulate = torch.promote_types(torch.float32, attn_bias.dtype)  # float32, or float64 for a float64 bias
-    grad_bias = torch.zeros(attn_bias.shape, dtype=accumulate, device=q.device)
+    if any(reduced) and dropout_p == 0.0 and per_sample:
+        compact = sum(term.numel() * 4 for term, _, _ in biases)
+        chunk = max(1, min(batch, max(compact, BIAS_GRAD_CHUNK_BYTES) // per_sample))
+    # float32, or float64 for a float64 bias
+    accumulate = [torch.promote_types(torch.float32, term.dtype) for term, _, _ in biases]
     if chunk >= batch:
-        dense = torch.zeros(bias.shape, dtype=accumulate, device=q.device)
+        dense = [torch.zeros(view.shape, dtype=dtype, device=q.device)
+                 for (_, view, _), dtype in zip(biases, accumulate)]
         grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, attn_bias=bias,
-                              grad_bias=dense, **options)
+                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, **options,
+                              **{key: buffer for (_, _, key), buffer in zip(biases, dense)})
         grads = tuple(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs))
-        grad_bias = dense.sum(reduced, keepdim=True) if reduced else dense
-        return (*grads, grad_bias.to(attn_bias.dtype), _sinks_grad_out(grad_sinks, sinks))
-
-    grads = [torch.empty_like(x) for x in (q, k, v)]
-    prefix_grads = [torch.zeros(x.shape, dtype=torch.promote_types(torch.float32, x.dtype), device=x.device)
-                    for x in (prefix_k, prefix_v)]
-    for start in range(0, batch, chunk):
-        rows = slice(start, min(batch, start + chunk))
-        dense = torch.zeros((rows.stop - rows.start, *bias.shape[1:]), dtype=accumulate, device=q.device)
-        if sinks is not None:
-            options["grad_sinks"] = torch.zeros_like(grad_sinks)
-        part = impl.backward(
-            grad_out[rows], None if grad_lse is None else grad_lse[rows], q[rows], k[rows], v[rows], prefix_k,
-            prefix_v, None if prefix_index is None else prefix_index[rows], prefix_lengths,
-            None if attn_mask is None else attn_mask[rows], seed, out[rows], lse[rows], causal, scale, dropout_p,
-            deterministic, attn_bias=bias[rows], grad_bias=dense, **options)
-        if sinks is not None:
-            grad_sinks += options["grad_sinks"]
-        for whole, piece in zip(grads, part[:3]):
-            whole[rows].copy_(piece)
-        for whole, piece in zip(prefix_grads, part[3:]):
-            whole += piece
-        if 0 in reduced:
-            grad_bias += dense.sum(reduced, keepdim=True)
-        else:
-            grad_bias[rows] = dense.sum(reduced, keepdim=True)
-    grads += [g.to(x.dtype) for g, x in zip(prefix_grads, (prefix_k, prefix_v))]
-    return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)), grad_bias.to(attn_bias.dtype),
-            _sinks_grad_out(grad_sinks, sinks))
+        bias_grads = [buffer.sum(dims, keepdim=True) if dims else buffer for buffer, dims in zip(dense, reduced)]
+    else:
+        grads = [torch.empty_like(x) for x in (q, k, v)]
+        prefix_grads = [torch.zeros(x.shape, dtype=torch.promote_types(torch.float32, x.dtype), device=x.device)
+                        for x in (prefix_k, prefix_v)]
+        bias_grads = [torch.zeros(term.shape, dtype=dtype, device=q.device)
+                      for (term, _, _), dtype in zip(biases, accumulate)]
+        for start in range(0, batch, chunk):
+            rows = slice(start, min(batch, start + chunk))
+            dense = [torch.zeros((rows.stop - rows.start, *view.shape[1:]), dtype=dtype, device=q.device)
+                     for (_, view, _), dtype in zip(biases, accumulate)]
+            chunk_options = dict(options)
+            for key in ("attn_bias", "prefix_bias"):
+                if chunk_options.get(key) is not None:
+                    chunk_options[key] = chunk_options[key][rows]
+            if sinks is not None:
+                chunk_options["grad_sinks"] = torch.zeros_like(grad_sinks)
+            part = impl.backward(
+                grad_out[rows], None if grad_lse is None else grad_lse[rows], q[rows], k[rows], v[rows], prefix_k,
+                prefix_v, None if prefix_index is None else prefix_index[rows], prefix_lengths,
+                None if attn_mask is None else attn_mask[rows], seed, out[rows], lse[rows], causal, scale, dropout_p,
+                deterministic, **chunk_options, **{key: buffer for (_, _, key), buffer in zip(biases, dense)})
+            if sinks is not None:
+                grad_sinks += chunk_options["grad_sinks"]
+            for whole, piece in zip(grads, part[:3]):
+                whole[rows].copy_(piece)
+            for whole, piece in zip(prefix_grads, part[3:]):
+                whole += piece
+            for whole, buffer, dims in zip(bias_grads, dense, reduced):
+                if 0 in dims:
+                    whole += buffer.sum(dims, keepdim=True)
+                else:
+                    whole[rows] = buffer.sum(dims, keepdim=True) if dims else buffer
+        grads += [g.to(x.dtype) for g, x in zip(prefix_grads, (prefix_k, prefix_v))]
+        grads = tuple(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs))
+    by_key = {key: g.to(term.dtype) for (term, _, key), g in zip(biases, bias_grads)}
+    return (*grads, by_key.get("grad_bias", no_grad()), _sinks_grad_out(grad_sinks, sinks),
+            by_key.get("grad_prefix_bias", no_grad()))
 
 
 def _sinks_grad_out(grad_sinks: Tensor, sinks: Optional[Tensor]) -> Tensor:
@@ -534,44 +574,53 @@ def _dense(x: Tensor) -> bool:
 
 @_prefix_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out,
-      lse, causal, scale, dropout_p, backend, deterministic, bias_grad, sinks=None, softcap=None):
+      lse, causal, scale, dropout_p, backend, deterministic, bias_grad, sinks=None, softcap=None, prefix_bias=None,
+      prefix_bias_grad=False):
     grads = tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))
     grad_sinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
-    if not bias_grad or attn_bias is None:
-        return (*grads, q.new_empty(0, dtype=torch.float32), grad_sinks)
-    return (*grads, torch.empty_like(attn_bias, memory_format=torch.contiguous_format), grad_sinks)
+    grad_bias, grad_prefix_bias = (q.new_empty(0, dtype=torch.float32) for _ in range(2))
+    if bias_grad and attn_bias is not None:
+        grad_bias = torch.empty_like(attn_bias, memory_format=torch.contiguous_format)
+    if prefix_bias_grad and prefix_bias is not None:
+        grad_prefix_bias = torch.empty_like(prefix_bias, memory_format=torch.contiguous_format)
+    return (*grads, grad_bias, grad_sinks, grad_prefix_bias)
 
 
 _BIAS_INPUT = 8  # the position of attn_bias among the forward op's inputs
 _SINKS_INPUT = 15  # and of sinks
+_PREFIX_BIAS_INPUT = 17  # and of prefix_bias
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale, dropout_p,
      backend, deterministic, *score_options) = inputs
-    sinks, softcap = (*score_options, None, None)[:2]  # a direct call of the op may leave out both
+    sinks, softcap, prefix_bias = (*score_options, None, None, None)[:3]  # a direct call may leave them out
     out, lse = output
     ctx.set_materialize_grads(False)  # an unused lse gets no gradient: the backends skip its terms
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                          out, lse, sinks)
+                          out, lse, sinks, prefix_bias)
     ctx.options = (causal, scale, dropout_p, backend, deterministic)
     ctx.softcap, ctx.num_inputs = softcap, len(inputs)
 
 
 def _backward(ctx, grad_out, grad_lse, backward_fn=None):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out, lse,
-     sinks) = ctx.saved_tensors
+     sinks, prefix_bias) = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     bias_grad = attn_bias is not None and ctx.needs_input_grad[_BIAS_INPUT]
-    *grads, grad_bias, grad_sinks = (backward_fn or torch.ops.ptv2_kernels.prefix_attention_backward)(
+    prefix_bias_grad = prefix_bias is not None and ctx.needs_input_grad[_PREFIX_BIAS_INPUT]
+    *grads, grad_bias, grad_sinks, grad_prefix_bias = (
+        backward_fn or torch.ops.ptv2_kernels.prefix_attention_backward)(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-        out, lse, *ctx.options, bias_grad, sinks, ctx.softcap)
+        out, lse, *ctx.options, bias_grad, sinks, ctx.softcap, prefix_bias, prefix_bias_grad)
     result = [*grads] + [None] * (ctx.num_inputs - len(grads))
     if bias_grad:
         result[_BIAS_INPUT] = grad_bias
     if sinks is not None and ctx.needs_input_grad[_SINKS_INPUT]:
         result[_SINKS_INPUT] = grad_sinks
+    if prefix_bias_grad:
+        result[_PREFIX_BIAS_INPUT] = grad_prefix_bias
     return tuple(result)
 
 
@@ -616,10 +665,10 @@ def _eager_path_serves(tensors) -> bool:
 
 
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-         dropout_p, backend, deterministic, sinks=None, softcap=None):
+         dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None):
     inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-              dropout_p, backend, deterministic, sinks, softcap)
-    tensors = inputs[:10] + (sinks,)
+              dropout_p, backend, deterministic, sinks, softcap, prefix_bias)
+    tensors = inputs[:10] + (sinks, prefix_bias)
     if EAGER_PATH and _eager_path_serves(tensors):
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
             return _forward_body(*inputs)  # nothing to differentiate: no autograd node to build

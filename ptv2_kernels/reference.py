@@ -33,6 +33,7 @@ def attention_ref(
     scale: Optional[float] = None,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    prefix_bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_keep: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -53,14 +54,15 @@ def attention_ref(
     ``softcap`` caps the scaled scores ``s`` of every key (prefix and sequence) to ``softcap * tanh(s / softcap)``
     before the additive terms and masks (Gemma2); ``sinks`` ``[Hq]`` are one logit per query head that joins each
     row's softmax denominator and is then dropped (GPT-OSS): ``p_j = exp(s_j) / (sum_i exp(s_i) + exp(sink))``,
-    and the lse includes it (a row that sees no key then has lse = sink and output 0).
+    and the lse includes it (a row that sees no key then has lse = sink and output 0). ``prefix_bias``, broadcastable
+    to ``[B, Hq, Nq, P]``, is added to the prefix columns' scores as ``attn_bias`` is to the sequence columns'.
 
     ``out`` is ``[B, Hq, Nq, D]`` and ``lse`` (natural log, -inf for a query that sees no key) ``[B, Hq, Nq]``,
     both in ``compute_dtype``.
     """
     keys, values, probs, lse, scale, _ = _attention_probs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
-        scale, compute_dtype, softcap, sinks)
+        scale, compute_dtype, softcap, sinks, prefix_bias)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
     return torch.matmul(_dropped(probs, keep, dropout_p), values), lse
 
@@ -123,6 +125,7 @@ def attention_ref_backward(
     scale: Optional[float] = None,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    prefix_bias: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     dropout_keep: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -130,8 +133,9 @@ def attention_ref_backward(
 ) -> tuple[Tensor, ...]:
     """Gradients of :func:`attention_ref` for ``q, k, v, prefix_k, prefix_v``, each in its input's dtype, and,
     when ``attn_bias`` is given, a sixth: the gradient of ``attn_bias`` in its shape and dtype (a float
-    ``attn_mask`` gets no gradient here: pass it as ``attn_bias`` to have one), and, when ``sinks`` is given, last
-    the gradient of ``sinks`` in its dtype.
+    ``attn_mask`` gets no gradient here: pass it as ``attn_bias`` to have one), then, when ``prefix_bias`` is given,
+    the gradient of ``prefix_bias`` in its shape and dtype, and, when ``sinks`` is given, last the gradient of
+    ``sinks`` in its dtype.
 
     With softcap the scores' gradient passes through the cap's derivative ``1 - tanh²(s / softcap)`` (the bias
     gradient does not: the bias is added after the cap). A sink's gradient is ``-sum_rows p_sink * Δ`` over the
@@ -143,7 +147,7 @@ def attention_ref_backward(
     """
     keys, values, probs, lse, scale, capped = _attention_probs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
-        scale, compute_dtype, softcap, sinks)
+        scale, compute_dtype, softcap, sinks, prefix_bias)
     dtype = probs.dtype
     grad_out = grad_out.to(dtype)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
@@ -174,21 +178,26 @@ def attention_ref_backward(
     grads = (grad_q.to(q.dtype), grad_k, grad_v, grad_prefix_k, grad_prefix_v)
     if sinks is not None:
         grad_sinks = -(_sink_probs(sinks, lse) * row_term.squeeze(-1)).sum((0, 2)).to(sinks.dtype)
-    if attn_bias is None:
-        return grads if sinks is None else (*grads, grad_sinks)
-    grad_bias = grad_logits[..., prefix_len:]
-    # Sum over the dims the bias was broadcast along: the leading dims it lacks, and its size-1 dims.
-    if grad_bias.dim() > attn_bias.dim():
-        grad_bias = grad_bias.sum(tuple(range(grad_bias.dim() - attn_bias.dim())))
-    broadcast = [dim for dim in range(attn_bias.dim()) if attn_bias.shape[dim] == 1 and grad_bias.shape[dim] != 1]
-    if broadcast:
-        grad_bias = grad_bias.sum(broadcast, keepdim=True)
-    grads = (*grads, grad_bias.to(attn_bias.dtype))
+    if attn_bias is not None:
+        grads = (*grads, _reduced_to(grad_logits[..., prefix_len:], attn_bias))
+    if prefix_bias is not None:
+        grads = (*grads, _reduced_to(grad_logits[..., :prefix_len], prefix_bias))
     return grads if sinks is None else (*grads, grad_sinks)
 
 
+def _reduced_to(grad: Tensor, term: Tensor) -> Tensor:
+    """The gradient of an additive term broadcast to ``grad``'s shape: summed over the leading dims it lacks and
+    its size-1 dims, in its dtype."""
+    if grad.dim() > term.dim():
+        grad = grad.sum(tuple(range(grad.dim() - term.dim())))
+    broadcast = [dim for dim in range(term.dim()) if term.shape[dim] == 1 and grad.shape[dim] != 1]
+    if broadcast:
+        grad = grad.sum(broadcast, keepdim=True)
+    return grad.to(term.dtype)
+
+
 def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask,
-                     attn_bias, causal, scale, compute_dtype, softcap=None, sinks=None):
+                     attn_bias, causal, scale, compute_dtype, softcap=None, sinks=None, prefix_bias=None):
     """The materialized keys/values [B, Hq, P + Nk, D], the softmax probabilities and lse, the scale, and with
     ``softcap`` the capped scores' tanh (None without)."""
     if compute_dtype is None:
@@ -216,6 +225,9 @@ def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, 
     for term in additive:  # on the sequence keys only: the prefix columns get a zero bias
         bias = term.to(compute_dtype).expand(batch, q_heads, q.shape[2], k.shape[2])
         scores = scores + torch.cat([bias.new_zeros(*bias.shape[:3], prefix_k.shape[2]), bias], dim=-1)
+    if prefix_bias is not None:  # the prefix columns' own additive term
+        bias = prefix_bias.to(compute_dtype).expand(batch, q_heads, q.shape[2], prefix_k.shape[2])
+        scores = scores + torch.cat([bias, bias.new_zeros(*bias.shape[:3], k.shape[2])], dim=-1)
     bool_mask = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
     visible = _visibility(q, k, prefix_k.shape[2], prefix_index, prefix_lengths, key_padding_mask, bool_mask,
                           causal)

@@ -51,7 +51,8 @@ def _flags(everything: bool, head_dim: int):
     return dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=everything,
                 HAS_LENGTHS=everything, HAS_KEY_PAD=everything, HAS_DENSE=everything, HAS_BIAS=everything,
                 CAUSAL=everything,
-                HAS_DROPOUT=everything, DOT_PRECISION="tf32", VARLEN=False, HAS_SOFTCAP=everything)
+                HAS_DROPOUT=everything, DOT_PRECISION="tf32", VARLEN=False, HAS_SOFTCAP=everything,
+                HAS_PREFIX_BIAS=everything)
 
 
 def _optional_pointers(flags, dtype):
@@ -64,7 +65,8 @@ def _optional_pointers(flags, dtype):
                              ("KeyPad", "HAS_KEY_PAD", "*u8"), ("Dense", "HAS_DENSE", "*u8"),
                              ("Bias", "HAS_BIAS", "*fp32"),
                              ("Seed", "HAS_DROPOUT", "*i64"), ("CuSeqQ", "VARLEN", "*i32"),
-                             ("CuSeqK", "VARLEN", "*i32"), ("Sinks", "HAS_SINKS", "*fp32")):
+                             ("CuSeqK", "VARLEN", "*i32"), ("Sinks", "HAS_SINKS", "*fp32"),
+                             ("PrefixBias", "HAS_PREFIX_BIAS", "*fp32")):
         if flag not in flags:  # HAS_SINKS: the forward's alone
             continue
         if flags[flag]:
@@ -94,9 +96,10 @@ def cases():
                    {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_SINKS": True, "BLOCK_M": 64}, (4, 1))
         yield ("backward_keys", kernels._backward_key_kernel, pointers,
                {**optional, **flags, "DETERMINISTIC": everything, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
-        yield ("backward_queries", kernels._backward_query_kernel, {**pointers, "DBias": "*fp32"},
-               {**optional, **flags, **blocks, "BIAS_GRAD": everything, **({} if everything else {"DBias": None})},
-               (8, 3))
+        yield ("backward_queries", kernels._backward_query_kernel,
+               {**pointers, "DBias": "*fp32", "DPrefixBias": "*fp32"},
+               {**optional, **flags, **blocks, "BIAS_GRAD": everything, "PREFIX_BIAS_GRAD": everything,
+                **({} if everything else {"DBias": None, "DPrefixBias": None})}, (8, 3))
         yield ("backward_preprocess", kernels._backward_preprocess_kernel,
                {"Out": dtype, "DOut": dtype, "Delta": "*fp32", **({"DLse": "*fp32"} if everything else {})},
                {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_DLSE": everything, "BLOCK_M": 64,
@@ -107,7 +110,8 @@ def cases():
                {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_INDEX": everything, "SUM_SAMPLES": everything,
                 "BLOCK_N": 64, **({} if everything else {"PrefixIndex": None})}, (4, 1))
     # packed sequences: no masks nor bias (the variable-length op takes none), everything else on
-    flags = {**_flags(True, 80), "HAS_KEY_PAD": False, "HAS_DENSE": False, "HAS_BIAS": False, "VARLEN": True}
+    flags = {**_flags(True, 80), "HAS_KEY_PAD": False, "HAS_DENSE": False, "HAS_BIAS": False, "VARLEN": True,
+             "HAS_PREFIX_BIAS": False}
     pointers, optional = _optional_pointers(flags, "*bf16")
     forward_pointers, forward_optional = _optional_pointers({**flags, "HAS_SINKS": True}, "*bf16")
     yield ("forward_varlen", kernels._forward_kernel, forward_pointers,
@@ -116,7 +120,8 @@ def cases():
     yield ("backward_keys_varlen", kernels._backward_key_kernel, pointers,
            {**optional, **flags, "DETERMINISTIC": True, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
     yield ("backward_queries_varlen", kernels._backward_query_kernel, pointers,
-           {**optional, **flags, "BLOCK_M": 128, "BLOCK_N": 64, "BIAS_GRAD": False, "DBias": None}, (8, 3))
+           {**optional, **flags, "BLOCK_M": 128, "BLOCK_N": 64, "BIAS_GRAD": False, "DBias": None,
+            "PREFIX_BIAS_GRAD": False, "DPrefixBias": None}, (8, 3))
     yield ("dropout_mask", kernels._dropout_mask_kernel, {"Keep": "*i8", "Seed": "*i64"},
            {"BLOCK_M": 16, "BLOCK_N": 128}, (4, 1))
 

@@ -24,6 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptv2_kernels
+from ptv2_kernels import backends
 from ptv2_kernels.reference import attention_ref, attention_ref_backward
 
 from .conftest import DEVICE
@@ -44,6 +45,25 @@ def poison_uninitialized_memory():
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(previous)
+
+
+TRITON_REASON = backends.unavailable_reason("triton")
+needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton unavailable: {TRITON_REASON}")
+# The backends that serve every score option (softcap, sinks, prefix_bias)
+SCORE_OPTION_BACKENDS = [pytest.param("triton", marks=needs_triton), "reference"]
+
+
+def small_float64_problem(seed=0, B=2, Hq=4, Hkv=2, Nq=5, Nk=6, D=8, P=3, T=2):
+    """Small float64 ``[q, k, v, prefix_k, prefix_v]`` (a bank of T) for the oracle's own tests, and the generator
+    that drew them (for the test's other draws)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    tensors = [randn(B, Hq, Nq, D) * 2, randn(B, Hkv, Nk, D), randn(B, Hkv, Nk, D), randn(T, Hkv, P, D),
+               randn(T, Hkv, P, D)]
+    return tensors, gen
 
 
 @dataclasses.dataclass
@@ -69,6 +89,9 @@ class Case:
     bias: str = "none"  # additive attn_bias: "none", "heads" [B, Hq, Nq, Nk], "shared" [1, 1, Nq, Nk] with -inf
     softcap: Optional[float] = None  # the op's score cap
     sinks: bool = False  # float32 attention sinks [Hq], as a float32 parameter of a half model would be
+    # additive prefix_bias on the prefix columns: "none", "heads" [B, Hq, Nq, P] float32, "shared" [1, Hq, Nq, P] in
+    # q's dtype with -inf entries (a position bias shared by the batch, as T5's)
+    prefix_bias: str = "none"
 
 
 def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
@@ -124,6 +147,12 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     elif case.bias == "shared":  # broadcast over samples and heads; -inf entries hide keys like a mask
         bias = torch.randn(1, 1, Nq, Nk, generator=gen).to(dtype)
         kwargs["attn_bias"] = bias.masked_fill(torch.rand(1, 1, Nq, Nk, generator=gen) < 0.2, float("-inf")).to(DEVICE)
+    if case.prefix_bias == "heads":
+        kwargs["prefix_bias"] = (torch.randn(B, Hq, Nq, P, generator=gen) * 2).to(DEVICE)
+    elif case.prefix_bias == "shared":
+        bias = torch.randn(1, Hq, Nq, P, generator=gen).to(dtype)
+        kwargs["prefix_bias"] = bias.masked_fill(torch.rand(1, Hq, Nq, P, generator=gen) < 0.2,
+                                                 float("-inf")).to(DEVICE)
     if case.softcap is not None:
         kwargs["softcap"] = case.softcap
     if case.sinks:  # about the scores' size, so that a sink takes a fair share of its rows
@@ -152,9 +181,10 @@ def backend_mask(kwargs):
 
 def run_backend(inputs, kwargs, deterministic=False, seed=1, backend="triton"):
     """Forward with lse, then backward with random dO and dlse. Returns (out, lse, grads, (dO, dlse)); the grads
-    of q, k, v, prefix_k, prefix_v, then of attn_bias and of sinks when there are."""
+    of q, k, v, prefix_k, prefix_v, then of attn_bias, prefix_bias and sinks when there are (the reference
+    backward's order)."""
     leaves = [t.detach().requires_grad_(True) for t in inputs]
-    for name in ("attn_bias", "sinks"):
+    for name in ("attn_bias", "prefix_bias", "sinks"):
         if kwargs.get(name) is not None:
             kwargs = dict(kwargs, **{name: kwargs[name].detach().requires_grad_(True)})
             leaves.append(kwargs[name])
@@ -217,7 +247,8 @@ def check_against_reference(case: Case, dtype: torch.dtype, deterministic=False,
     assert (out[~seen] == 0).all(), "a query that sees no key outputs 0"
     assert_close_to_reference("out", out, oracle[0], same_precision[0], dtype)
     assert_close_to_reference("lse", lse[seen], oracle[1][seen], same_precision[1][seen].float(), torch.float32)
-    names = ["dq", "dk", "dv", "dprefix_k", "dprefix_v"] + ["dbias"] * (case.bias != "none") + ["dsinks"] * case.sinks
+    names = (["dq", "dk", "dv", "dprefix_k", "dprefix_v"] + ["dbias"] * (case.bias != "none")
+             + ["dprefix_bias"] * (case.prefix_bias != "none") + ["dsinks"] * case.sinks)
     assert len(grads) == len(oracle[2]) == len(names)
     for name, grad, want, pt in zip(names, grads, oracle[2], same_precision[2]):
         assert_close_to_reference(name, grad, want, pt, min(dtype, grad.dtype, key=lambda d: torch.finfo(d).bits))

@@ -27,13 +27,10 @@ from ptv2_kernels.reference import attention_ref, attention_ref_backward, attent
 
 from .conftest import DEVICE
 from .kernel_cases import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
-    Case, assert_close_to_reference, check_against_reference, force_kv_splits, make_inputs,
-    poison_uninitialized_memory, run_backend,
+    SCORE_OPTION_BACKENDS as BACKENDS, TRITON_REASON, Case, assert_close_to_reference, check_against_reference,
+    force_kv_splits, make_inputs, needs_triton, poison_uninitialized_memory, run_backend, small_float64_problem,
 )
 
-TRITON_REASON = backends.unavailable_reason("triton")
-needs_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"Triton unavailable: {TRITON_REASON}")
-BACKENDS = [pytest.param("triton", marks=needs_triton), "reference"]
 F64 = dict(rtol=1e-12, atol=1e-12)
 
 
@@ -41,14 +38,12 @@ F64 = dict(rtol=1e-12, atol=1e-12)
 # (a) the oracle
 # ----------------------------------------------------------------------------------------------------------------
 
-def _small(seed=0, B=2, Hq=4, Hkv=2, Nq=5, Nk=6, D=8, P=3, T=2):
-    gen = torch.Generator().manual_seed(seed)
+def _small(seed=0, B=2, Hq=4, Nq=5, Nk=6, P=3):
+    tensors, gen = small_float64_problem(seed, B=B, Hq=Hq, Nq=Nq, Nk=Nk, P=P)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    tensors = [randn(B, Hq, Nq, D) * 2, randn(B, Hkv, Nk, D), randn(B, Hkv, Nk, D), randn(T, Hkv, P, D),
-               randn(T, Hkv, P, D)]
     padding = torch.rand(B, Nk, generator=gen) > 0.3
     padding[0] = False  # sample 0 sees its prefix alone
     options = dict(prefix_index=torch.tensor([1, 0])[:B], prefix_lengths=torch.tensor([P, 0]),

@@ -24,6 +24,10 @@ concatenated, expanded or made contiguous.
   taken before). HAS_SINKS adds each head's sink logit to the forward's softmax denominator; the backward needs no
   flag, its probabilities coming from the lse, which includes the sink (the sinks' gradient, −Σ p_sink · Δ over
   the rows, is a reduction the launcher runs).
+* Biases — HAS_BIAS adds a ``[B, Hq, Nq, Nk]`` view to the sequence keys' scores, HAS_PREFIX_BIAS a
+  ``[B, Hq, Nq, P]`` view to the prefix keys' (a prefix placed in a model's cache would get a position bias there:
+  T5's, ALiBi's). Each stage reads its own; the dQ kernel writes each one's gradient where asked (BIAS_GRAD,
+  PREFIX_BIAS_GRAD).
 """
 
 from __future__ import annotations
@@ -268,17 +272,18 @@ def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stri
 @triton.jit
 def _forward_kernel(
     Q, K, V, PK, PV, Out, Lse, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed, CuSeqQ, CuSeqK, Sinks,
+    PrefixBias,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_os, stride_ob, stride_oh, stride_om, stride_ls, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm,
-    stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_mn, stride_bb, stride_bh, stride_bm, stride_bn, stride_pbb, stride_pbh, stride_pbm, stride_pbn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, dropout_p, num_splits,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
     SPLIT_KV: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREFIX_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
     (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
@@ -288,7 +293,8 @@ def _forward_kernel(
     With SPLIT_KV (too few programs to fill the GPU), program (block, split) attends to the split-th of
     ``num_splits`` equal runs of key blocks of [prefix blocks ; sequence blocks] and writes its own normalized
     output and lse at offsets ``split · stride_os`` / ``split · stride_ls``; ``_combine_splits_kernel`` merges
-    them. An additive bias (HAS_BIAS) applies to the sequence keys' scores only. HAS_SOFTCAP caps every key's
+    them. An additive bias (HAS_BIAS) applies to the sequence keys' scores, a second one (HAS_PREFIX_BIAS,
+    ``[B, Hq, Nq, P]``) to the prefix keys' scores. HAS_SOFTCAP caps every key's
     score before the bias (``qk_scale`` is then scale / cap, in natural units, and ``cap_log2`` = cap · log2 e);
     HAS_SINKS adds ``exp(Sinks[h])`` to each row's denominator (with SPLIT_KV, in the merge of the splits).
 
@@ -335,6 +341,7 @@ def _forward_kernel(
     key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
     dense = _operand_base(Dense, b, head_col, stride_mb, stride_mh, HAS_DENSE)
     bias = _operand_base(Bias, b, head_col, stride_bb, stride_bh, HAS_BIAS)
+    prefix_bias = _operand_base(PrefixBias, b, head_col, stride_pbb, stride_pbh, HAS_PREFIX_BIAS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -352,18 +359,18 @@ def _forward_kernel(
         prefix_lo, prefix_hi = tl.minimum(lo, prefix_span), tl.minimum(lo + per_split, prefix_keys)
         seq_lo, seq_hi = tl.maximum(lo - prefix_span, 0), tl.minimum(lo + per_split - prefix_span, seq_end)
 
-    # Stage 1: the prefix. Always visible (no mask, no bias, no causal rule): only its last partial block is
-    # masked, and only for bounds.
+    # Stage 1: the prefix. Always visible (no mask, no causal rule; only its own bias): only its last partial block
+    # is masked, and only for bounds.
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
     PVb = PV + entry * stride_pvt + hkv * stride_pvh
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                                    prefix_lo, prefix_hi, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m,
                                    offs_d, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                    seed, stream, 0, cols_total, dropout_p, qk_scale, cap_log2,
-                                   bias, stride_bm, stride_bn,
+                                   prefix_bias, stride_pbm, stride_pbn,
                                    HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                                   HAS_BIAS=False, HAS_SOFTCAP=HAS_SOFTCAP)
+                                   HAS_BIAS=HAS_PREFIX_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
 
     # Stage 2: the sequence, with the caller's masks, bias and causal rule.
     Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
@@ -533,18 +540,19 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
 @triton.jit
 def _backward_key_kernel(
     Q, K, V, PK, PV, DOut, Lse, Delta, DK, DV, PrefixGradK, PrefixGradV,
-    PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed, CuSeqQ, CuSeqK,
+    PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, Seed, CuSeqQ, CuSeqK, PrefixBias,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
+    stride_bb, stride_bh, stride_bm, stride_bn, stride_pbb, stride_pbh, stride_pbm, stride_pbn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, sm_scale, dropout_p,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """dK/dV of one key block (prefix blocks first, then sequence blocks) of one key/value head of one sample.
 
@@ -595,10 +603,10 @@ def _backward_key_kernel(
                     DOut + b * stride_dob + q_start * stride_dom + h * stride_doh, Lse, Delta, stride_qm, stride_dom,
                     stride_dod, _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN), 0, q_len, offs_n, offs_d,
                     q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
-                    (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, cap_log2, Bias,
-                    stride_bm, stride_bn,
+                    (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, cap_log2,
+                    _operand_base(PrefixBias, b, h, stride_pbb, stride_pbh, HAS_PREFIX_BIAS), stride_pbm, stride_pbn,
                     HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=False,
-                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False,
+                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_PREFIX_BIAS,
                     HAS_SOFTCAP=HAS_SOFTCAP)
             # One sample's share of the bank entry's gradient: [S, Hkv, P, D] float32 buffers indexed by the
             # entry (atomics) or by the sample (deterministic, summed in order by the finalize kernel).
@@ -740,22 +748,25 @@ def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, str
 @triton.jit
 def _backward_query_kernel(
     Q, K, V, PK, PV, DOut, Lse, Delta, DQ, PrefixIndex, PrefixLengths, KeyPad, Dense, Bias, DBias, Seed, CuSeqQ,
-    CuSeqK,
+    CuSeqK, PrefixBias, DPrefixBias,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm,
     stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
-    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_pbb, stride_pbh, stride_pbm, stride_pbn,
+    stride_dpbb, stride_dpbh, stride_dpbm, stride_dpbn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, sm_scale, dropout_p,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_BIAS: tl.constexpr,
+    PREFIX_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one head of one sample: the forward's two stages, replayed. With BIAS_GRAD it
-    also writes the bias gradient of the sequence keys it visits (the caller zeroes the rest). VARLEN: packed
-    sequences, programs numbered as in the forward."""
+    also writes the bias gradient of the sequence keys it visits (the caller zeroes the rest), with
+    PREFIX_BIAS_GRAD the prefix bias's of the prefix keys it visits. VARLEN: packed sequences, programs numbered as
+    in the forward."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -789,6 +800,8 @@ def _backward_query_kernel(
     dense = _operand_base(Dense, b, h, stride_mb, stride_mh, HAS_DENSE)
     bias = _operand_base(Bias, b, h, stride_bb, stride_bh, HAS_BIAS)
     dbias = _operand_base(DBias, b, h, stride_dbb, stride_dbh, BIAS_GRAD)
+    prefix_bias = _operand_base(PrefixBias, b, h, stride_pbb, stride_pbh, HAS_PREFIX_BIAS)
+    d_prefix_bias = _operand_base(DPrefixBias, b, h, stride_dpbb, stride_dpbh, PREFIX_BIAS_GRAD)
     dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
 
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
@@ -796,10 +809,11 @@ def _backward_query_kernel(
     dq = _query_grad_staged(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                             0, prefix_keys, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m, offs_d, q_len, 0,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
-                            dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            dropout_p, qk_scale, cap_log2, prefix_bias, stride_pbm, stride_pbn,
+                            d_prefix_bias, stride_dpbm, stride_dpbn,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
-                            HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=False,
-                            BIAS_GRAD=False, HAS_SOFTCAP=HAS_SOFTCAP)
+                            HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
+                            HAS_BIAS=HAS_PREFIX_BIAS, BIAS_GRAD=PREFIX_BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP)
     Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
     Vb = V + b * stride_vb + k_start * stride_vn + hkv * stride_vh
     diag = k_len - q_len

@@ -236,7 +236,7 @@ def _strides3(x: torch.Tensor, packing) -> tuple:
 
 
 def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p,
-                       packing=None, softcap=None):
+                       packing=None, softcap=None, prefix_bias=None):
     """Kernel arguments shared by every launch: sizes, autotuning classes and compile-time flags. Packed sequences
     pass their longest lengths as the lengths."""
     batch, q_heads, q_len, head_dim = q.shape
@@ -252,7 +252,7 @@ def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, 
                  HAS_LENGTHS=prefix_lengths is not None, HAS_KEY_PAD=attn_mask is not None and attn_mask.dim() == 2,
                  HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, HAS_BIAS=attn_bias is not None,
                  CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="tf32" if use_tf32 else "ieee",
-                 VARLEN=packing is not None, HAS_SOFTCAP=softcap is not None)
+                 VARLEN=packing is not None, HAS_SOFTCAP=softcap is not None, HAS_PREFIX_BIAS=prefix_bias is not None)
     return sizes, classes, flags
 
 
@@ -289,9 +289,9 @@ def _mask_args(attn_mask):
     return None, mask, (0, 0, *mask.stride())
 
 
-def _bias_strides(attn_bias):
-    """Strides of the [B, Hq, Nq, Nk] bias view (0 along broadcast dims), or zeros without a bias."""
-    return (0, 0, 0, 0) if attn_bias is None else attn_bias.stride()
+def _bias_strides(bias):
+    """Strides of a [B, Hq, Nq, Nk] (or [B, Hq, Nq, P]) bias view (0 along broadcast dims), or zeros without one."""
+    return (0, 0, 0, 0) if bias is None else bias.stride()
 
 
 def _query_block_grid(q_len, q_heads, batch):
@@ -326,14 +326,14 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
-            attn_bias=None, softcap=None, sinks=None):
+            attn_bias=None, softcap=None, sinks=None, prefix_bias=None):
     batch, q_heads, q_len, head_dim = q.shape
     out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                    causal, scale, dropout_p, softcap=softcap, sinks=sinks)
+                    causal, scale, dropout_p, softcap=softcap, sinks=sinks, prefix_bias=prefix_bias)
     return out, lse
 
 
@@ -353,12 +353,12 @@ def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_
 
 
 def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                    causal, scale, dropout_p, packing=None, softcap=None, sinks=None):
+                    causal, scale, dropout_p, packing=None, softcap=None, sinks=None, prefix_bias=None):
     """Write ``out`` and ``lse`` of a forward on 4-D operands (``[1, H, total, D]`` views for packed sequences)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = k.shape[1]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing, softcap)
+                                               causal, dropout_p, packing, softcap, prefix_bias)
     sinks = _sinks_arg(sinks)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
     if packing is not None:
@@ -386,9 +386,10 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
     dest_strides = dest.stride()[-4:-1] if packing is None else _strides3(dest, packing)
     _forward[grid](
         q, k, v, prefix_k, prefix_v, dest, dest_lse, prefix_index, prefix_lengths, key_pad, dense, attn_bias, seed,
-        *cu_seqlens, sinks, *_strides3(q, packing), *_strides3(k, packing), *_strides3(v, packing),
+        *cu_seqlens, sinks, prefix_bias, *_strides3(q, packing), *_strides3(k, packing), *_strides3(v, packing),
         *prefix_k.stride(), *prefix_v.stride(), dest.stride(0) if splits > 1 else 0, *dest_strides,
-        dest_lse.stride(0) if splits > 1 else 0, *mask_strides, *_bias_strides(attn_bias), *sizes,
+        dest_lse.stride(0) if splits > 1 else 0, *mask_strides, *_bias_strides(attn_bias),
+        *_bias_strides(prefix_bias), *sizes,
         *_score_scales(scale, softcap), dropout_p, splits, *varlen_sizes, *classes, PACK_GQA=pack,
         SPLIT_KV=splits > 1, HAS_SINKS=sinks is not None, **flags)
     if splits > 1:
@@ -399,14 +400,15 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
              lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, softcap=None,
-             sinks=None, grad_sinks=None):
+             sinks=None, grad_sinks=None, prefix_bias=None, grad_prefix_bias=None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), d_prefix_k.zero_(), d_prefix_v.zero_()
     _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                      out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
-                     dq, dk, dv, d_prefix_k, d_prefix_v, softcap=softcap, sinks=sinks, grad_sinks=grad_sinks)
+                     dq, dk, dv, d_prefix_k, d_prefix_v, softcap=softcap, sinks=sinks, grad_sinks=grad_sinks,
+                     prefix_bias=prefix_bias, grad_prefix_bias=grad_prefix_bias)
     return dq, dk, dv, d_prefix_k, d_prefix_v
 
 
@@ -430,15 +432,17 @@ def backward_varlen(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_
 
 def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                      out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
-                     dq, dk, dv, d_prefix_k, d_prefix_v, packing=None, softcap=None, sinks=None, grad_sinks=None):
+                     dq, dk, dv, d_prefix_k, d_prefix_v, packing=None, softcap=None, sinks=None, grad_sinks=None,
+                     prefix_bias=None, grad_prefix_bias=None):
     """Write the five gradients of a backward on 4-D operands (``[1, H, total, D]`` views and a ``[1, Hq, total]``
-    lse for packed sequences), the bias gradient into ``grad_bias`` when it is a non-empty tensor, and the sinks'
-    into ``grad_sinks`` when there are sinks (the kernels need no sink: the lse includes it)."""
+    lse for packed sequences), the bias gradient into ``grad_bias`` and the prefix bias's into
+    ``grad_prefix_bias`` when they are non-empty tensors, and the sinks' into ``grad_sinks`` when there are sinks
+    (the kernels need no sink: the lse includes it)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing, softcap)
+                                               causal, dropout_p, packing, softcap, prefix_bias)
     qk_scale, cap_log2 = _score_scales(scale, softcap)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
 
@@ -469,18 +473,23 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
     if prefix_len + sizes[2] > 0:
         _backward_keys[key_grid](
             q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dk, dv, partial_k, partial_v, prefix_index,
-            prefix_lengths, key_pad, dense, attn_bias, seed, *cu_seqlens, *common, *_strides3(dk, packing),
-            *_strides3(dv, packing), *mask_strides, *_bias_strides(attn_bias), *sizes, qk_scale, cap_log2, scale,
+            prefix_lengths, key_pad, dense, attn_bias, seed, *cu_seqlens, prefix_bias, *common, *_strides3(dk, packing),
+            *_strides3(dv, packing), *mask_strides, *_bias_strides(attn_bias), *_bias_strides(prefix_bias), *sizes,
+            qk_scale, cap_log2, scale,
             dropout_p, *varlen_sizes, *classes, DETERMINISTIC=deterministic, **flags)
     else:
         dk.zero_()
         dv.zero_()
     bias_grad = grad_bias is not None and grad_bias.numel() > 0
+    prefix_bias_grad = grad_prefix_bias is not None and grad_prefix_bias.numel() > 0
     _backward_queries[query_grid](
         q, k, v, prefix_k, prefix_v, grad_out, lse, delta, dq, prefix_index, prefix_lengths, key_pad, dense,
-        attn_bias, grad_bias if bias_grad else None, seed, *cu_seqlens, *common, *_strides3(dq, packing),
-        *mask_strides, *_bias_strides(attn_bias), *(grad_bias.stride() if bias_grad else (0, 0, 0, 0)), *sizes,
-        qk_scale, cap_log2, scale, dropout_p, *varlen_sizes, *classes, BIAS_GRAD=bias_grad, **flags)
+        attn_bias, grad_bias if bias_grad else None, seed, *cu_seqlens, prefix_bias,
+        grad_prefix_bias if prefix_bias_grad else None, *common, *_strides3(dq, packing),
+        *mask_strides, *_bias_strides(attn_bias), *_bias_strides(grad_bias if bias_grad else None),
+        *_bias_strides(prefix_bias), *_bias_strides(grad_prefix_bias if prefix_bias_grad else None), *sizes,
+        qk_scale, cap_log2, scale, dropout_p, *varlen_sizes, *classes, BIAS_GRAD=bias_grad,
+        PREFIX_BIAS_GRAD=prefix_bias_grad, **flags)
     if prefix_len > 0:
         _prefix_grad_finalize_kernel[(_cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
             partial_k, partial_v, d_prefix_k, d_prefix_v, prefix_index, *d_prefix_k.stride(), *d_prefix_v.stride(),
