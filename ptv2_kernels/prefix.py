@@ -25,6 +25,10 @@ _FORMAT = "ptv2_kernels.prefix_bank"
 _FORMAT_VERSION = 1
 
 
+# What a model's position-dependent score bias gives the prefix keys (PrefixBank's position_bias).
+POSITION_BIASES = ("none", "cached")
+
+
 class PrefixSlot(NamedTuple):
     """One attention that receives a prefix: its name (``"layer.3"``, ``"encoder.0"``, ``"decoder.1"``,
     ``"cross.1"``), and the key/value head count and head dim of that attention."""
@@ -215,13 +219,20 @@ class PrefixBank(nn.Module):
         projection_hidden, embed_dim, dropout: see :class:`PrefixEncoder`.
         task_names: optional T names, so that ``task_ids`` may be given by name.
         model_type: the ``config.model_type`` of the model the bank was built for (checked by ``patch``).
+        position_bias: what a position-dependent score bias of the model (T5's relative position bias) gives the
+            prefix keys: ``"none"`` (no bias: Li & Liang's prefix tuning, the default) or ``"cached"`` (the bias a
+            cache holding the prefix in front of the sequence gives them, as PEFT's prefix tuning does;
+            :meth:`from_peft` sets it). See docs/integration.md.
     """
 
     def __init__(self, slots, num_tasks: int = 1, prefix_len: Union[int, Sequence[int]] = 16, *,
                  projection_hidden: Optional[int] = None, embed_dim: Optional[int] = None, dropout: float = 0.0,
                  task_names: Optional[Sequence[str]] = None, model_type: Optional[str] = None, device=None,
-                 dtype=None):
+                 dtype=None, position_bias: str = "none"):
         super().__init__()
+        if position_bias not in POSITION_BIASES:
+            raise ValueError(f"position_bias must be one of {POSITION_BIASES}, got {position_bias!r}")
+        self.position_bias = position_bias
         num_tasks = _positive_int("num_tasks", num_tasks)
         if isinstance(prefix_len, int) and not isinstance(prefix_len, bool):
             lengths = [_positive_int("prefix_len", prefix_len)] * num_tasks
@@ -336,6 +347,7 @@ class PrefixBank(nn.Module):
             "dropout": encoder.dropout.p if encoder.dropout is not None else 0.0,
             "task_names": self.task_names,
             "model_type": self.model_type,
+            "position_bias": self.position_bias,
         }
 
     @classmethod
@@ -348,7 +360,7 @@ class PrefixBank(nn.Module):
         return cls([tuple(slot) for slot in config["slots"]], config["num_tasks"], config["prefix_len"],
                    projection_hidden=config["projection_hidden"], embed_dim=config["embed_dim"],
                    dropout=config["dropout"], task_names=config["task_names"], model_type=config["model_type"],
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, position_bias=config.get("position_bias", "none"))
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write the bank to ``path`` as one safetensors file (tensors plus the configuration as metadata)."""
@@ -378,13 +390,14 @@ class PrefixBank(nn.Module):
     def for_model(cls, model, num_tasks: int = 1, prefix_len: Union[int, Sequence[int]] = 16, *,
                   projection_hidden: Optional[int] = None, attentions: Optional[Sequence[str]] = None,
                   dropout: float = 0.0, task_names: Optional[Sequence[str]] = None, device=None,
-                  dtype=None) -> "PrefixBank":
+                  dtype=None, position_bias: str = "none") -> "PrefixBank":
         """A bank shaped for a Hugging Face transformers model: one slot per attention, read from its config.
 
         Layers, key/value heads (GQA) and head dims come from the config. Encoder-decoder models get encoder,
         decoder and cross-attention slots (Li & Liang); ``attentions`` picks a subset of ``("encoder", "decoder",
         "cross")``. The MLP's input width (with ``projection_hidden``) is the model's hidden size. Parameters are
         created on the model's device unless ``device`` is given, in float32 unless ``dtype`` is given.
+        ``position_bias``: see the class.
         """
         from .integrations.hf_transformers import prefix_layout
 
@@ -394,7 +407,7 @@ class PrefixBank(nn.Module):
         return cls(slots, num_tasks, prefix_len, projection_hidden=projection_hidden,
                    embed_dim=hidden if projection_hidden is not None else None, dropout=dropout,
                    task_names=task_names, model_type=getattr(model.config, "model_type", None), device=device,
-                   dtype=dtype)
+                   dtype=dtype, position_bias=position_bias)
 
     @classmethod
     def from_peft(cls, peft_model, adapter_name: Optional[str] = None) -> "PrefixBank":
@@ -429,4 +442,5 @@ class PrefixBank(nn.Module):
         return export_peft_adapter(self, directory, task_type=task_type, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, prefix_lengths={self.lengths()}, model_type={self.model_type!r}"
+        extra = "" if self.position_bias == "none" else f", position_bias={self.position_bias!r}"
+        return f"num_tasks={self.num_tasks}, prefix_lengths={self.lengths()}, model_type={self.model_type!r}{extra}"

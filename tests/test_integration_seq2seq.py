@@ -59,12 +59,17 @@ def test_bart_matches_peft(layers):
         summed[:, (2 * i) % layers] += ours_grad[:, i]
     assert_close_scaled(summed, peft_grad, REL, "prefix gradient")
 
+    _assert_generates_as_peft(peft_model, ours, input_ids, mask, REL)
+
+
+def _assert_generates_as_peft(peft_model, ours, input_ids, mask, rel):
+    """Greedy ``generate``: the same tokens, and scores within ``rel`` of the largest."""
     first = peft_model.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
     second = ours.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
     assert torch.equal(first.sequences, second.sequences)
     for a, b in zip(first.scores, second.scores):
         assert torch.equal(a.isinf(), b.isinf())  # min_new_tokens sets the end token's score to -inf
-        assert_close_scaled(b.masked_fill(b.isinf(), 0), a.masked_fill(a.isinf(), 0), REL, "scores")
+        assert_close_scaled(b.masked_fill(b.isinf(), 0), a.masked_fill(a.isinf(), 0), rel, "scores")
 
 
 def _oracle_attention(module, hidden, kv_states, prefix_k, prefix_v, causal):
@@ -288,3 +293,99 @@ def test_t5_generate_and_mixed_tasks():
     loss.backward()
     grad = bank.encoder.embedding.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+# A bank placed where a cache would hold it (position_bias="cached", what from_peft imports): the prefix columns
+# get T5's relative position bias of their cache positions, as PEFT's prefix does.
+
+T5_FAMILIES = ["t5", "mt5", "umt5"]
+
+
+def _t5_family_model(model_type, seed=0):
+    config_class = {"t5": transformers.T5Config, "mt5": transformers.MT5Config, "umt5": transformers.UMT5Config}
+    model_class = {"t5": transformers.T5ForConditionalGeneration, "mt5": transformers.MT5ForConditionalGeneration,
+                   "umt5": transformers.UMT5ForConditionalGeneration}
+    config = config_class[model_type](vocab_size=100, d_model=32, d_kv=16, num_layers=2, num_heads=2, d_ff=64,
+                                      dropout_rate=0.0, relative_attention_num_buckets=8, pad_token_id=1,
+                                      eos_token_id=2, decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    return model_class[model_type](config).eval()
+
+
+@pytest.mark.parametrize("model_type", T5_FAMILIES)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    backends.unavailable_reason("triton") is not None, reason=f"Triton: {backends.unavailable_reason('triton')}"))])
+def test_t5_family_matches_peft_exactly(model_type, backend):
+    """from_peft + positions="shifted": logits, the prefix's gradient and generate equal PEFT's, whose prefix sits
+    in the decoder's cache and gets the relative position bias there."""
+    model = _t5_family_model(model_type)
+    peft_model = peft_twin(model, "SEQ_2_SEQ_LM", num_virtual_tokens=3)
+    ours, bank = patched_twin(model, peft_model, backend=backend)
+    assert bank.position_bias == "cached"
+    input_ids, mask = random_batch(3, 7, padding="right")
+    decoder_ids, _ = random_batch(3, 5, seed=4)
+    expected = peft_model(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    actual = ours(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+    rel = REL if backend == "reference" else TRITON_REL
+    assert_close_scaled(actual, expected, rel, "logits")
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3))
+    (expected * weights).sum().backward()
+    (actual * weights).sum().backward()
+    layers = len(bank.slots)
+    peft_grad = peft_model.prompt_encoder.default.embedding.weight.grad.view(3, layers, -1)
+    ours_grad = bank.encoder.embedding.weight.grad.view(3, layers, -1)
+    summed = torch.zeros_like(peft_grad)
+    for i in range(layers):
+        summed[:, (2 * i) % layers] += ours_grad[:, i]
+    assert_close_scaled(summed, peft_grad, rel, "prefix gradient")
+
+    _assert_generates_as_peft(peft_model, ours, input_ids, mask, rel)
+
+
+def test_t5_cached_bias_without_peft_differs_from_none_and_follows_each_tasks_length():
+    """Without PEFT: the cached bias moves the logits (by far more than the tolerance), and in a batch mixing two
+    tasks of different lengths each sample equals its task alone in a bank of that one length."""
+    model = _t5_family_model("t5")
+    lengths = [3, 2]
+    banks = {}
+    for position_bias in ("none", "cached"):
+        bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=lengths,
+                                                 position_bias=position_bias)
+        with torch.no_grad():
+            bank.encoder.embedding.weight.copy_(torch.randn(bank.encoder.embedding.weight.shape,
+                                                            generator=torch.Generator().manual_seed(5)) * 0.5)
+        banks[position_bias] = bank
+    input_ids, mask = random_batch(2, 6, padding="right", seed=3)
+    decoder_ids, _ = random_batch(2, 4, seed=2)
+    tasks = torch.tensor([0, 1])
+    logits = {}
+    for position_bias, bank in banks.items():
+        patched = copy.deepcopy(model)
+        ptv2_kernels.patch(patched, bank, backend="reference")
+        with torch.no_grad():
+            logits[position_bias] = patched(input_ids=input_ids, attention_mask=mask, decoder_input_ids=decoder_ids,
+                                            task_ids=tasks).logits
+    assert (logits["cached"] - logits["none"]).abs().max() > 1e-2
+    for i, task in enumerate(tasks.tolist()):
+        alone = ptv2_kernels.PrefixBank.for_model(model, prefix_len=lengths[task], position_bias="cached")
+        with torch.no_grad():  # the task's own keys/values, as a bank of its length holds them
+            flat = banks["cached"].encoder.embedding.weight.view(2, max(lengths), -1)[task, :lengths[task]]
+            alone.encoder.embedding.weight.copy_(flat.reshape(alone.encoder.embedding.weight.shape))
+        patched = copy.deepcopy(model)
+        ptv2_kernels.patch(patched, alone, backend="reference")
+        with torch.no_grad():
+            single = patched(input_ids=input_ids[i:i + 1], attention_mask=mask[i:i + 1],
+                             decoder_input_ids=decoder_ids[i:i + 1]).logits
+        assert_close_scaled(logits["cached"][i:i + 1], single, REL, f"sample {i}")
+
+
+def test_cached_position_bias_is_refused_where_it_cannot_be_placed():
+    bank_model = transformers.MPNetForMaskedLM(transformers.MPNetConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    bank = ptv2_kernels.PrefixBank.for_model(bank_model, prefix_len=2, position_bias="cached")
+    with pytest.raises(NotImplementedError, match="position_bias is 'cached'"):
+        ptv2_kernels.patch(bank_model, bank)
+    with pytest.raises(ValueError, match="position_bias must be one of"):
+        ptv2_kernels.PrefixBank.for_model(bank_model, prefix_len=2, position_bias="cache")
+    saved = ptv2_kernels.PrefixBank.from_config_dict(bank.config_dict())
+    assert saved.position_bias == "cached"

@@ -3,7 +3,8 @@
 PEFT's prefix encoder produces ``[P, num_layers * 2 * token_dim]`` with, per virtual token, layer by layer the key
 then the value, head by head: the bank's own flat layout, so its weights (embedding, and MLP when
 ``prefix_projection``) are copied as they are. PEFT then puts the prefix in the model's cache, which shifts the
-real tokens' positions by P: patch with ``positions="shifted"`` to reproduce it.
+real tokens' positions by P: patch with ``positions="shifted"`` to reproduce it. For the same reason a position
+bias of the model (T5's) reaches the prefix keys too: the bank's ``position_bias`` is ``"cached"``.
 
 For encoder-decoder models PEFT builds a cache of ``num_layers`` entries for the decoder only (the cross-attention
 part of that cache is discarded), and entry ``i`` holds its prefix's virtual layers ``2i`` and ``2i + 1``
@@ -59,7 +60,8 @@ def bank_from_peft(bank_class, peft_model, adapter_name: Optional[str] = None):
         slots = [(f"layer.{i}", heads, head_dim) for i in range(layers)]
 
     if slot_layers is not None:
-        bank = bank_class(slots, 1, prefix_len, model_type=model_type, device=weight.device, dtype=weight.dtype)
+        bank = bank_class(slots, 1, prefix_len, model_type=model_type, device=weight.device, dtype=weight.dtype,
+                          position_bias="cached")
         with torch.no_grad():
             flat = encoder(torch.arange(prefix_len, device=weight.device)) if projection else weight
             per_layer = flat.view(prefix_len, layers, 2 * config.token_dim)
@@ -69,7 +71,7 @@ def bank_from_peft(bank_class, peft_model, adapter_name: Optional[str] = None):
 
     bank = bank_class(slots, 1, prefix_len, projection_hidden=config.encoder_hidden_size if projection else None,
                       embed_dim=config.token_dim if projection else None, model_type=model_type,
-                      device=weight.device, dtype=weight.dtype)
+                      device=weight.device, dtype=weight.dtype, position_bias="cached")
     with torch.no_grad():
         bank.encoder.embedding.weight.copy_(weight)
         if projection:

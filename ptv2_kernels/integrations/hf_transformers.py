@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..ops import BACKENDS, prefix_attention
 from ..prefix import PrefixBank, PrefixSlot
 from ..varlen import prefix_attention_varlen
+from . import t5
 from .packing import Packing, packing_of_call
 
 __all__ = ["patch", "unpatch", "PatchHandle", "freeze_backbone", "prefix_layout", "cache_keyword", "ATTENTION_NAME"]
@@ -49,6 +50,8 @@ ATTENTION_NAME = "ptv2_prefix"
 CONTEXT_KWARG = "ptv2_prefix_context"
 POSITIONS = ("shifted", "unshifted")
 _BINDING_ATTR = "_ptv2_prefix_slot"
+# The attention module whose relative-position table biases a bound module's prefix columns (position_bias="cached")
+_PREFIX_BIAS_ATTR = "_ptv2_prefix_bias_table"
 _STATE_ATTR = "_ptv2_patch_state"
 _GUARD_ATTR = "_ptv2_unpatched_guard"
 _BANK_MODULE = "ptv2_prefix"
@@ -226,6 +229,21 @@ def _value_head_dim_reason(config) -> Optional[str]:
         return (f"its values have head dim {value_dim} and its keys {key_dim} (multi-head latent attention); the op "
                 "takes one head dim for both")
     return None
+
+
+# Families with a position-dependent score bias that a bank with position_bias="cached" would have to place on the
+# prefix columns, and that the integration cannot place there (the T5 family's it can: see integrations/t5.py).
+_POSITION_BIAS_MODULE_ATTRS = ("relative_attention_bias", "rel_embeddings", "relative_attention_num_buckets")
+
+
+def _refuse_cached_position_bias(model, bank):
+    if bank.position_bias != "cached" or _model_type(model) in t5.MODEL_TYPES:
+        return
+    for name, module in model.named_modules():
+        if any(hasattr(module, attr) for attr in _POSITION_BIAS_MODULE_ATTRS):
+            raise _unsupported(model, f"the bank's position_bias is 'cached' but its position bias ({name}) cannot "
+                                      "be placed on the prefix keys (only the T5 family's can: "
+                                      f"{', '.join(t5.MODEL_TYPES)}); build the bank with position_bias='none'")
 
 
 def _check_model(model):
@@ -505,12 +523,26 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
         return _packed_attention(module, query, key, value, context, is_causal, scaling, dropout, kwargs)
     key_padding_mask, mask, causal = _op_mask(attention_mask, is_causal, key)
     prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs, context)
-    # T5's relative position bias: on the sequence keys' scores; the prefix keys get none (zero bias columns).
+    # T5's relative position bias: on the sequence keys' scores; the prefix keys get none (zero bias columns), or,
+    # for a bank placed where a cache would hold it, the bias of their cache positions.
+    prefix_bias = _cached_prefix_bias(module, query, key, prefix_k, index, lengths, context)
     out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
                            key_padding_mask=key_padding_mask, attn_mask=mask, attn_bias=kwargs.get("position_bias"),
                            causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend, softcap=softcap,
-                           sinks=sinks)
+                           sinks=sinks, prefix_bias=prefix_bias)
     return out.transpose(1, 2), None
+
+
+def _cached_prefix_bias(module, query, key, prefix_k, index, lengths, context) -> Optional[Tensor]:
+    """The prefix columns' relative position bias of a bank with position_bias="cached" (None without one)."""
+    owner = module.__dict__.get(_PREFIX_BIAS_ATTR)
+    if owner is None or prefix_k.shape[-2] == 0:
+        return None
+    if context.shift is not None:  # every task's prefix has the bank's length
+        sample_lengths = context.shift
+    else:
+        sample_lengths = lengths[index] if index is not None else lengths[:1].expand(query.shape[0])
+    return t5.cached_prefix_bias(owner, query.shape[2], key.shape[2], prefix_k.shape[-2], sample_lengths)
 
 
 def _packed_attention(module, query, key, value, context: PrefixContext, is_causal: bool, scaling, dropout, kwargs):
@@ -525,6 +557,10 @@ def _packed_attention(module, query, key, value, context: PrefixContext, is_caus
     if kwargs.get("sliding_window") is not None:
         raise NotImplementedError(f"{type(module).__name__} uses sliding-window attention, which a patched model "
                                   "does not serve on packed sequences: pass a padded batch with an attention mask")
+    if module.__dict__.get(_PREFIX_BIAS_ATTR) is not None:
+        raise NotImplementedError(f"{type(module).__name__} biases the prefix keys by their cache positions "
+                                  "(position_bias='cached'), which a patched model does not serve on packed sequences: "
+                                  "pass a padded batch")
     if kwargs.get("softcap") is not None or kwargs.get("s_aux", kwargs.get("sinks")) is not None:
         raise NotImplementedError(f"{type(module).__name__} caps its scores or has attention sinks, which a patched "
                                   "model does not serve on packed sequences: pass a padded batch")
@@ -1035,6 +1071,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
         raise _unsupported(model, "its attention does not go through transformers' AttentionInterface")
     _refuse_unserved(model, modules)
     _refuse_listed_family(model)
+    _refuse_cached_position_bias(model, prefix)
     names, var_kwargs = _forward_parameters(model)
     if not var_kwargs:
         raise _unsupported(model, "its forward takes no **kwargs to pass the prefix to its attention")
@@ -1075,6 +1112,10 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
         if name in slot_index:
             setattr(module, _BINDING_ATTR, (state, slot_index[name]))
             state.bindings.append(module)
+            if prefix.position_bias == "cached" and _model_type(model) in t5.MODEL_TYPES:
+                owner = t5.relative_bias_table_owner(model, path, module)
+                if owner is not None:  # in __dict__: a reference, not a submodule
+                    module.__dict__[_PREFIX_BIAS_ATTR] = owner
             adapter = _family_adapter(type(module))
             if adapter is not None:
                 adapter.install(module)
@@ -1182,6 +1223,7 @@ def unpatch(model) -> None:
     _unwrap_checkpointing(state)
     for module in state.bindings:
         module.__dict__.pop(_BINDING_ATTR, None)
+        module.__dict__.pop(_PREFIX_BIAS_ATTR, None)
         adapter = _family_adapter(type(module))
         if adapter is not None:
             adapter.uninstall(module)
