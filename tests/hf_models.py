@@ -114,10 +114,11 @@ def patch_with_random_bank(model, prefix_len, std: float, backend: str = "refere
     return bank
 
 
-def seeded_bank(model, lengths, std: float = 0.5, seed: int = 3):
+def seeded_bank(model, lengths, std: float = 0.5, seed: int = 3, position_bias: str = "none"):
     """A bank of ``len(lengths)`` tasks for ``model`` whose prefixes are drawn N(0, std²) from a generator of their
     own (``seed``), so that a test's other random draws do not change them."""
-    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=len(lengths), prefix_len=list(lengths))
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=len(lengths), prefix_len=list(lengths),
+                                             position_bias=position_bias)
     with torch.no_grad():
         weight = bank.encoder.embedding.weight
         weight.copy_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed)) * std)

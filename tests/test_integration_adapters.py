@@ -34,6 +34,7 @@ import pytest
 import torch
 
 import ptv2_kernels
+from ptv2_kernels.integrations import bloom as bloom_adapter
 from ptv2_kernels.integrations import falcon as falcon_adapter
 from ptv2_kernels.integrations import gpt_neo as gpt_neo_adapter
 from ptv2_kernels.integrations import hf_transformers
@@ -59,9 +60,13 @@ DECODERS = {
     "falcon-one-kv-per-head": ("Falcon", dict(multi_query=False, parallel_attn=False, bias=True)),
     "falcon-new-architecture": ("Falcon", dict(new_decoder_architecture=True, num_kv_heads=2)),
     "falcon-eager": ("Falcon", dict(new_decoder_architecture=True, num_kv_heads=2, attn_implementation="eager")),
+    # ALiBi (a bank with position_bias="cached": the prefix keys biased as in the cache)
+    "falcon-alibi": ("Falcon", dict(alibi=True)),
+    "falcon-alibi-eager": ("Falcon", dict(alibi=True, multi_query=False, attn_implementation="eager")),
+    "bloom": ("Bloom", dict()),
 }
 KV_HEADS = {"gpt_neo": 2, "falcon-multi-query": 1, "falcon-one-kv-per-head": 4, "falcon-new-architecture": 2,
-            "falcon-eager": 2}
+            "falcon-eager": 2, "falcon-alibi": 1, "falcon-alibi-eager": 4, "bloom": 4}
 
 
 def decoder(name: str, seed: int = 0, **overrides):
@@ -74,14 +79,23 @@ def decoder(name: str, seed: int = 0, **overrides):
                                            max_position_embeddings=64, embed_dropout=0.0, attention_dropout=0.0,
                                            resid_dropout=0.0, **special, **options)
         return transformers.GPTNeoForCausalLM(config).eval()
+    if family == "Bloom":
+        config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, attention_dropout=0.0,
+                                          hidden_dropout=0.0, **special, **options)
+        return transformers.BloomForCausalLM(config).eval()
     config = transformers.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        max_position_embeddings=64, attention_dropout=0.0, hidden_dropout=0.0,
                                        **special, **{"alibi": False, **options})
     return transformers.FalconForCausalLM(config).eval()
 
 
+def uses_alibi(model) -> bool:
+    return model.config.model_type == "bloom" or bool(getattr(model.config, "alibi", False))
+
+
 def random_bank(model, lengths=LENGTHS, std: float = 0.5):
-    return seeded_bank(model, lengths, std)
+    """ALiBi models get a bank whose prefix keys ALiBi biases as the cache oracle's (position_bias="cached")."""
+    return seeded_bank(model, lengths, std, position_bias="cached" if uses_alibi(model) else "none")
 
 
 def served(model, adapter):
@@ -222,7 +236,7 @@ def test_decoder_slots_unpatch_and_cache(name):
     architecture); the cache holds the real tokens only, with those heads; unpatch restores the outputs exactly."""
     model = decoder(name)
     bank = ptv2_kernels.PrefixBank.for_model(model, prefix_len=3)
-    assert [tuple(slot) for slot in bank.slots] == [(f"layer.{i}", KV_HEADS[name], 8 if "falcon" in name else 16)
+    assert [tuple(slot) for slot in bank.slots] == [(f"layer.{i}", KV_HEADS[name], 16 if name == "gpt_neo" else 8)
                                                     for i in range(2)]
     input_ids, mask = random_batch(2, 6, padding="left", seed=1)
     with torch.no_grad():
@@ -320,20 +334,37 @@ def test_a_patched_falcon_deep_copies_and_pickles():
             torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
-def test_falcon_with_alibi_is_refused_at_patch():
-    """ALiBi biases the prefix keys' scores too, which the op cannot: patch and for_model refuse, and the model is
-    left as it was."""
-    model = decoder("falcon-multi-query", alibi=True)
-    with pytest.raises(NotImplementedError, match="'falcon'.*ALiBi needs a bias on the prefix keys' scores"):
-        ptv2_kernels.PrefixBank.for_model(model)
-    bank = ptv2_kernels.PrefixBank([(f"layer.{i}", 1, 8) for i in range(2)], prefix_len=2)
-    implementation = model.config._attn_implementation
-    with pytest.raises(NotImplementedError, match="ALiBi needs a bias on the prefix keys' scores, which the op does "
-                                                  "not take yet"):
-        ptv2_kernels.patch(model, bank)
-    assert model.config._attn_implementation == implementation
-    assert not hasattr(model, "ptv2_prefix") and not any("forward" in m.__dict__ for m in model.modules())
-    assert not any(hasattr(m, hf_transformers._BINDING_ATTR) for m in model.modules())
+@pytest.mark.parametrize("name", ["bloom", "falcon-alibi", "falcon-alibi-eager"])
+def test_alibi_on_the_prefix_keys_follows_the_banks_position_bias(name, monkeypatch):
+    """"cached": slot s of a sample whose task has L keys gets slope · (s - L) (eager Falcon twice, as it counts its
+    ALiBi twice), scaled as the family scales its ALiBi; "none": no bias on the prefix keys."""
+    adapter = bloom_adapter if name == "bloom" else falcon_adapter
+    seen = []
+    original = adapter.prefix_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("prefix_bias"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(adapter, "prefix_attention", spy)
+    input_ids, mask = random_batch(len(TASK_IDS), 5, padding="left", seed=1)
+    for position_bias in ("none", "cached"):
+        model = decoder(name)
+        ptv2_kernels.patch(model, seeded_bank(model, LENGTHS, position_bias=position_bias), backend="reference")
+        seen.clear()
+        with torch.no_grad():
+            model(input_ids=input_ids, attention_mask=mask, task_ids=TASK_IDS)
+        assert len(seen) == 2
+        if position_bias == "none":
+            assert seen == [None, None]
+            continue
+        module = served(model, adapter)[0]
+        heads = 4
+        slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+        factor = 1.0 if name == "bloom" else (2.0 if "eager" in name else 1.0) * module.inv_norm_factor
+        lengths = torch.tensor([LENGTHS[task] for task in TASK_IDS], dtype=torch.float32)
+        want = slopes[None, :, None] * (torch.arange(max(LENGTHS))[None, None, :] - lengths[:, None, None]) * factor
+        torch.testing.assert_close(seen[0], want[:, :, None, :])
 
 
 def test_packed_sequences_are_refused():

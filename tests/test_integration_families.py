@@ -73,7 +73,6 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, d_model=32, num_hidden_layers=2, 
 # What patch says when it refuses a family, and what the first forward says for the families that patch does not
 # refuse but cannot serve (the doc table gives the same words).
 NO_INTERFACE = "its attention does not go through transformers' AttentionInterface"
-ALIBI = "ALiBi needs a bias on the prefix keys' scores, which the op does not take yet"
 MLA = "its values have head dim 4 and its keys 8 (multi-head latent attention)"
 MLA_DIMS = dict(num_key_value_heads=4, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, kv_lora_rank=16,
                 q_lora_rank=16)  # keys of 4 + 4 channels, values of 4, as DeepSeek's 128 + 64 and 128
@@ -94,6 +93,7 @@ class Family:
     fails: Optional[str] = None
     bug: Optional[str] = None
     oracle: Optional[str] = "default"  # "cache", "attention" or None; "default": by kind
+    position_bias: str = "none"  # the bank's: "cached" where the family's position bias reaches the prefix keys
 
     @property
     def check(self) -> Optional[str]:
@@ -147,7 +147,7 @@ FAMILIES = [
     *_decoders("gemma2", "vaultgemma", "gpt_oss"),  # attention-logit softcapping; attention sinks
     *_decoders("deepseek_v2", "deepseek_v3", config=MLA_DIMS, refused=MLA),
     *_decoders("falcon"),
-    *_decoders("bloom", refused=ALIBI),
+    *_decoders("bloom", position_bias="cached"),  # ALiBi on the prefix keys as in the cache
     *_decoders("xglm", "mpt", "openai-gpt", refused=NO_INTERFACE),
     *_decoders("gptj", "codegen", config=ROTARY, refused=NO_INTERFACE),
     *_decoders("gpt_neo", config=dict(attention_types=[[["global", "local"], 1]])),
@@ -231,8 +231,9 @@ def _weighted(logits: torch.Tensor, seed: int = 7) -> torch.Tensor:
     return (logits * torch.randn(logits.shape, generator=gen)).sum()
 
 
-def _random_bank(model) -> ptv2_kernels.PrefixBank:
-    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=PREFIX_LENGTHS)
+def _random_bank(model, position_bias: str = "none") -> ptv2_kernels.PrefixBank:
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=PREFIX_LENGTHS,
+                                             position_bias=position_bias)
     with torch.no_grad():
         bank.encoder.embedding.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(3))
     return bank
@@ -471,7 +472,7 @@ def _check_works(family: Family, model):
     batch = _batch(family)
     with torch.no_grad():
         unpatched = _logits(model(**batch), batch)
-    bank = _random_bank(model)
+    bank = _random_bank(model, family.position_bias)
     ptv2_kernels.patch(model, bank, backend="reference")
     mixed = _check_training(family, model, bank, batch)
     assert (mixed - unpatched).abs().max() > 1e-3 * unpatched.abs().max(), "the prefix made no difference"

@@ -1,28 +1,24 @@
-"""What the family adapters share (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``, ``falcon.py``).
+"""What the family adapters share (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``, ``falcon.py``, ``bloom.py``).
 
 A family adapter serves attention modules whose forward does not go through transformers' AttentionInterface: it
 replaces the ``forward`` of each bound module, on the instance, by an instance of a module-level
 :class:`PrefixForward` subclass (so that the model deep-copies and pickles), which calls
 :func:`~ptv2_kernels.prefix_attention` with the module's bank slot. The pieces here: which classes an adapter
 serves, installing and removing its forward, the head split and merge around the op, the context of the running
-forward, and the masks a family's model hands its attention in the op's forms.
+forward, the masks a family's model hands its attention in the op's forms, and ALiBi's bias on the prefix keys.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from .hf_transformers import _module_context
+from .hf_transformers import _module_context, sample_prefix_lengths
 
-__all__ = ["ALIBI_REASON", "defining_module", "PrefixForward", "split_heads", "merge_heads", "unpacked_context",
-           "op_masks"]
-
-# Why ALiBi models (BLOOM, Falcon with alibi=True) are refused when patched: ALiBi biases every key by its distance
-# from the query, the prefix keys too (they come first), and the op's attn_bias reaches the sequence keys only.
-ALIBI_REASON = "ALiBi needs a bias on the prefix keys' scores, which the op does not take yet"
+__all__ = ["defining_module", "PrefixForward", "split_heads", "merge_heads", "unpacked_context", "op_masks",
+           "alibi_slopes", "alibi_prefix_bias"]
 
 
 def defining_module(cls, class_name: str, modules) -> Optional[str]:
@@ -98,3 +94,37 @@ def op_masks(attention_mask: Optional[Tensor], key_length: int, causal: bool):
     if mask.dtype != torch.bool and not mask.is_floating_point():
         mask = mask != 0
     return None, mask, False
+
+
+_SLOPES: dict = {}
+
+
+def alibi_slopes(build_alibi_tensor: Callable, num_heads: int, device) -> Tensor:
+    """Each head's ALiBi slope ``[H]`` (float32), read from the family's own ``build_alibi_tensor``: its bias of
+    position 1 of a mask of ones (position 0 gets 0). Made once per family, head count and device."""
+    key = (build_alibi_tensor, num_heads, torch.device(device))
+    if key not in _SLOPES:
+        ones = torch.ones(1, 2, dtype=torch.long, device=device)
+        _SLOPES[key] = build_alibi_tensor(ones, num_heads, dtype=torch.float32).view(num_heads, 2)[:, 1]
+    return _SLOPES[key]
+
+
+def alibi_prefix_bias(module, slopes: Tensor, factor: float, prefix_k: Tensor, index, lengths, context,
+                      batch: int) -> Optional[Tensor]:
+    """ALiBi on the prefix keys of a bank with ``position_bias="cached"``, as the op's ``prefix_bias``
+    ``[1 | B, H, 1, P]``; None for a bank with ``"none"`` (the prefix keys unbiased) or an empty prefix.
+
+    The family's ALiBi biases a key by ``slope · position`` (``factor`` scales it as the family does), positions
+    counted over the real tokens of its mask; a cache holding the prefix gives slot ``s`` position ``s`` and the
+    real tokens ``L + rank``. The softmax ignores a bias shared by a whole row, so the sequence keys keep the bias
+    of ``rank`` that the model computes without the prefix, and slot ``s`` gets ``slope · (s - L)``."""
+    prefix_len = prefix_k.shape[-2]
+    if prefix_len == 0 or context is None or context.state.bank.position_bias != "cached":
+        return None
+    slots = torch.arange(prefix_len, device=slopes.device, dtype=torch.float32)
+    sample_lengths = sample_prefix_lengths(context, index, lengths, batch)
+    if isinstance(sample_lengths, Tensor):
+        positions = slots[None, :] - sample_lengths.to(device=slopes.device, dtype=torch.float32)[:, None]
+    else:
+        positions = (slots - sample_lengths)[None, :]
+    return (slopes[None, :, None] * positions[:, None, :] * factor)[:, :, None, :]

@@ -1,19 +1,24 @@
-"""P-Tuning v2 on Falcon (its rotary configurations): the family adapter; BLOOM and Falcon's ALiBi configurations
-are refused.
+"""P-Tuning v2 on Falcon (its rotary and ALiBi configurations): the family adapter (BLOOM's is ``bloom.py``).
 
 Falcon's ``FalconAttention`` computes its attention itself instead of going through transformers'
 AttentionInterface, so :func:`~ptv2_kernels.integrations.hf_transformers.patch` replaces the ``forward`` of every
 bound module, on the instance, by a :class:`FalconPrefixForward`, and ``unpatch`` removes it. Its layers pass no
 keyword arguments down: the context of the running forward comes from the patch state.
 
-The forward computes what the module computes around its attention (``alibi=False``): the fused query/key/value
-projection split in the layout of the configuration, the rotary embedding of queries and keys (the family's own
+The forward computes what the module computes around its attention: the fused query/key/value projection split in
+the layout of the configuration, the rotary embedding of queries and keys (``alibi=False``: the family's own
 ``apply_rotary_pos_emb`` with the model's cos/sin), the cache update through the module's own cache object
 (``layer_past.update``, real tokens only) and the output projection (``dense``). The attention is
 :func:`~ptv2_kernels.prefix_attention` over the slot's prefix followed by the sequence keys, scaled by
 ``1/sqrt(D)``, causal over the sequence keys (bottom-right, as a growing cache needs), the model's mask (SDPA: bool,
 eager: additive float) on the sequence keys, no attention dropout (Falcon's rotary attention has none). The
 prefix is never rotated: its keys have no position, as when they sit in a cache.
+
+With ``alibi=True`` the model folds ALiBi into its 4-D float mask (``alibi / sqrt(D)`` on the visible keys); its
+eager attention adds ``alibi · inv_norm_factor`` to the scores besides (so eager Falcon counts ALiBi twice, and the
+adapter does as it does), and attention dropout applies in training. The prefix keys get ALiBi as a cache holding
+them would give it when the bank's ``position_bias`` is ``"cached"`` (:func:`~.adapters.alibi_prefix_bias`), none
+with ``"none"``.
 
 The fused layouts, per token:
 
@@ -25,10 +30,7 @@ The fused layouts, per token:
 * ``multi_query`` (Falcon-7B): all query heads, then one key and one value head shared by all (slots of 1 head);
 * neither: each head's query, key and value side by side (slots of ``num_heads`` heads).
 
-ALiBi (BLOOM's attention, and Falcon with ``alibi=True``) biases every key's score by its distance from the query,
-the prefix keys' too; the op's ``attn_bias`` reaches the sequence keys only, so :func:`unsupported` makes ``patch``
-refuse those models (``PrefixBank.for_model`` too) before anything is changed. Packed (padding-free) batches are
-refused.
+Packed (padding-free) batches are refused.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ from typing import Optional
 from torch import Tensor
 
 from ..ops import prefix_attention
-from .adapters import ALIBI_REASON, PrefixForward, defining_module, merge_heads, op_masks, unpacked_context
+from .adapters import (PrefixForward, alibi_prefix_bias, alibi_slopes, defining_module, merge_heads, op_masks,
+                       unpacked_context)
 from .hf_transformers import _module_prefix
 
-__all__ = ["serves", "unsupported", "install", "uninstall", "FalconPrefixForward"]
+__all__ = ["serves", "install", "uninstall", "FalconPrefixForward"]
 
 _FALCON_MODULES = ("transformers.models.falcon.modeling_falcon",)
-_BLOOM_MODULES = ("transformers.models.bloom.modeling_bloom",)
 
 
 def _falcon_module(cls) -> Optional[str]:
@@ -54,16 +56,8 @@ def _falcon_module(cls) -> Optional[str]:
 
 
 def serves(cls) -> bool:
-    """Whether attention modules of class ``cls`` are Falcon's (or its flash-attention variant), or BLOOM's (served
-    only to be refused by :func:`unsupported`)."""
-    return _falcon_module(cls) is not None or defining_module(cls, "BloomAttention", _BLOOM_MODULES) is not None
-
-
-def unsupported(module) -> Optional[str]:
-    """Why ``module`` cannot be patched (ALiBi: BLOOM, Falcon with ``alibi=True``), or None."""
-    if _falcon_module(type(module)) is None or getattr(module.config, "alibi", False):
-        return ALIBI_REASON
-    return None
+    """Whether attention modules of class ``cls`` are Falcon's (or its flash-attention variant)."""
+    return _falcon_module(cls) is not None
 
 
 def _split(module, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,20 +81,36 @@ class FalconPrefixForward(PrefixForward):
     def __call__(self, hidden_states: Tensor, alibi, attention_mask, position_ids=None, layer_past=None,
                  use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):
         module = self.module
-        if alibi is not None:  # patch refuses ALiBi configurations; a model changed since gets here
-            raise NotImplementedError(f"a patched Falcon attention does not serve ALiBi: {ALIBI_REASON}")
         query, key, value = _split(module, module.query_key_value(hidden_states))
-        cos, sin = position_embeddings
-        rotary = importlib.import_module(_falcon_module(type(module))).apply_rotary_pos_emb
-        query, key = rotary(query, key, cos, sin)
+        family = importlib.import_module(_falcon_module(type(module)))
+        if alibi is None:
+            cos, sin = position_embeddings
+            query, key = family.apply_rotary_pos_emb(query, key, cos, sin)
         if layer_past is not None:
             key, value = layer_past.update(key, value, module.layer_idx)
-        key_padding_mask, mask, causal = op_masks(attention_mask, key.shape[-2], causal=True)
         context = unpacked_context(module, kwargs, "Falcon", "its causal mask would span them")
         prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs, context)
+        scale = 1.0 / math.sqrt(module.head_dim)
+        if alibi is None:
+            key_padding_mask, mask, causal = op_masks(attention_mask, key.shape[-2], causal=True)
+            out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index,
+                                   prefix_lengths=lengths, key_padding_mask=key_padding_mask, attn_mask=mask,
+                                   causal=causal, scale=scale, backend=backend)
+            return module.dense(merge_heads(out)), None
+        if attention_mask is None or attention_mask.dim() != 4 or not attention_mask.is_floating_point():
+            raise NotImplementedError("a patched Falcon with ALiBi expects the model's 4-D float mask, which carries "
+                                      "the ALiBi bias (its eager and SDPA attention implementations make one)")
+        eager = module.config._attn_implementation != "sdpa"
+        batch, heads = query.shape[:2]
+        # eager Falcon adds alibi · inv_norm_factor to the scores as well as the mask's alibi / sqrt(D)
+        bias = alibi.view(batch, heads, 1, -1)[..., :key.shape[-2]] * module.inv_norm_factor if eager else None
+        slopes = alibi_slopes(family.build_alibi_tensor, heads, query.device)
+        prefix_bias = alibi_prefix_bias(module, slopes, scale * (2.0 if eager else 1.0), prefix_k, index, lengths,
+                                        context, batch)
         out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
-                               key_padding_mask=key_padding_mask, attn_mask=mask, causal=causal,
-                               scale=1.0 / math.sqrt(module.head_dim), backend=backend)
+                               attn_mask=attention_mask[..., :key.shape[-2]], attn_bias=bias, causal=False,
+                               scale=scale, dropout_p=module.attention_dropout.p if module.training else 0.0,
+                               backend=backend, prefix_bias=prefix_bias)
         return module.dense(merge_heads(out)), None
 
 

@@ -12,9 +12,9 @@ How a model is patched, on the instance only (no class is modified):
   function as a keyword argument (transformers forwards such keyword arguments to every attention call, also under
   gradient checkpointing). ``model(**batch, task_ids=ids)`` selects each sample's task.
 * ``generate`` gets an instance-level wrapper that accepts ``task_ids``; the cache holds real tokens only.
-* A family whose attention does not go through AttentionInterface (DeBERTa, DeBERTa-v2, GPT-Neo, MPNet, Falcon) is
-  served by an adapter module of this package (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``, ``falcon.py``), which
-  replaces each bound attention module's forward on the instance.
+* A family whose attention does not go through AttentionInterface (DeBERTa, DeBERTa-v2, GPT-Neo, MPNet, Falcon,
+  BLOOM) is served by an adapter module of this package (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``, ``falcon.py``,
+  ``bloom.py``), which replaces each bound attention module's forward on the instance.
 * Hooks and the wrapper are instances of module-level classes (no closures), so a patched model deep-copies and
   pickles whole; the copy is patched with its own bank.
 
@@ -33,7 +33,7 @@ import inspect
 import math
 import threading
 import weakref
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +93,7 @@ def _calls_attention_interface(cls) -> bool:
 # (``serves(cls)``, ``install(module)``, ``uninstall(module)``) that replaces a bound attention module's forward on the
 # instance; one may also say why it cannot serve a module (``unsupported(module)``: a reason or None), which patch and
 # PrefixBank.for_model raise before changing anything. Imported when first asked (an adapter imports this module).
-_FAMILY_ADAPTERS = ("deberta", "gpt_neo", "mpnet", "falcon")
+_FAMILY_ADAPTERS = ("deberta", "gpt_neo", "mpnet", "falcon", "bloom")
 
 
 @functools.cache
@@ -231,19 +231,22 @@ def _value_head_dim_reason(config) -> Optional[str]:
     return None
 
 
+# Families whose adapters place ALiBi on the prefix keys of a bank with position_bias="cached".
+_ALIBI_MODEL_TYPES = ("bloom", "falcon")
 # Families with a position-dependent score bias that a bank with position_bias="cached" would have to place on the
 # prefix columns, and that the integration cannot place there (the T5 family's it can: see integrations/t5.py).
 _POSITION_BIAS_MODULE_ATTRS = ("relative_attention_bias", "rel_embeddings", "relative_attention_num_buckets")
 
 
 def _refuse_cached_position_bias(model, bank):
-    if bank.position_bias != "cached" or _model_type(model) in t5.MODEL_TYPES:
+    if bank.position_bias != "cached" or _model_type(model) in t5.MODEL_TYPES + _ALIBI_MODEL_TYPES:
         return
     for name, module in model.named_modules():
         if any(hasattr(module, attr) for attr in _POSITION_BIAS_MODULE_ATTRS):
             raise _unsupported(model, f"the bank's position_bias is 'cached' but its position bias ({name}) cannot "
-                                      "be placed on the prefix keys (only the T5 family's can: "
-                                      f"{', '.join(t5.MODEL_TYPES)}); build the bank with position_bias='none'")
+                                      "be placed on the prefix keys (only the T5 family's and ALiBi can: "
+                                      f"{', '.join(t5.MODEL_TYPES + _ALIBI_MODEL_TYPES)}); build the bank with "
+                                      "position_bias='none'")
 
 
 def _check_model(model):
@@ -538,11 +541,17 @@ def _cached_prefix_bias(module, query, key, prefix_k, index, lengths, context) -
     owner = module.__dict__.get(_PREFIX_BIAS_ATTR)
     if owner is None or prefix_k.shape[-2] == 0:
         return None
-    if context.shift is not None:  # every task's prefix has the bank's length
-        sample_lengths = context.shift
-    else:
-        sample_lengths = lengths[index] if index is not None else lengths[:1].expand(query.shape[0])
-    return t5.cached_prefix_bias(owner, query.shape[2], key.shape[2], prefix_k.shape[-2], sample_lengths)
+    return t5.cached_prefix_bias(owner, query.shape[2], key.shape[2], prefix_k.shape[-2],
+                                 sample_prefix_lengths(context, index, lengths, query.shape[0]))
+
+
+def sample_prefix_lengths(context: PrefixContext, index: Optional[Tensor], lengths: Optional[Tensor],
+                          batch: int) -> Union[int, Tensor]:
+    """How many prefix keys each of ``batch`` samples sees: one int when every task's prefix has the bank's
+    length, else a ``[batch]`` tensor (no device read)."""
+    if context.shift is not None:
+        return context.shift
+    return lengths[index] if index is not None else lengths[:1].expand(batch)
 
 
 def _packed_attention(module, query, key, value, context: PrefixContext, is_causal: bool, scaling, dropout, kwargs):
