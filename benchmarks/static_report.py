@@ -194,7 +194,8 @@ def config_label(config) -> str:
     if config is None:
         return "fixed"
     kw = config.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}/{config.num_warps}w/{config.num_stages}s"
+    variant = "/tma" if kw.get("USE_TMA") else ""
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}/{config.num_warps}w/{config.num_stages}s{variant}"
 
 
 def kept_configs(launch: Launch, capability: int) -> list:

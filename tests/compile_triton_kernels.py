@@ -76,7 +76,7 @@ def _optional_pointers(flags, dtype):
     return pointers, constants
 
 
-def cases():
+def cases(capability: int = 90):
     """(name, kernel, pointer types, constants, launch options) of every kernel in the configurations that matter:
     all features on (bf16 inputs with a float32 prefix, a padded head dim, softcap and sinks; the forward also in
     its decode form, GQA-packed and split, with the merge of its splits) and all off (fp16, head dim 128)."""
@@ -87,10 +87,15 @@ def cases():
         sinks = {**forward_optional, "HAS_SINKS": everything}
         blocks = dict(BLOCK_M=128, BLOCK_N=64)
         yield ("forward", kernels._forward_kernel, forward_pointers,
-               {**sinks, **flags, **blocks, "PACK_GQA": False, "SPLIT_KV": False}, (8, 3))
+               {**sinks, **flags, **blocks, "PACK_GQA": False, "SPLIT_KV": False, "USE_TMA": False}, (8, 3))
+        if capability >= 90:  # the TMA variant, offered to the autotuner on Hopper
+            yield ("forward_tma", kernels._forward_kernel, forward_pointers,
+                   {**sinks, **flags, "BLOCK_M": 128, "BLOCK_N": 64, "PACK_GQA": False, "SPLIT_KV": False,
+                    "USE_TMA": True}, (8, 3))
         if everything:  # the decode form: query heads of a GQA group packed into one small block, keys split
             yield ("forward_decode", kernels._forward_kernel, {**forward_pointers, "Out": "*fp32"},
-                   {**sinks, **flags, "BLOCK_M": 16, "BLOCK_N": 128, "PACK_GQA": True, "SPLIT_KV": True}, (4, 2))
+                   {**sinks, **flags, "BLOCK_M": 16, "BLOCK_N": 128, "PACK_GQA": True, "SPLIT_KV": True,
+                    "USE_TMA": False}, (4, 2))
             yield ("combine_splits", kernels._combine_splits_kernel,
                    {"PartialOut": "*fp32", "PartialLse": "*fp32", "Out": dtype, "Lse": "*fp32", "Sinks": "*fp32"},
                    {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_SINKS": True, "BLOCK_M": 64}, (4, 1))
@@ -116,7 +121,7 @@ def cases():
     forward_pointers, forward_optional = _optional_pointers({**flags, "HAS_SINKS": True}, "*bf16")
     yield ("forward_varlen", kernels._forward_kernel, forward_pointers,
            {**forward_optional, **flags, "HAS_SINKS": True, "BLOCK_M": 128, "BLOCK_N": 64, "PACK_GQA": False,
-            "SPLIT_KV": False}, (8, 3))
+            "SPLIT_KV": False, "USE_TMA": False}, (8, 3))
     yield ("backward_keys_varlen", kernels._backward_key_kernel, pointers,
            {**optional, **flags, "DETERMINISTIC": True, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
     yield ("backward_queries_varlen", kernels._backward_query_kernel, pointers,
@@ -128,7 +133,7 @@ def cases():
 
 def main(capabilities):
     for capability in capabilities:
-        for name, fn, pointers, constants, (warps, stages) in cases():
+        for name, fn, pointers, constants, (warps, stages) in cases(capability):
             start = time.perf_counter()
             compiled = compile_kernel(fn, pointers, constants, capability, warps, stages)
             print(f"sm_{capability} {name}: compiled in {time.perf_counter() - start:.1f} s, "

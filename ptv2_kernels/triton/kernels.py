@@ -205,15 +205,22 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
             start, end, k_len, offs_m, offs_d, q_len, diag,
             key_pad, stride_kpn, dense, stride_mm, stride_mn,
             seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
+            k_desc, v_desc,
             HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-            DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) with key blocks [start, end) of one key/value source."""
+            DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+            USE_TMA: tl.constexpr = False):
+    """Online-softmax update of (acc, l_i, m_i) with key blocks [start, end) of one key/value source. USE_TMA: the
+    key/value tiles come through the tensor descriptors ``k_desc``/``v_desc`` (Hopper's TMA copies, which fill the
+    rows and head-dim columns past the source's bounds with zeros) instead of masked pointer loads."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         # 1. scores of the block, in log2 units; keys of another dtype (a float32 prefix) are converted on load
-        k_t = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, offs_n[None, :] < k_len,
-                    offs_d[:, None] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        if USE_TMA:
+            k_t = tl.trans(k_desc.load([start_n, 0])).to(q.dtype)
+        else:
+            k_t = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, offs_n[None, :] < k_len,
+                        offs_d[:, None] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
         scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         if HAS_SOFTCAP:  # qk_scale is scale / cap here: cap * tanh(scale * q.k / cap), in log2 units
             scores = _tanh(scores) * cap_log2
@@ -233,8 +240,11 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, stream, offs_m[:, None], col_base + offs_n[None, :], cols_total, dropout_p)
             probs = tl.where(keep, probs, 0.0)
-        v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
-                  offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        if USE_TMA:
+            v = v_desc.load([start_n, 0]).to(q.dtype)
+        else:
+            v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
+                      offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(probs.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -245,27 +255,29 @@ def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stri
                    lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
                    seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
+                   k_desc, v_desc,
                    HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   USE_TMA: tl.constexpr = False):
     """Key blocks [lo, hi) of one source in two stages: those before ``full_end``, which every query of the block
     sees whole, without bounds or causal masks; the rest (the ragged end, the causal diagonal) with them."""
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                             lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn,
                             seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                            bias, stride_bm, stride_bn,
+                            bias, stride_bm, stride_bn, k_desc, v_desc,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
                             HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                             tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn,
                             seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                            bias, stride_bm, stride_bn,
+                            bias, stride_bm, stride_bn, k_desc, v_desc,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
                             HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
     return acc, l_i, m_i
 
 
@@ -283,7 +295,7 @@ def _forward_kernel(
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
     SPLIT_KV: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    HAS_PREFIX_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PREFIX_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
     (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
@@ -297,6 +309,10 @@ def _forward_kernel(
     ``[B, Hq, Nq, P]``) to the prefix keys' scores. HAS_SOFTCAP caps every key's
     score before the bias (``qk_scale`` is then scale / cap, in natural units, and ``cap_log2`` = cap · log2 e);
     HAS_SINKS adds ``exp(Sinks[h])`` to each row's denominator (with SPLIT_KV, in the merge of the splits).
+
+    USE_TMA (Hopper; an autotuning configuration): the sequence's key/value tiles come through tensor descriptors
+    made here (TMA copies) rather than masked pointer loads; the prefix's (a bank entry of any strides and dtype)
+    keep the pointer loads.
 
     With VARLEN the samples are the packed sequences of ``[total, H, D]`` tensors (batch strides 0): program
     ``pid`` serves the query block ``_varlen_block`` gives, ``q_len``/``k_len`` arrive as the longest sequence's
@@ -367,7 +383,7 @@ def _forward_kernel(
                                    prefix_lo, prefix_hi, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m,
                                    offs_d, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                    seed, stream, 0, cols_total, dropout_p, qk_scale, cap_log2,
-                                   prefix_bias, stride_pbm, stride_pbn,
+                                   prefix_bias, stride_pbm, stride_pbn, None, None,
                                    HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
                                    HAS_BIAS=HAS_PREFIX_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
@@ -375,14 +391,21 @@ def _forward_kernel(
     # Stage 2: the sequence, with the caller's masks, bias and causal rule.
     Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
     Vb = V + b * stride_vb + k_start * stride_vn + hkv * stride_vh
+    k_desc, v_desc = None, None
+    if USE_TMA:  # a descriptor needs a non-empty shape; with no keys it is made but never read
+        k_rows = tl.maximum(k_len, 1)
+        k_desc = tl.make_tensor_descriptor(Kb, shape=[k_rows, HEAD_DIM], strides=[stride_kn, 1],
+                                           block_shape=[BLOCK_N, D_PAD])
+        v_desc = tl.make_tensor_descriptor(Vb, shape=[k_rows, HEAD_DIM], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, D_PAD])
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
                                    seq_lo, seq_hi, seq_full, k_len, offs_m, offs_d, q_len, diag,
                                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                    seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
-                                   bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N,
-                                   CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
+                                   bias, stride_bm, stride_bn, k_desc, v_desc, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D,
+                                   BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
                                    HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
-                                   HAS_SOFTCAP=HAS_SOFTCAP)
+                                   HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
 
     # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf (= its sink with one). Dropout's 1/(1-p)
     # is applied once here.

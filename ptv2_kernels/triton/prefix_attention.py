@@ -49,8 +49,8 @@ def dropout_keep_mask(seed: torch.Tensor, batch: int, q_heads: int, q_len: int, 
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------------------
 
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+def _configs(shapes, **flags):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, **flags}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages). Large query blocks with 3-stage pipelines suit Ampere and Hopper alike at long
@@ -58,10 +58,13 @@ def _configs(shapes):
 # the GPU's registers and shared memory at the call's head dim. The 8-warp backward tiles 32x64 (keys) and 64x64
 # (queries) exist for head dim 128, where the 4-warp ones spill (benchmarks/static_report.py; 64x64 keys with 8
 # warps spill there too).
+# The forward's TMA variant (USE_TMA: the sequence's key/value tiles by tensor descriptors) is offered on Hopper
+# and later in the shapes that suit long sequences, beside the pointer-load ones; prune_configs keeps it only
+# where the descriptors' alignment holds. It stays only if GPU timing shows it faster (benchmarks/gpu_check.py).
 _FORWARD_CONFIGS = _configs([
     (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
     (32, 64, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2),
-])
+], USE_TMA=False) + _configs([(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)], USE_TMA=True)
 _KEY_GRAD_CONFIGS = _configs([
     (64, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3),
     (16, 64, 4, 2), (16, 32, 4, 2),
@@ -70,7 +73,8 @@ _QUERY_GRAD_CONFIGS = _configs([
     (128, 64, 8, 3), (64, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2),
     (16, 64, 4, 2),
 ])
-# The interpreter cannot time configurations and runs each program in Python: one small block shape.
+# The interpreter cannot time configurations and runs each program in Python: one small block shape (the
+# forward's pointer-load variant; tests switch to its TMA variant through the forward launcher's meta).
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 _AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE", "HAS_BIAS",
                  "HAS_DROPOUT", "VARLEN", "HAS_SOFTCAP"]
@@ -135,8 +139,46 @@ def prune_configs(configs, args, kernel_name, capability, shared_per_block):
         # tile spills on sm_90 where 16x64 does not.
         return not (kind == "keys" and n < 64 and d_pad < 128)
 
-    kept = [c for c in configs if fits(c) and c.kwargs["BLOCK_M"] <= max(16, q_len_class)]
-    return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))]
+    tma_ready = kind == "forward" and major >= 9 and tma_descriptors_serve(args)
+    kept = [c for c in configs if fits(c) and c.kwargs["BLOCK_M"] <= max(16, q_len_class)
+            and (tma_ready or not c.kwargs.get("USE_TMA", False))]
+    fallback = [c for c in configs if not c.kwargs.get("USE_TMA", False)]
+    return kept or [min(fallback, key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages))]
+
+
+# TMA copies need 16-byte aligned global addresses and row strides (docs of cuTensorMapEncodeTiled).
+_TMA_ALIGNMENT = 16
+
+
+def tma_descriptors_serve(args) -> bool:
+    """Whether the forward's sequence keys/values (``K``, ``V`` with the launch's strides) can be read through
+    tensor descriptors: a contiguous head dim, and every sample, head and token start 16-byte aligned (packed
+    sequences are not offered the variant)."""
+    if args.get("VARLEN", False):
+        return False
+    for name in ("K", "V"):
+        t = args.get(name)
+        if not hasattr(t, "element_size") or t.stride(-1) != 1:
+            return False
+        size = t.element_size()
+        if t.data_ptr() % _TMA_ALIGNMENT or t.shape[-1] * size < _TMA_ALIGNMENT:
+            return False
+        if any(stride * size % _TMA_ALIGNMENT for stride in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _ensure_tma_allocator() -> None:
+    """Give Triton an allocator for the tensor descriptors a TMA kernel makes on the device (a global scratch per
+    launch), unless the program set one of its own."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,13 +211,14 @@ def _prune(configs, named_args, kernel_name="", **kwargs):
 
 
 class _Launcher:
-    """A kernel autotuned over ``configs`` on a GPU; in the interpreter, run with the interpreter's block shape.
-    ``kernel`` and ``configs`` stay readable (benchmarks/static_report.py compiles every configuration)."""
+    """A kernel autotuned over ``configs`` on a GPU; in the interpreter, run with the interpreter's block shape
+    (and ``interpreter_flags``). ``kernel`` and ``configs`` stay readable (benchmarks/static_report.py compiles
+    every configuration)."""
 
-    def __init__(self, kernel, configs, reset_to_zero=None, extra_key=()):
+    def __init__(self, kernel, configs, reset_to_zero=None, extra_key=(), interpreter_flags=None):
         self.kernel, self.configs = kernel, configs
         if triton_interpreting():
-            self._kernel, self._meta = kernel, _INTERPRETER_CONFIG
+            self._kernel, self._meta = kernel, {**_INTERPRETER_CONFIG, **(interpreter_flags or {})}
         else:
             prune = functools.partial(_prune, kernel_name=kernel.__name__)
             self._kernel = triton.autotune(configs, key=_AUTOTUNE_KEY + list(extra_key),
@@ -187,7 +230,8 @@ class _Launcher:
         return functools.partial(self._kernel[grid], **self._meta)
 
 
-_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS, extra_key=["PACK_GQA", "SPLIT_KV", "HAS_SINKS"])
+_forward = _Launcher(_forward_kernel, _FORWARD_CONFIGS, extra_key=["PACK_GQA", "SPLIT_KV", "HAS_SINKS"],
+                     interpreter_flags={"USE_TMA": False})
 _backward_keys = _Launcher(_backward_key_kernel, _KEY_GRAD_CONFIGS, reset_to_zero=["PrefixGradK", "PrefixGradV"])
 _backward_queries = _Launcher(_backward_query_kernel, _QUERY_GRAD_CONFIGS)
 # Memory-bound helpers: one fixed block shape each.
@@ -384,6 +428,8 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
         dest = torch.empty(splits, batch, q_heads, q_len, head_dim, dtype=torch.float32, device=q.device)
         dest_lse = torch.empty(splits, batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     dest_strides = dest.stride()[-4:-1] if packing is None else _strides3(dest, packing)
+    if q.is_cuda and _device_limits(q.device)[0][0] >= 9:
+        _ensure_tma_allocator()
     _forward[grid](
         q, k, v, prefix_k, prefix_v, dest, dest_lse, prefix_index, prefix_lengths, key_pad, dense, attn_bias, seed,
         *cu_seqlens, sinks, prefix_bias, *_strides3(q, packing), *_strides3(k, packing), *_strides3(v, packing),
