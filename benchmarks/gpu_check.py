@@ -62,6 +62,8 @@ BENCH_PROVIDERS = ("ptv2-triton", "ptv2-cuda", "peft-path", "sdpa-precat", "flas
 TRITON_TESTS = ("tests/test_triton_prefix_attention.py", "-k",
                 "(test_matches_reference and (none- or padding-causal)) or (test_packed_query_heads and padding) "
                 "or test_float32_prefix_with_half_inputs")
+# The forward's TMA variant forced on (Hopper; the tests skip elsewhere): does the autotuner's extra candidate run.
+TMA_TESTS = ("tests/test_triton_tma.py", "-k", "test_forward_with_tma_matches_the_oracle and (padding or decode)")
 CUDA_TESTS = ("tests/test_cuda_backend.py", "-k",
               "gpu and ((test_matches_reference and (none- or padding-causal)) or test_decode_matches_reference "
               "or test_decode_forward_and_backward or test_deterministic_mode)")
@@ -496,8 +498,8 @@ def stages() -> list:
               _bench_argv, estimate_s=270, cap_s=420, on_cpu=True, cpu_estimate_s=45, parse=_parse_bench),
         _sanitizer("memcheck", ("cuda", "triton"), estimate=60, cap=150),
         Stage("kernel tests", "pytest: a bounded selection of the Triton and CUDA kernel tests (bf16/fp16/fp32)",
-              lambda ctx: _pytest(ctx, [*TRITON_TESTS[:1], *CUDA_TESTS[:1], "-k",
-                                        f"({TRITON_TESTS[2]}) or ({CUDA_TESTS[2]})"]),
+              lambda ctx: _pytest(ctx, [*TRITON_TESTS[:1], *TMA_TESTS[:1], *CUDA_TESTS[:1], "-k",
+                                        f"({TRITON_TESTS[2]}) or ({TMA_TESTS[2]}) or ({CUDA_TESTS[2]})"]),
               estimate_s=120, cap_s=240, env=lambda ctx: {"PTV2_TRITON_AUTOTUNE": "0"}, parse=_parse_pytest),
         _sanitizer("racecheck", ("cuda",), estimate=60, cap=150),
         _sanitizer("synccheck", ("cuda",), estimate=45, cap=120),
