@@ -27,4 +27,4 @@ def test_kernels_compile_for_gpu_targets(capability):
     result = subprocess.run([sys.executable, str(SCRIPT), str(capability)], env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("compiled in") == 16, result.stdout
+    assert result.stdout.count("compiled in") == 21, result.stdout
