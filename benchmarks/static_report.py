@@ -219,7 +219,8 @@ def shared_estimate(launch: Launch, config, capability: int) -> Optional[int]:
     named = {**dict(zip([p.name for p in launch.fn.params], launch.args)), **launch.kwargs}
     size = max(t.element_size() for t in (named.get("Q"), named.get("PK")) if hasattr(t, "element_size"))
     return kernels.shared_memory_estimate(kernels._kernel_kind(launch.fn.__name__), config.kwargs["BLOCK_M"],
-                                          config.kwargs["BLOCK_N"], named["D_PAD"], config.num_stages, size)
+                                          config.kwargs["BLOCK_N"], named["D_PAD"], config.num_stages, size,
+                                          named.get("DV_PAD"))
 
 
 # ----------------------------------------------------------------------------------------------------------------

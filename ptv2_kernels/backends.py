@@ -77,6 +77,28 @@ _SCORE_OPTION_WHY = {
 }
 
 
+# Values of another head dim than the keys' (Dv != Dk: multi-head latent attention), and who serves them.
+SERVES_VALUE_HEAD_DIM = ("triton", "reference")
+_VALUE_HEAD_DIM_WHY = {
+    "native": "torch's fused CPU attention requires q, k and v to share one head dim",
+    "cuda": "its kernels read keys and values of one head dim",
+}
+
+
+def value_head_dim_reasons(name: str, head_dim: int, value_dim: Optional[int]) -> list[str]:
+    """Why backend ``name`` cannot serve values of head dim ``value_dim`` with keys of ``head_dim`` (empty: it
+    serves them; ``value_dim`` None means the keys' head dim)."""
+    if value_dim is None or value_dim == head_dim:
+        return []
+    if name not in SERVES_VALUE_HEAD_DIM:
+        servers = " and ".join(SERVES_VALUE_HEAD_DIM)
+        return [f"it does not serve values of another head dim than the keys' (Dv = {value_dim}, Dk = {head_dim}): "
+                f"{_VALUE_HEAD_DIM_WHY[name]} (the {servers} backends do)"]
+    if name == "triton" and value_dim > TRITON_LIMITS.max_head_dim:
+        return [f"it supports value head dims up to {TRITON_LIMITS.max_head_dim}, got {value_dim}"]
+    return []
+
+
 def score_option_reasons(name: str, softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
                          prefix_bias: Optional[Tensor] = None) -> list[str]:
     """Why backend ``name`` cannot serve the score options a call uses (empty: it serves them)."""
@@ -187,16 +209,17 @@ def unavailable_reason(name: str) -> Optional[str]:
 def unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
                         attn_bias: Optional[Tensor] = None, bias_grad: bool = False, *,
                         softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
-                        prefix_bias: Optional[Tensor] = None) -> list[str]:
+                        prefix_bias: Optional[Tensor] = None, value_dim: Optional[int] = None) -> list[str]:
     """Every reason backend ``name`` cannot serve a call with these inputs (empty: it can), the machine first.
     ``bias_grad``: the additive bias requires a gradient; ``softcap``, ``sinks`` and ``prefix_bias``: the call's
-    score options."""
+    score options; ``value_dim``: v's head dim (None: k's)."""
     reason = unavailable_reason(name)
     if reason is not None:
         return [reason]
     if name == "reference":
         return []
-    options = score_option_reasons(name, softcap, sinks, prefix_bias)
+    options = score_option_reasons(name, softcap, sinks, prefix_bias) + value_head_dim_reasons(name, q.shape[-1],
+                                                                                              value_dim)
     if name == "native":
         from . import native
 
@@ -237,7 +260,7 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
     """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
     fastest one that supports the case. Off CUDA that is torch's fused attention (``native``) where it can serve,
     else the reference (Triton's interpreter is for tests). ``score_options``: the call's ``softcap``, ``sinks``
-    and ``prefix_bias``."""
+    and ``prefix_bias``, and v's head dim ``value_dim`` (see :func:`unsupported_reasons`)."""
     if requested == "auto":
         if q.device.type != "cuda":
             if unsupported_reason("native", q, k, prefix_k, dropout_p, attn_bias, bias_grad, **score_options) is None:
@@ -268,23 +291,23 @@ NO_VARLEN_REASON = ("its kernels have no variable-length form (packed sequences)
 
 def varlen_unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],
                                dropout_p: float = 0.0, *, softcap: Optional[float] = None,
-                               sinks: Optional[Tensor] = None) -> list[str]:
-    """Every reason backend ``name`` cannot serve a variable-length call (q, k ``[total, H, D]``; ``packed`` =
-    (S, max_seqlen_q, max_seqlen_k)), the machine first."""
+                               sinks: Optional[Tensor] = None, value_dim: Optional[int] = None) -> list[str]:
+    """Every reason backend ``name`` cannot serve a variable-length call (q, k ``[total, H, Dk]``; ``packed`` =
+    (S, max_seqlen_q, max_seqlen_k); ``value_dim``: v's head dim, None for k's), the machine first."""
     reason = unavailable_reason(name)
     if reason is not None:
         return [reason]
     if name == "reference":
         return []
+    options = score_option_reasons(name, softcap, sinks) + value_head_dim_reasons(name, q.shape[-1], value_dim)
     if name == "native":
         from . import native
 
-        return native.unsupported_reasons(q, prefix_k, dropout_p, None, False) + score_option_reasons(
-            name, softcap, sinks)
+        return native.unsupported_reasons(q, prefix_k, dropout_p, None, False) + options
     if name == "cuda":
-        return [NO_VARLEN_REASON]
+        return [NO_VARLEN_REASON] + options
     return _triton_reasons(limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, packed=packed), q,
-                           prefix_k) + score_option_reasons(name, softcap, sinks)
+                           prefix_k) + options
 
 
 def choose_varlen(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],

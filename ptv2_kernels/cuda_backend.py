@@ -159,6 +159,7 @@ def _ops():
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
             algo: int = ALGO_AUTO, *, attn_bias=None):
     reject_bias(attn_bias)
+    reject_value_head_dim(q, v)
     return _ops().fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, bool(causal),
                       float(scale), float(dropout_p), int(algo))
 
@@ -166,6 +167,7 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse,
              causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
     reject_bias(attn_bias)
+    reject_value_head_dim(q, v)
     return _ops().bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                       out, lse, bool(causal), float(scale), float(dropout_p), bool(deterministic))
 
@@ -174,6 +176,16 @@ def reject_bias(attn_bias):
     # backends.choose never sends a bias here (see backends.unsupported_reason); a direct caller learns why.
     if attn_bias is not None:
         raise ValueError("the cuda backend's kernels take no attn_bias")
+
+
+def reject_value_head_dim(q, v):
+    # backends.choose never sends values of another head dim here (backends.value_head_dim_reasons); a direct
+    # caller learns why instead of reaching kernels that would read v with q's head dim.
+    from .backends import value_head_dim_reasons
+
+    reasons = value_head_dim_reasons("cuda", q.shape[-1], v.shape[-1])
+    if reasons:
+        raise ValueError(f"the cuda backend cannot serve this call: {reasons[0]}")
 
 
 def dropout_keep_mask(seed: Tensor, batch: int, q_heads: int, q_len: int, prefix_len: int, k_len: int,

@@ -51,10 +51,13 @@ def prefix_attention(
     """Attention of ``q`` over a per-layer prefix followed by the sequence's own keys/values, without concatenating.
 
     Args:
-        q: ``[B, Hq, Nq, D]`` queries; any strides with the last dim contiguous.
-        k, v: ``[B, Hkv, Nk, D]`` sequence keys/values; ``Hq % Hkv == 0`` (GQA/MQA without repeating K/V).
-        prefix_k, prefix_v: ``[T, Hkv, P, D]`` bank of T prefixes, or ``[Hkv, P, D]`` for a single one; any strides;
-            their dtype may differ from q's (converted on load, gradient returned in their own dtype).
+        q: ``[B, Hq, Nq, Dk]`` queries; any strides with the last dim contiguous.
+        k, v: ``[B, Hkv, Nk, Dk]`` sequence keys and ``[B, Hkv, Nk, Dv]`` values; ``Hq % Hkv == 0`` (GQA/MQA
+            without repeating K/V). The values' head dim Dv may differ from the keys' Dk (multi-head latent
+            attention, DeepSeek-V2/V3); the ``triton`` and ``reference`` backends serve that.
+        prefix_k, prefix_v: ``[T, Hkv, P, Dk]`` and ``[T, Hkv, P, Dv]`` bank of T prefixes, or ``[Hkv, P, Dk]`` and
+            ``[Hkv, P, Dv]`` for a single one; any strides; their dtype may differ from q's (converted on load,
+            gradient returned in their own dtype).
         prefix_index: ``[B]`` integer tensor, entries in ``[0, T)``: the bank entry of each sample. None needs T = 1.
         prefix_lengths: ``[T]`` integer tensor: entry t uses only its first ``prefix_lengths[t]`` keys.
             prefix_index and prefix_lengths may have any strides (views, expanded tensors).
@@ -70,7 +73,7 @@ def prefix_attention(
             broadcast dims, without a buffer of the broadcast size.
         causal: causal over the sequence keys, aligned bottom-right (key j visible to query i iff
             ``j <= i + Nk - Nq``).
-        scale: score scale, default ``1 / sqrt(D)``.
+        scale: score scale, default ``1 / sqrt(Dk)``.
         dropout_p: dropout on the attention probabilities (prefix and sequence alike), drawn from torch's RNG.
         return_lse: also return the log-sum-exp ``[B, Hq, Nq]`` (float32, natural log; -inf where a query sees no
             key). It is differentiable.
@@ -91,7 +94,7 @@ def prefix_attention(
             key from a query. Differentiable, like ``attn_bias``.
 
     Returns:
-        ``out`` ``[B, Hq, Nq, D]`` in q's dtype, laid out in memory as ``[B, Nq, Hq, D]`` (so
+        ``out`` ``[B, Hq, Nq, Dv]`` in q's dtype, laid out in memory as ``[B, Nq, Hq, Dv]`` (so
         ``out.transpose(1, 2)`` is contiguous), or ``(out, lse)`` with ``return_lse``.
     """
     if backend not in BACKENDS:
@@ -104,7 +107,7 @@ def prefix_attention(
         prefix_bias = _checked_bias("prefix_bias", prefix_bias, (*q.shape[:3], prefix_k.shape[2]), q.device)
     bias_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
     name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap=softcap, sinks=sinks,
-                           prefix_bias=prefix_bias)
+                           prefix_bias=prefix_bias, value_dim=v.shape[-1])
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
@@ -132,7 +135,7 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padd
 
     This is the one place where arguments are normalized, so every backend receives the same forms:
 
-    * the prefix as a 4-D bank ``[T, Hkv, P, D]``;
+    * the prefix as a 4-D bank ``[T, Hkv, P, Dk]`` (values ``[T, Hkv, P, Dv]``);
     * ``prefix_index`` and ``prefix_lengths`` contiguous (a strided or expanded index is copied once here);
     * the masks as one bool ``attn_mask``: None, a ``[B, Nk]`` key-padding mask, or a dense mask viewed as
       ``[B, Hq, Nq, Nk]`` (the user's bool attn_mask, with the key-padding mask folded in when both are given);
@@ -144,8 +147,8 @@ def _checked(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padd
     kv_batch, kv_heads, k_len, _ = k.shape
     if kv_batch != batch:
         raise ValueError(f"k and v must have q's batch size {batch}, got {kv_batch}")
-    prefix_k, prefix_v, prefix_index, prefix_lengths = _checked_bank(prefix_k, prefix_v, prefix_index,
-                                                                     prefix_lengths, kv_heads, head_dim, batch, q.device)
+    prefix_k, prefix_v, prefix_index, prefix_lengths = _checked_bank(
+        prefix_k, prefix_v, prefix_index, prefix_lengths, kv_heads, head_dim, batch, q.device, value_dim=v.shape[-1])
 
     full = (batch, q_heads, q_len, k_len)
     mask = None
@@ -181,37 +184,51 @@ def _checked_qkv(q, k, v, dims: int, layout: str):
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share a dtype")
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     q_heads, head_dim = q.shape[1], q.shape[-1]  # [B, H, N, D] and [total, H, D] alike
-    kv_heads, kv_dim = k.shape[1], k.shape[-1]
+    kv_heads, kv_dim, value_dim = k.shape[1], k.shape[-1], v.shape[-1]
     if kv_dim != head_dim:
-        raise ValueError(f"k and v must have q's head dim {head_dim}, got {kv_dim}")
+        raise ValueError(f"k must have q's head dim Dk = {head_dim}, got {kv_dim} (shape {tuple(k.shape)})")
+    if v.shape[:-1] != k.shape[:-1]:
+        # v may have a head dim of its own (Dv, multi-head latent attention); the other dims are k's
+        expected = [*k.shape[:-1], "Dv"]
+        raise ValueError(f"v must be {layout} with k's sizes but for its head dim, {expected}, got shape "
+                         f"{tuple(v.shape)}")
     if head_dim == 0:
-        raise ValueError("q, k and v must have a head dim of at least 1, got 0")
+        raise ValueError("q and k must have a head dim of at least 1, got 0")
+    if value_dim == 0:
+        raise ValueError("v must have a head dim of at least 1, got 0")
     if kv_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(f"q's head count ({q_heads}) must be a multiple of k/v's head count ({kv_heads})")
 
 
-def _checked_bank(prefix_k, prefix_v, prefix_index, prefix_lengths, kv_heads, head_dim, samples, device):
-    """The prefix bank as 4-D ``[T, Hkv, P, D]`` and its contiguous index tensors (``prefix_index`` ``[samples]``),
-    checked against k's head count and head dim."""
+def _checked_bank(prefix_k, prefix_v, prefix_index, prefix_lengths, kv_heads, head_dim, samples, device,
+                  value_dim=None):
+    """The prefix bank as 4-D ``[T, Hkv, P, Dk]`` / ``[T, Hkv, P, Dv]`` and its contiguous index tensors
+    (``prefix_index`` ``[samples]``), checked against k's head count and head dim (``head_dim``) and v's head dim
+    (``value_dim``, ``head_dim`` when None)."""
+    value_dim = head_dim if value_dim is None else value_dim
     for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _checked_float_tensor(name, t, device)
-    if prefix_k.shape != prefix_v.shape:
-        raise ValueError(f"prefix_k and prefix_v must have the same shape, got {tuple(prefix_k.shape)} and "
-                         f"{tuple(prefix_v.shape)}")
     if prefix_k.dtype != prefix_v.dtype:
         raise TypeError(f"prefix_k and prefix_v must share a dtype, got {prefix_k.dtype} and {prefix_v.dtype}")
+    if prefix_k.dim() not in (3, 4):
+        raise ValueError(f"prefix_k must be [T, Hkv, P, Dk] or [Hkv, P, Dk], got shape {tuple(prefix_k.shape)}")
+    if prefix_v.dim() != prefix_k.dim() or prefix_v.shape[:-1] != prefix_k.shape[:-1]:
+        expected = [*prefix_k.shape[:-1], value_dim]
+        raise ValueError(f"prefix_v must have prefix_k's sizes but for its head dim (v's, Dv = {value_dim}): "
+                         f"expected {expected}, got shape {tuple(prefix_v.shape)}")
+    given_k, given_v = tuple(prefix_k.shape), tuple(prefix_v.shape)
+    layout = "[T, Hkv, P, {}]" if prefix_k.dim() == 4 else "[Hkv, P, {}]"
     if prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
-    elif prefix_k.dim() != 4:
-        raise ValueError(f"prefix_k and prefix_v must be [T, Hkv, P, D] or [Hkv, P, D], got shape "
-                         f"{tuple(prefix_k.shape)}")
-    num_prefixes, prefix_heads, _, prefix_dim = prefix_k.shape
+    num_prefixes, prefix_heads, prefix_len, prefix_dim = prefix_k.shape
+    sizes = [num_prefixes, kv_heads, prefix_len][-(len(given_k) - 1):]
     if prefix_heads != kv_heads or prefix_dim != head_dim:
-        raise ValueError(f"prefix_k and prefix_v must have k's head count and head dim (Hkv={kv_heads}, "
-                         f"D={head_dim}), got Hkv={prefix_heads}, D={prefix_dim}")
+        raise ValueError(f"prefix_k must have k's head count and head dim: expected {layout.format('Dk')} = "
+                         f"{[*sizes, head_dim]}, got shape {given_k}")
+    if prefix_v.shape[-1] != value_dim:
+        raise ValueError(f"prefix_v must have v's head dim: expected {layout.format('Dv')} = "
+                         f"{[*sizes, value_dim]}, got shape {given_v}")
     if num_prefixes == 0:
         raise ValueError("prefix_k and prefix_v must hold at least one prefix (T >= 1), got T = 0")
     if prefix_index is None:
@@ -424,8 +441,8 @@ def _expanded_bias(bias: Optional[Tensor], q: Tensor, columns: int) -> Optional[
 @_prefix_attention_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
       dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None):
-    batch, heads, length, dim = q.shape
-    out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
+    batch, heads, length = q.shape[:3]
+    out = q.new_empty(batch, length, heads, v.shape[-1]).transpose(1, 2)
     return out, q.new_empty(batch, heads, length, dtype=torch.float32)
 
 

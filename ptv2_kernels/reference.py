@@ -57,8 +57,9 @@ def attention_ref(
     and the lse includes it (a row that sees no key then has lse = sink and output 0). ``prefix_bias``, broadcastable
     to ``[B, Hq, Nq, P]``, is added to the prefix columns' scores as ``attn_bias`` is to the sequence columns'.
 
-    ``out`` is ``[B, Hq, Nq, D]`` and ``lse`` (natural log, -inf for a query that sees no key) ``[B, Hq, Nq]``,
-    both in ``compute_dtype``.
+    ``out`` is ``[B, Hq, Nq, Dv]`` (v's head dim, which may differ from q's and k's Dk; the default scale is
+    ``1 / sqrt(Dk)``) and ``lse`` (natural log, -inf for a query that sees no key) ``[B, Hq, Nq]``, both in
+    ``compute_dtype``.
     """
     keys, values, probs, lse, scale, _ = _attention_probs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
@@ -87,9 +88,9 @@ def attention_ref_varlen(
     """:func:`attention_ref` of each packed sequence on its own: the oracle of
     :func:`ptv2_kernels.prefix_attention_varlen` (differentiable by autograd).
 
-    ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, sequence s in rows ``cu_seqlens[s]:cu_seqlens[s + 1]``,
-    bank entry ``prefix_index[s]``. Returns ``out [total_q, Hq, D]`` and ``lse [Hq, total_q]`` in
-    ``compute_dtype``."""
+    ``q [total_q, Hq, Dk]``, ``k [total_k, Hkv, Dk]``, ``v [total_k, Hkv, Dv]``, sequence s in rows
+    ``cu_seqlens[s]:cu_seqlens[s + 1]``, bank entry ``prefix_index[s]``. Returns ``out [total_q, Hq, Dv]`` and
+    ``lse [Hq, total_q]`` in ``compute_dtype``."""
     dtype = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     outs, lses = [], []
     bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
@@ -103,7 +104,7 @@ def attention_ref_varlen(
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     if not outs:
-        return q.new_zeros(q.shape, dtype=dtype), q.new_zeros(q.shape[1], 0, dtype=dtype)
+        return q.new_zeros(*q.shape[:2], v.shape[-1], dtype=dtype), q.new_zeros(q.shape[1], 0, dtype=dtype)
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
@@ -165,13 +166,13 @@ def attention_ref_backward(
     # Undo the materialization: sum the query heads of each key/value head, split [prefix ; sequence], and sum
     # each bank entry's gradient over the samples that used it.
     batch, kv_heads = k.shape[0], k.shape[1]
-    bank_k = prefix_k if prefix_k.dim() == 4 else prefix_k.unsqueeze(0)
-    prefix_len = bank_k.shape[2]
+    prefix_len = prefix_k.shape[-2]
     index = _index_or_zeros(prefix_index, batch, q.device)
     grads = []
     for grad_full, seq, bank in ((grad_keys, k, prefix_k), (grad_values, v, prefix_v)):
         grad_full = grad_full.unflatten(1, (kv_heads, -1)).sum(2)
-        grad_bank = torch.zeros(bank_k.shape, dtype=dtype, device=q.device)
+        # the bank of keys or of values: their head dims may differ (multi-head latent attention)
+        grad_bank = torch.zeros(bank.shape if bank.dim() == 4 else (1, *bank.shape), dtype=dtype, device=q.device)
         grad_bank.index_add_(0, index, grad_full[:, :, :prefix_len])
         grads.append((grad_full[:, :, prefix_len:].to(seq.dtype), grad_bank.view(bank.shape).to(bank.dtype)))
     (grad_k, grad_prefix_k), (grad_v, grad_prefix_v) = grads
@@ -198,7 +199,7 @@ def _reduced_to(grad: Tensor, term: Tensor) -> Tensor:
 
 def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask,
                      attn_bias, causal, scale, compute_dtype, softcap=None, sinks=None, prefix_bias=None):
-    """The materialized keys/values [B, Hq, P + Nk, D], the softmax probabilities and lse, the scale, and with
+    """The materialized keys [B, Hq, P + Nk, Dk] and values [B, Hq, P + Nk, Dv], the softmax probabilities and lse, the scale, and with
     ``softcap`` the capped scores' tanh (None without)."""
     if compute_dtype is None:
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -55,11 +55,12 @@ def prefix_attention_varlen(
     """Prefix attention over packed variable-length sequences, without padding and without concatenating.
 
     Args:
-        q: ``[total_q, Hq, D]`` queries of all sequences, packed; any strides with the last dim contiguous (a
+        q: ``[total_q, Hq, Dk]`` queries of all sequences, packed; any strides with the last dim contiguous (a
             slice of a packed qkv projection is read in place).
-        k, v: ``[total_k, Hkv, D]`` keys/values, packed the same way; ``Hq % Hkv == 0``.
-        prefix_k, prefix_v: ``[T, Hkv, P, D]`` bank of T prefixes, or ``[Hkv, P, D]`` for one; as in
-            :func:`ptv2_kernels.prefix_attention`.
+        k, v: ``[total_k, Hkv, Dk]`` keys and ``[total_k, Hkv, Dv]`` values, packed the same way;
+            ``Hq % Hkv == 0``. The values' head dim Dv may differ from the keys' (multi-head latent attention).
+        prefix_k, prefix_v: ``[T, Hkv, P, Dk]`` / ``[T, Hkv, P, Dv]`` bank of T prefixes, or ``[Hkv, P, Dk]`` /
+            ``[Hkv, P, Dv]`` for one; as in :func:`ptv2_kernels.prefix_attention`.
         cu_seqlens_q, cu_seqlens_k: ``[S + 1]`` integer tensors (int32, as FlashAttention's; int64 is converted):
             sequence s has queries ``cu_seqlens_q[s]:cu_seqlens_q[s + 1]`` and keys
             ``cu_seqlens_k[s]:cu_seqlens_k[s + 1]``. Non-decreasing from 0 to ``total_q`` / ``total_k``; empty
@@ -79,7 +80,7 @@ def prefix_attention_varlen(
             (the sinks' gradient sums over all sequences).
 
     Returns:
-        ``out`` ``[total_q, Hq, D]`` (contiguous, q's dtype), or ``(out, lse)`` with ``return_lse``. Gradients
+        ``out`` ``[total_q, Hq, Dv]`` (contiguous, q's dtype), or ``(out, lse)`` with ``return_lse``. Gradients
         flow to q, k, v, prefix_k and prefix_v; each bank entry's gradient is summed over its sequences.
     """
     if backend not in ("auto",) + backends.NAMES:
@@ -89,7 +90,8 @@ def prefix_attention_varlen(
                                 prefix_index, prefix_lengths, causal, scale, dropout_p)
     softcap, sinks = _checked_score_options(softcap, sinks, q.shape[1], q.device)
     packed = (cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k))
-    name = backends.choose_varlen(backend, q, k, prefix_k, packed, dropout_p, softcap=softcap, sinks=sinks)
+    name = backends.choose_varlen(backend, q, k, prefix_k, packed, dropout_p, softcap=softcap, sinks=sinks,
+                                  value_dim=v.shape[-1])
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
@@ -132,7 +134,7 @@ def _checked(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen
 
     prefix_k, prefix_v, prefix_index, prefix_lengths = _checked_bank(prefix_k, prefix_v, prefix_index,
                                                                      prefix_lengths, kv_heads, head_dim, num_seqs,
-                                                                     q.device)
+                                                                     q.device, value_dim=v.shape[-1])
     _checked_options(causal, scale, dropout_p)
     return (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_index,
             prefix_lengths)
@@ -238,7 +240,7 @@ class SequenceLoop:
 
     def forward_varlen(self, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                        prefix_index, prefix_lengths, seed, causal, scale, dropout_p, **score_options):
-        out = q.new_zeros(q.shape)
+        out = q.new_zeros(*q.shape[:2], v.shape[-1])
         lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
         for s, (q_start, q_end, k_start, k_end) in enumerate(self._spans(cu_seqlens_q, cu_seqlens_k)):
             if q_end == q_start:
@@ -330,7 +332,7 @@ def _varlen_op(
 def _(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed, max_seqlen_q,
       max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks=None, softcap=None):
     total, heads, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty(heads, total, dtype=torch.float32)
+    return q.new_empty(total, heads, v.shape[-1]), q.new_empty(heads, total, dtype=torch.float32)
 
 
 @torch.library.custom_op("ptv2_kernels::prefix_attention_varlen_backward", mutates_args=())

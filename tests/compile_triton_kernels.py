@@ -46,9 +46,11 @@ def compile_kernel(fn, pointers, constants, capability, num_warps=4, num_stages=
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def _flags(everything: bool, head_dim: int):
+def _flags(everything: bool, head_dim: int, value_dim: int):
     d_pad = max(16, triton.next_power_of_2(head_dim))
-    return dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=everything,
+    dv_pad = max(16, triton.next_power_of_2(value_dim))
+    return dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HEAD_DIM_V=value_dim, DV_PAD=dv_pad,
+                PAD_DV=dv_pad != value_dim, HAS_INDEX=everything,
                 HAS_LENGTHS=everything, HAS_KEY_PAD=everything, HAS_DENSE=everything, HAS_BIAS=everything,
                 CAUSAL=everything,
                 HAS_DROPOUT=everything, DOT_PRECISION="tf32", VARLEN=False, HAS_SOFTCAP=everything,
@@ -79,9 +81,11 @@ def _optional_pointers(flags, dtype):
 def cases(capability: int = 90):
     """(name, kernel, pointer types, constants, launch options) of every kernel in the configurations that matter:
     all features on (bf16 inputs with a float32 prefix, a padded head dim, softcap and sinks; the forward also in
-    its decode form, GQA-packed and split, with the merge of its splits) and all off (fp16, head dim 128)."""
-    for everything, dtype, head_dim in ((True, "*bf16", 80), (False, "*fp16", 128)):
-        flags = _flags(everything, head_dim)
+    its decode form, GQA-packed and split, with the merge of its splits), all off (fp16, head dim 128), and all
+    off with DeepSeek-V3's head dims (keys 192, values 128: multi-head latent attention) in bf16."""
+    for everything, dtype, head_dim, value_dim in ((True, "*bf16", 80, 80), (False, "*fp16", 128, 128),
+                                                   (False, "*bf16", 192, 128)):
+        flags = _flags(everything, head_dim, value_dim)
         pointers, optional = _optional_pointers(flags, dtype)
         forward_pointers, forward_optional = _optional_pointers({**flags, "HAS_SINKS": everything}, dtype)
         sinks = {**forward_optional, "HAS_SINKS": everything}
@@ -98,7 +102,7 @@ def cases(capability: int = 90):
                     "USE_TMA": False}, (4, 2))
             yield ("combine_splits", kernels._combine_splits_kernel,
                    {"PartialOut": "*fp32", "PartialLse": "*fp32", "Out": dtype, "Lse": "*fp32", "Sinks": "*fp32"},
-                   {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_SINKS": True, "BLOCK_M": 64}, (4, 1))
+                   {"HEAD_DIM_V": value_dim, "DV_PAD": flags["DV_PAD"], "HAS_SINKS": True, "BLOCK_M": 64}, (4, 1))
         yield ("backward_keys", kernels._backward_key_kernel, pointers,
                {**optional, **flags, "DETERMINISTIC": everything, "BLOCK_M": 64, "BLOCK_N": 128}, (8, 2))
         yield ("backward_queries", kernels._backward_query_kernel,
@@ -107,15 +111,15 @@ def cases(capability: int = 90):
                 **({} if everything else {"DBias": None, "DPrefixBias": None})}, (8, 3))
         yield ("backward_preprocess", kernels._backward_preprocess_kernel,
                {"Out": dtype, "DOut": dtype, "Delta": "*fp32", **({"DLse": "*fp32"} if everything else {})},
-               {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_DLSE": everything, "BLOCK_M": 64,
+               {"HEAD_DIM_V": value_dim, "DV_PAD": flags["DV_PAD"], "HAS_DLSE": everything, "BLOCK_M": 64,
                 **({} if everything else {"DLse": None})}, (4, 1))
         yield ("prefix_grad_finalize", kernels._prefix_grad_finalize_kernel,
                {"PartialK": "*fp32", "PartialV": "*fp32", "GradK": "*fp32" if everything else "*fp16",
                 "GradV": "*fp32" if everything else "*fp16", **({"PrefixIndex": "*i64"} if everything else {})},
-               {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HAS_INDEX": everything, "SUM_SAMPLES": everything,
-                "BLOCK_N": 64, **({} if everything else {"PrefixIndex": None})}, (4, 1))
+               {"HEAD_DIM": head_dim, "D_PAD": flags["D_PAD"], "HEAD_DIM_V": value_dim, "DV_PAD": flags["DV_PAD"],
+                "HAS_INDEX": everything, "SUM_SAMPLES": everything, "BLOCK_N": 64, **({} if everything else {"PrefixIndex": None})}, (4, 1))
     # packed sequences: no masks nor bias (the variable-length op takes none), everything else on
-    flags = {**_flags(True, 80), "HAS_KEY_PAD": False, "HAS_DENSE": False, "HAS_BIAS": False, "VARLEN": True,
+    flags = {**_flags(True, 80, 80), "HAS_KEY_PAD": False, "HAS_DENSE": False, "HAS_BIAS": False, "VARLEN": True,
              "HAS_PREFIX_BIAS": False}
     pointers, optional = _optional_pointers(flags, "*bf16")
     forward_pointers, forward_optional = _optional_pointers({**flags, "HAS_SINKS": True}, "*bf16")

@@ -74,6 +74,7 @@ class Case:
     q_len: int = 19
     k_len: int = 37
     head_dim: int = 32
+    value_dim: Optional[int] = None  # v's and prefix_v's head dim; None: head_dim (multi-head latent attention: not)
     num_prefixes: int = 1
     prefix_len: int = 7
     lengths: bool = False  # per-entry prefix lengths
@@ -98,29 +99,31 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
     """Random inputs with the requested memory layouts, and the op's keyword arguments."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     B, Hq, Hkv, Nq, Nk, D = case.batch, case.q_heads, case.kv_heads, case.q_len, case.k_len, case.head_dim
+    Dv = D if case.value_dim is None else case.value_dim
+    wide = max(D, Dv)  # the width of a buffer that q, k and v are sliced from
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen).to(DEVICE)
 
     if case.layout == "bhnd":
-        q, k, v = rand(B, Hq, Nq, D), rand(B, Hkv, Nk, D), rand(B, Hkv, Nk, D)
+        q, k, v = rand(B, Hq, Nq, D), rand(B, Hkv, Nk, D), rand(B, Hkv, Nk, Dv)
     elif case.layout == "bnhd":
         q = rand(B, Nq, Hq, D).transpose(1, 2)
-        k, v = rand(B, Nk, Hkv, D).transpose(1, 2), rand(B, Nk, Hkv, D).transpose(1, 2)
+        k, v = rand(B, Nk, Hkv, D).transpose(1, 2), rand(B, Nk, Hkv, Dv).transpose(1, 2)
     else:  # one fused projection output [B, N, Hq + 2 Hkv, D] with Nq == Nk, sliced without copies
         assert Nq == Nk
-        packed = rand(B, Nq, Hq + 2 * Hkv, D)
-        q, k, v = packed[:, :, :Hq].transpose(1, 2), packed[:, :, Hq:Hq + Hkv].transpose(1, 2), \
-            packed[:, :, Hq + Hkv:].transpose(1, 2)
+        packed = rand(B, Nq, Hq + 2 * Hkv, wide)
+        q, k, v = packed[:, :, :Hq, :D].transpose(1, 2), packed[:, :, Hq:Hq + Hkv, :D].transpose(1, 2), \
+            packed[:, :, Hq + Hkv:, :Dv].transpose(1, 2)
     q, k, v = (t.to(dtype) for t in (q, k, v))
 
     T, P = case.num_prefixes, case.prefix_len
     prefix_dtype = case.prefix_dtype or dtype
     if case.prefix_layout == "strided":  # e.g. per-layer views of a [P, T, 2, Hkv, D] encoder output
-        store = rand(P, T, 2, Hkv, D).to(prefix_dtype)
-        prefix_k, prefix_v = store[:, :, 0].permute(1, 2, 0, 3), store[:, :, 1].permute(1, 2, 0, 3)
+        store = rand(P, T, 2, Hkv, wide).to(prefix_dtype)
+        prefix_k, prefix_v = store[:, :, 0, :, :D].permute(1, 2, 0, 3), store[:, :, 1, :, :Dv].permute(1, 2, 0, 3)
     else:
-        prefix_k, prefix_v = rand(T, Hkv, P, D).to(prefix_dtype), rand(T, Hkv, P, D).to(prefix_dtype)
+        prefix_k, prefix_v = rand(T, Hkv, P, D).to(prefix_dtype), rand(T, Hkv, P, Dv).to(prefix_dtype)
         if case.prefix_layout == "shared3d":
             assert T == 1
             prefix_k, prefix_v = prefix_k[0], prefix_v[0]

@@ -118,13 +118,21 @@ def test_head_dim_mismatch():
     _raises(args, ValueError, "k", "head dim")
 
 
-@pytest.mark.parametrize("dim", [0, 1, 2, 3])
+@pytest.mark.parametrize("dim", [0, 1, 2])
 def test_k_v_shape_mismatch(dim):
     args = _valid()
     index = [slice(None)] * 4
     index[dim] = slice(0, args["v"].shape[dim] - 1)
     args["v"] = args["v"][tuple(index)]
     _raises(args, ValueError, "k", "v")
+
+
+@pytest.mark.parametrize("name", ["v", "prefix_v"])
+def test_value_head_dims_must_agree(name):
+    """v may have a head dim of its own (multi-head latent attention), but prefix_v must then share it."""
+    args = _valid()
+    args[name] = args[name][..., :-1]
+    _raises(args, ValueError, "prefix_v", "Dv")
 
 
 @pytest.mark.parametrize("what", ["heads", "head_dim"])
@@ -137,7 +145,7 @@ def test_prefix_heads_or_head_dim_mismatch(what, rank):
     _raises(args, ValueError, "prefix_k")
 
 
-@pytest.mark.parametrize("dim", [0, 1, 2, 3])
+@pytest.mark.parametrize("dim", [0, 1, 2])
 def test_prefix_k_v_shape_mismatch(dim):
     args = _valid()
     index = [slice(None)] * 4

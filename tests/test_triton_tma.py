@@ -69,6 +69,8 @@ CASES = [
     pytest.param(Case(q_len=1, k_len=45, q_heads=8, kv_heads=2, mask="padding", num_prefixes=2, lengths=True),
                  torch.float16, id="decode-packed-gqa-fp16"),
     pytest.param(Case(k_len=0, q_len=5, prefix_len=9), torch.float32, id="no-sequence-keys-fp32"),
+    pytest.param(Case(head_dim=48, value_dim=32, causal=True, mask="padding", layout="bnhd"), torch.float16,
+                 id="values-of-another-head-dim-fp16"),
 ]
 
 

@@ -287,7 +287,7 @@ def _error_call(**changes):
 
 @pytest.mark.parametrize("changes, error, match", [
     (dict(q=lambda q: q[None]), ValueError, "q must be 3-D"),
-    (dict(k=lambda k: k[:-1]), ValueError, "k and v must have the same shape"),
+    (dict(k=lambda k: k[:-1]), ValueError, r"v must be \[total, H, D\] .* with k's sizes but for its head dim"),
     (dict(cu_seqlens_q=lambda c: c.float()), TypeError, "cu_seqlens_q must be an int32"),
     (dict(cu_seqlens_k=lambda c: c[None]), ValueError, "cu_seqlens_k must be 1-D"),
     (dict(cu_seqlens_k=lambda c: c[:-1]), ValueError, "the same number of sequences"),

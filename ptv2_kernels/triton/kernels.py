@@ -202,11 +202,12 @@ def _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN: tl.constexpr):
 
 @triton.jit
 def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-            start, end, k_len, offs_m, offs_d, q_len, diag,
+            start, end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
             key_pad, stride_kpn, dense, stride_mm, stride_mn,
             seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
             k_desc, v_desc,
-            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
+            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_DV: tl.constexpr,
+            BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
             DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
             USE_TMA: tl.constexpr = False):
@@ -243,8 +244,8 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
         if USE_TMA:
             v = v_desc.load([start_n, 0]).to(q.dtype)
         else:
-            v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
-                      offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+            v = _load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n[:, None] < k_len,
+                      offs_dv[None, :] < HEAD_DIM_V, MASK_BOUNDS, PAD_DV).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(probs.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -252,30 +253,33 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
 
 @triton.jit
 def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                   lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
+                   lo, hi, full_end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
                    seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
                    k_desc, v_desc,
-                   HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_DV: tl.constexpr,
+                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    USE_TMA: tl.constexpr = False):
     """Key blocks [lo, hi) of one source in two stages: those before ``full_end``, which every query of the block
     sees whole, without bounds or causal masks; the rest (the ragged end, the causal diagonal) with them."""
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                            lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
+                            lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, offs_dv, q_len, diag,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn,
                             seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                             bias, stride_bm, stride_bn, k_desc, v_desc,
-                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                            BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
                             HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
                             DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                            tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
+                            tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn,
                             seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                             bias, stride_bm, stride_bn, k_desc, v_desc,
-                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                            BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
                             HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
                             DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
     return acc, l_i, m_i
@@ -291,7 +295,8 @@ def _forward_kernel(
     stride_mn, stride_bb, stride_bh, stride_bm, stride_bn, stride_pbb, stride_pbh, stride_pbm, stride_pbn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, dropout_p, num_splits,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    DV_PAD: tl.constexpr, PAD_DV: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
     SPLIT_KV: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
@@ -313,6 +318,8 @@ def _forward_kernel(
     USE_TMA (Hopper; an autotuning configuration): the sequence's key/value tiles come through tensor descriptors
     made here (TMA copies) rather than masked pointer loads; the prefix's (a bank entry of any strides and dtype)
     keep the pointer loads.
+    q and k have head dim HEAD_DIM (padded to D_PAD), v, the accumulator and the output HEAD_DIM_V (DV_PAD),
+    which may differ (multi-head latent attention); equal, the two are one.
 
     With VARLEN the samples are the packed sequences of ``[total, H, D]`` tensors (batch strides 0): program
     ``pid`` serves the query block ``_varlen_block`` gives, ``q_len``/``k_len`` arrive as the longest sequence's
@@ -348,6 +355,7 @@ def _forward_kernel(
     entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
                                                HAS_INDEX, HAS_LENGTHS)
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     q = _load(Q + b * stride_qb + q_start * stride_qm + head_col * stride_qh + offs_m[:, None] * stride_qm
               + offs_d[None, :], offs_m[:, None] < q_len, offs_d[None, :] < HEAD_DIM, True, PAD_D)
     seed = 0
@@ -361,7 +369,7 @@ def _forward_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
 
     # This program's key blocks: all of both sources, or one split's run of [prefix blocks ; sequence blocks].
     diag = k_len - q_len
@@ -381,10 +389,11 @@ def _forward_kernel(
     PVb = PV + entry * stride_pvt + hkv * stride_pvh
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
                                    prefix_lo, prefix_hi, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m,
-                                   offs_d, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                   offs_d, offs_dv, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                    seed, stream, 0, cols_total, dropout_p, qk_scale, cap_log2,
                                    prefix_bias, stride_pbm, stride_pbn, None, None,
-                                   HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
+                                   HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                                   BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
                                    HAS_BIAS=HAS_PREFIX_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
 
@@ -396,14 +405,15 @@ def _forward_kernel(
         k_rows = tl.maximum(k_len, 1)
         k_desc = tl.make_tensor_descriptor(Kb, shape=[k_rows, HEAD_DIM], strides=[stride_kn, 1],
                                            block_shape=[BLOCK_N, D_PAD])
-        v_desc = tl.make_tensor_descriptor(Vb, shape=[k_rows, HEAD_DIM], strides=[stride_vn, 1],
-                                           block_shape=[BLOCK_N, D_PAD])
+        v_desc = tl.make_tensor_descriptor(Vb, shape=[k_rows, HEAD_DIM_V], strides=[stride_vn, 1],
+                                           block_shape=[BLOCK_N, DV_PAD])
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                                   seq_lo, seq_hi, seq_full, k_len, offs_m, offs_d, q_len, diag,
+                                   seq_lo, seq_hi, seq_full, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                    seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
                                    bias, stride_bm, stride_bn, k_desc, v_desc, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D,
-                                   BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
+                                   HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV, BLOCK_N=BLOCK_N,
+                                   CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
                                    HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
                                    HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
 
@@ -419,8 +429,8 @@ def _forward_kernel(
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     row_ok = offs_m < q_len
     tl.store(Out + split * stride_os + b * stride_ob + q_start * stride_om + head_col * stride_oh
-             + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+             + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Lse + split * stride_ls + _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN) + offs_m, lse,
              mask=row_ok)
 
@@ -440,7 +450,7 @@ def _add_sink(acc, l_i, m_i, Sinks, h):
 def _combine_splits_kernel(
     PartialOut, PartialLse, Out, Lse, Sinks, stride_ps, stride_pb, stride_ph, stride_pm, stride_ls,
     stride_ob, stride_oh, stride_om, q_heads, q_len, num_splits,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Merge the splits of a split-KV forward: lse = log Σ exp(lse_s), out = Σ exp(lse_s − lse) · out_s.
     Splits that saw no key (lse_s = −inf) weigh 0; a row no split saw keeps out 0 and lse −inf. With HAS_SINKS the
@@ -449,11 +459,11 @@ def _combine_splits_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
+    offs_d = tl.arange(0, DV_PAD)
     row_ok = offs_m < q_len
     lse_rows = PartialLse + (b * q_heads + h) * q_len + offs_m
     out_rows = PartialOut + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :]
-    out_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    out_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM_V)
     top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(0, num_splits):
         top = tl.maximum(top, tl.load(lse_rows + s * stride_ls, mask=row_ok, other=float("-inf")))
@@ -464,7 +474,7 @@ def _combine_splits_kernel(
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     if HAS_SINKS:
         total += tl.exp(sink - shift)
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], dtype=tl.float32)
     for s in range(0, num_splits):
         weight = tl.exp(tl.load(lse_rows + s * stride_ls, mask=row_ok, other=float("-inf")) - shift)
         total += weight
@@ -485,15 +495,15 @@ def _combine_splits_kernel(
 def _backward_preprocess_kernel(
     Out, DOut, DLse, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dlb, stride_dlh, stride_dlm, q_heads, q_len,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Δ = rowsum(dO · O) − dlse: the softmax backward's row term (an lse gradient adds to every probability)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    offs_d = tl.arange(0, DV_PAD)
+    mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM_V)
     out = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask,
                   other=0.0).to(tl.float32)
     d_out = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
@@ -516,10 +526,11 @@ def _lse_log2(Lse, rows, row_ok):
 
 @triton.jit
 def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
-                          start, end, offs_n, offs_d, q_len, diag,
+                          start, end, offs_n, offs_d, offs_dv, q_len, diag,
                           key_pad, stride_kpn, dense, stride_mm, stride_mn, k_len,
                           seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
-                          HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                          PAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr,
                           HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr):
@@ -529,8 +540,8 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
         row_ok = offs_m < q_len
         q = _load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], row_ok[:, None], offs_d[None, :] < HEAD_DIM,
                   True, PAD_D)
-        d_out = _load(DOut + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, row_ok[:, None],
-                      offs_d[None, :] < HEAD_DIM, True, PAD_D).to(q.dtype)
+        d_out = _load(DOut + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod, row_ok[:, None],
+                      offs_dv[None, :] < HEAD_DIM_V, True, PAD_DV).to(q.dtype)
         lse = _lse_log2(Lse, row_base + offs_m, row_ok)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         if HAS_SOFTCAP:
@@ -571,7 +582,8 @@ def _backward_key_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn, stride_pbb, stride_pbh, stride_pbm, stride_pbn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, sm_scale, dropout_p,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    DV_PAD: tl.constexpr, PAD_DV: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -602,12 +614,14 @@ def _backward_key_kernel(
             return
     is_prefix = pid_n < prefix_blocks
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     d_ok = offs_d[None, :] < HEAD_DIM
+    dv_ok = offs_dv[None, :] < HEAD_DIM_V
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(Seed)
     dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_PAD], dtype=tl.float32)
 
     if is_prefix:
         entry, prefix_keys, index_ok = _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
@@ -618,17 +632,18 @@ def _backward_key_kernel(
             k = _load(PK + entry * stride_pkt + hkv * stride_pkh + offs_n[:, None] * stride_pkn
                       + offs_d[None, :] * stride_pkd, key_ok, d_ok, True, PAD_D).to(Q.dtype.element_ty)
             v = _load(PV + entry * stride_pvt + hkv * stride_pvh + offs_n[:, None] * stride_pvn
-                      + offs_d[None, :] * stride_pvd, key_ok, d_ok, True, PAD_D).to(Q.dtype.element_ty)
+                      + offs_dv[None, :] * stride_pvd, key_ok, dv_ok, True, PAD_DV).to(Q.dtype.element_ty)
             for g in range(0, group):
                 h = hkv * group + g
                 dk, dv = _accumulate_key_grads(
                     dk, dv, k, v, Q + b * stride_qb + q_start * stride_qm + h * stride_qh,
                     DOut + b * stride_dob + q_start * stride_dom + h * stride_doh, Lse, Delta, stride_qm, stride_dom,
                     stride_dod, _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN), 0, q_len, offs_n, offs_d,
-                    q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
+                    offs_dv, q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
                     (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, cap_log2,
                     _operand_base(PrefixBias, b, h, stride_pbb, stride_pbh, HAS_PREFIX_BIAS), stride_pbm, stride_pbn,
-                    HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=False,
+                    HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                    BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=False,
                     HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_PREFIX_BIAS,
                     HAS_SOFTCAP=HAS_SOFTCAP)
             # One sample's share of the bank entry's gradient: [S, Hkv, P, D] float32 buffers indexed by the
@@ -636,14 +651,15 @@ def _backward_key_kernel(
             slot = entry
             if DETERMINISTIC:
                 slot = b
-            offsets = ((slot * tl.num_programs(1) + hkv) * prefix_len + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
-            grad_ok = key_ok & d_ok
+            rows = (slot * tl.num_programs(1) + hkv) * prefix_len + offs_n[:, None]
+            offsets_k = rows * HEAD_DIM + offs_d[None, :]
+            offsets_v = rows * HEAD_DIM_V + offs_dv[None, :]
             if DETERMINISTIC:
-                tl.store(PrefixGradK + offsets, dk * sm_scale, mask=grad_ok)
-                tl.store(PrefixGradV + offsets, dv, mask=grad_ok)
+                tl.store(PrefixGradK + offsets_k, dk * sm_scale, mask=key_ok & d_ok)
+                tl.store(PrefixGradV + offsets_v, dv, mask=key_ok & dv_ok)
             else:
-                tl.atomic_add(PrefixGradK + offsets, dk * sm_scale, mask=grad_ok, sem="relaxed")
-                tl.atomic_add(PrefixGradV + offsets, dv, mask=grad_ok, sem="relaxed")
+                tl.atomic_add(PrefixGradK + offsets_k, dk * sm_scale, mask=key_ok & d_ok, sem="relaxed")
+                tl.atomic_add(PrefixGradV + offsets_v, dv, mask=key_ok & dv_ok, sem="relaxed")
     else:
         start_n = (pid_n - prefix_blocks) * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -651,7 +667,7 @@ def _backward_key_kernel(
         k = _load(K + b * stride_kb + k_start * stride_kn + hkv * stride_kh + offs_n[:, None] * stride_kn
                   + offs_d[None, :], key_ok, d_ok, True, PAD_D)
         v = _load(V + b * stride_vb + k_start * stride_vn + hkv * stride_vh + offs_n[:, None] * stride_vn
-                  + offs_d[None, :], key_ok, d_ok, True, PAD_D)
+                  + offs_dv[None, :], key_ok, dv_ok, True, PAD_DV)
         key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
         diag = k_len - q_len
         # Causal: queries before first_row see none of these keys; from full_row on, they see all of them.
@@ -673,32 +689,34 @@ def _backward_key_kernel(
             # two stages: the query blocks on the causal diagonal with the causal rule, those after it without
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
-                first_row, tl.minimum(full_row, q_len), offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
-                bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL,
+                first_row, tl.minimum(full_row, q_len), offs_n, offs_d, offs_dv, q_len, diag, key_pad, stride_kpn,
+                dense, stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                cap_log2, bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V,
+                PAD_DV=PAD_DV, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL,
                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
                 HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
-                full_row, q_len, offs_n, offs_d, q_len, diag, key_pad, stride_kpn, dense,
+                full_row, q_len, offs_n, offs_d, offs_dv, q_len, diag, key_pad, stride_kpn, dense,
                 stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
-                bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_M=BLOCK_M, CAUSAL=False,
+                bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                BLOCK_M=BLOCK_M, CAUSAL=False,
                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
                 HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
-        grad_ok = key_ok & d_ok
         tl.store(DK + b * stride_dkb + k_start * stride_dkn + hkv * stride_dkh + offs_n[:, None] * stride_dkn
-                 + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=grad_ok)
+                 + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok & d_ok)
         tl.store(DV + b * stride_dvb + k_start * stride_dvn + hkv * stride_dvh + offs_n[:, None] * stride_dvn
-                 + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=grad_ok)
+                 + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=key_ok & dv_ok)
 
 
 @triton.jit
 def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                           start, end, k_len, offs_m, offs_d, q_len, diag,
+                           start, end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
                            seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                            bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
-                           HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                           PAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                            MASK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
                            HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
@@ -708,8 +726,8 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, offs_n[:, None] < k_len,
                   offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
-        v = _load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n[:, None] < k_len,
-                  offs_d[None, :] < HEAD_DIM, MASK_BOUNDS, PAD_D).to(q.dtype)
+        v = _load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd, offs_n[:, None] < k_len,
+                  offs_dv[None, :] < HEAD_DIM_V, MASK_BOUNDS, PAD_DV).to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if HAS_SOFTCAP:
             capped = _tanh(scores)
@@ -737,31 +755,34 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
 
 @triton.jit
 def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                       lo, hi, full_end, k_len, offs_m, offs_d, q_len, diag,
+                       lo, hi, full_end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                        key_pad, stride_kpn, dense, stride_mm, stride_mn,
                        seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                        bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
-                       HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_DV: tl.constexpr,
+                       BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                        HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr):
     """dQ over key blocks [lo, hi) of one source in the forward's two stages: before ``full_end`` without bounds
     or causal masks, the rest with them."""
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, q_len, diag,
+                                lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, offs_dv, q_len, diag,
                                 key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                 seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                                 bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
-                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
+                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                                BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
                                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
                                 DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD,
                                 HAS_SOFTCAP=HAS_SOFTCAP)
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, q_len, diag,
+                                tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                                 key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                 seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
                                 bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
-                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
+                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                                BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
                                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
                                 DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD,
                                 HAS_SOFTCAP=HAS_SOFTCAP)
@@ -780,7 +801,8 @@ def _backward_query_kernel(
     stride_dpbb, stride_dpbh, stride_dpbm, stride_dpbn,
     q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, sm_scale, dropout_p,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    DV_PAD: tl.constexpr, PAD_DV: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_BIAS: tl.constexpr,
@@ -806,12 +828,13 @@ def _backward_query_kernel(
                                                HAS_INDEX, HAS_LENGTHS)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     row_ok = offs_m < q_len
     q = _load(Q + b * stride_qb + q_start * stride_qm + h * stride_qh + offs_m[:, None] * stride_qm
               + offs_d[None, :], row_ok[:, None], offs_d[None, :] < HEAD_DIM, True, PAD_D)
     d_out = _load(DOut + b * stride_dob + q_start * stride_dom + h * stride_doh + offs_m[:, None] * stride_dom
-                  + offs_d[None, :] * stride_dod, row_ok[:, None], offs_d[None, :] < HEAD_DIM, True,
-                  PAD_D).to(q.dtype)
+                  + offs_dv[None, :] * stride_dod, row_ok[:, None], offs_dv[None, :] < HEAD_DIM_V, True,
+                  PAD_DV).to(q.dtype)
     rows = _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN) + offs_m
     lse = _lse_log2(Lse, rows, row_ok)
     delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
@@ -830,11 +853,12 @@ def _backward_query_kernel(
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
     PVb = PV + entry * stride_pvt + hkv * stride_pvh
     dq = _query_grad_staged(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                            0, prefix_keys, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m, offs_d, q_len, 0,
-                            key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
+                            0, prefix_keys, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m, offs_d, offs_dv,
+                            q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
                             dropout_p, qk_scale, cap_log2, prefix_bias, stride_pbm, stride_pbn,
                             d_prefix_bias, stride_dpbm, stride_dpbn,
-                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                            BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                             HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
                             HAS_BIAS=HAS_PREFIX_BIAS, BIAS_GRAD=PREFIX_BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP)
     Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
@@ -843,10 +867,11 @@ def _backward_query_kernel(
     seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, diag, k_len, BLOCK_N,
                                             CAUSAL)
     dq = _query_grad_staged(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                            0, seq_end, seq_full, k_len, offs_m, offs_d, q_len, diag, key_pad, stride_kpn, dense,
-                            stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
-                            bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
-                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
+                            0, seq_end, seq_full, k_len, offs_m, offs_d, offs_dv, q_len, diag, key_pad, stride_kpn,
+                            dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                            cap_log2, bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                            BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
                             HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
                             HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP)
     tl.store(DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm
@@ -859,8 +884,8 @@ def _prefix_grad_finalize_kernel(
     PartialK, PartialV, GradK, GradV, PrefixIndex,
     stride_gkt, stride_gkh, stride_gkn, stride_gkd, stride_gvt, stride_gvh, stride_gvn, stride_gvd,
     batch, kv_heads, prefix_len,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HAS_INDEX: tl.constexpr, SUM_SAMPLES: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr,
+    HAS_INDEX: tl.constexpr, SUM_SAMPLES: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The prefix gradients in their own dtype: the float32 per-entry sums, or (deterministic) the per-sample
     partials summed over the samples that used the entry, in sample order."""
@@ -868,11 +893,14 @@ def _prefix_grad_finalize_kernel(
     hkv = tl.program_id(1)
     t = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
     mask = (offs_n[:, None] < prefix_len) & (offs_d[None, :] < HEAD_DIM)
+    mask_v = (offs_n[:, None] < prefix_len) & (offs_dv[None, :] < HEAD_DIM_V)
     tile = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tile_v = offs_n[:, None] * HEAD_DIM_V + offs_dv[None, :]
     if SUM_SAMPLES:
         grad_k = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-        grad_v = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
+        grad_v = tl.zeros([BLOCK_N, DV_PAD], dtype=tl.float32)
         for s in range(0, batch):
             # A scalar branch, not a mask: Triton 3.9's interpreter turns `block mask & scalar comparison` into
             # an int32 mask, which tl.load then rejects ('mask has unsupported dtype').
@@ -880,17 +908,17 @@ def _prefix_grad_finalize_kernel(
             if HAS_INDEX:
                 entry = tl.load(PrefixIndex + s).to(tl.int64)
             if entry == t:
-                base = (s * kv_heads + hkv) * prefix_len * HEAD_DIM
-                grad_k += tl.load(PartialK + base + tile, mask=mask, other=0.0)
-                grad_v += tl.load(PartialV + base + tile, mask=mask, other=0.0)
+                rows = (s * kv_heads + hkv) * prefix_len
+                grad_k += tl.load(PartialK + rows * HEAD_DIM + tile, mask=mask, other=0.0)
+                grad_v += tl.load(PartialV + rows * HEAD_DIM_V + tile_v, mask=mask_v, other=0.0)
     else:
-        base = (t * kv_heads + hkv) * prefix_len * HEAD_DIM
-        grad_k = tl.load(PartialK + base + tile, mask=mask, other=0.0)
-        grad_v = tl.load(PartialV + base + tile, mask=mask, other=0.0)
+        rows = (t * kv_heads + hkv) * prefix_len
+        grad_k = tl.load(PartialK + rows * HEAD_DIM + tile, mask=mask, other=0.0)
+        grad_v = tl.load(PartialV + rows * HEAD_DIM_V + tile_v, mask=mask_v, other=0.0)
     tl.store(GradK + t * stride_gkt + hkv * stride_gkh + offs_n[:, None] * stride_gkn + offs_d[None, :] * stride_gkd,
              grad_k.to(GradK.dtype.element_ty), mask=mask)
-    tl.store(GradV + t * stride_gvt + hkv * stride_gvh + offs_n[:, None] * stride_gvn + offs_d[None, :] * stride_gvd,
-             grad_v.to(GradV.dtype.element_ty), mask=mask)
+    tl.store(GradV + t * stride_gvt + hkv * stride_gvh + offs_n[:, None] * stride_gvn + offs_dv[None, :] * stride_gvd,
+             grad_v.to(GradV.dtype.element_ty), mask=mask_v)
 
 
 @triton.jit

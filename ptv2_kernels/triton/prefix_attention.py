@@ -76,8 +76,8 @@ _QUERY_GRAD_CONFIGS = _configs([
 # The interpreter cannot time configurations and runs each program in Python: one small block shape (the
 # forward's pointer-load variant; tests switch to its TMA variant through the forward launcher's meta).
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
-_AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE", "HAS_BIAS",
-                 "HAS_DROPOUT", "VARLEN", "HAS_SOFTCAP"]
+_AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE",
+                 "HAS_BIAS", "HAS_DROPOUT", "VARLEN", "HAS_SOFTCAP"]
 # The forward packs the query heads of a GQA group into one program's rows up to this many queries: decode (1) and
 # speculative or chunked decode steps. Longer queries fill whole blocks per head, and their key/value tiles, shared
 # by the group's programs running side by side, come from L2.
@@ -95,25 +95,28 @@ def _kernel_kind(kernel_name: str) -> str:
     return {"_backward_key_kernel": "keys", "_backward_query_kernel": "queries"}.get(kernel_name, "forward")
 
 
-def _live_per_thread(kind, block_m, block_n, d_pad, warps):
+def _live_per_thread(kind, block_m, block_n, d_pad, warps, dv_pad=None):
     """fp32 tile elements each thread holds at the kernel's peak: the accumulators, the score-sized tiles, and the
-    16-bit operand tiles kept in registers (counted at half). Forward: acc [M, D], scores [M, N], q [M, D]. Key
-    gradients: dK, dV [N, D], k and v [N, D], scores and dP [M, N]. Query gradients: dQ [M, D], q and dO [M, D],
-    scores and dP [M, N]."""
+    16-bit operand tiles kept in registers (counted at half). Forward: acc [M, Dv], scores [M, N], q [M, D]. Key
+    gradients: dK [N, D], dV [N, Dv], k [N, D] and v [N, Dv], scores and dP [M, N]. Query gradients: dQ [M, D],
+    q [M, D] and dO [M, Dv], scores and dP [M, N]. ``dv_pad``: the values' padded head dim (None: ``d_pad``)."""
     m, n, d = block_m, block_n, d_pad
-    live = {"forward": m * d + m * n + m * d / 2, "keys": 2 * n * d + n * d + 2 * m * n,
-            "queries": m * d + m * d + 2 * m * n}[kind]
+    dv = d if dv_pad is None else dv_pad
+    live = {"forward": m * dv + m * n + m * d / 2, "keys": (n * d + n * dv) * 3 / 2 + 2 * m * n,
+            "queries": m * d + (m * d + m * dv) / 2 + 2 * m * n}[kind]
     return live / (32 * warps)
 
 
-def shared_memory_estimate(kind, block_m, block_n, d_pad, stages, element_size):
+def shared_memory_estimate(kind, block_m, block_n, d_pad, stages, element_size, dv_pad=None):
     """Upper bound of a configuration's shared memory in bytes: ``stages`` buffers of the pipelined operand tiles
     (Triton's pipeliner allocates that many on Hopper, one fewer on Ampere) and the resident tiles, plus slack.
-    Checked against the compiled kernels by benchmarks/static_report.py."""
+    ``dv_pad``: the values' padded head dim (None: ``d_pad``). Checked against the compiled kernels by
+    benchmarks/static_report.py."""
     m, n, d = block_m, block_n, d_pad
-    tiles = {"forward": stages * 2 * n * d + m * d,   # k, v pipelined; q resident
-             "keys": stages * 2 * m * d + 2 * n * d,  # q, dO pipelined; k, v resident
-             "queries": stages * 2 * n * d + 2 * m * d}[kind]  # k, v pipelined; q, dO resident
+    dv = d if dv_pad is None else dv_pad
+    tiles = {"forward": stages * (n * d + n * dv) + m * d,   # k, v pipelined; q resident
+             "keys": stages * (m * d + m * dv) + n * d + n * dv,  # q, dO pipelined; k, v resident
+             "queries": stages * (n * d + n * dv) + m * d + m * dv}[kind]  # k, v pipelined; q, dO resident
     return tiles * element_size + _SHARED_SLACK
 
 
@@ -125,19 +128,20 @@ def prune_configs(configs, args, kernel_name, capability, shared_per_block):
     is left, the smallest configuration."""
     kind = _kernel_kind(kernel_name)
     d_pad, q_len_class = args["D_PAD"], args["q_len_class"]
+    dv_pad = args.get("DV_PAD", d_pad)
     major = capability[0]
     budget = _REGISTER_BUDGET["forward" if kind == "forward" else "backward"][9 if major >= 9 else 8]
     element_size = max(t.element_size() for t in (args.get("Q"), args.get("PK")) if hasattr(t, "element_size"))
 
     def fits(c):
         m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if _live_per_thread(kind, m, n, d_pad, c.num_warps) > budget:
+        if _live_per_thread(kind, m, n, d_pad, c.num_warps, dv_pad) > budget:
             return False
-        if shared_memory_estimate(kind, m, n, d_pad, c.num_stages, element_size) > shared_per_block:
+        if shared_memory_estimate(kind, m, n, d_pad, c.num_stages, element_size, dv_pad) > shared_per_block:
             return False
         # Key blocks of 32 only where the 64-wide ones cannot be used (large head dims); at head dim 64 the 16x32
         # tile spills on sm_90 where 16x64 does not.
-        return not (kind == "keys" and n < 64 and d_pad < 128)
+        return not (kind == "keys" and n < 64 and max(d_pad, dv_pad) < 128)
 
     tma_ready = kind == "forward" and major >= 9 and tma_descriptors_serve(args)
     kept = [c for c in configs if fits(c) and c.kwargs["BLOCK_M"] <= max(16, q_len_class)
@@ -280,19 +284,22 @@ def _strides3(x: torch.Tensor, packing) -> tuple:
 
 
 def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p,
-                       packing=None, softcap=None, prefix_bias=None):
+                       packing=None, softcap=None, value_dim=None, prefix_bias=None):
     """Kernel arguments shared by every launch: sizes, autotuning classes and compile-time flags. Packed sequences
-    pass their longest lengths as the lengths."""
+    pass their longest lengths as the lengths. ``value_dim``: v's head dim (None: q's and k's)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if packing is not None:
         q_len, k_len = packing.max_q, packing.max_k
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
+    value_dim = head_dim if value_dim is None else value_dim
     d_pad = max(16, _next_power_of_2(head_dim))
+    dv_pad = max(16, _next_power_of_2(value_dim))
     use_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
     sizes = (q_heads, q_len, k_len, num_prefixes, prefix_len, q_heads // kv_heads)
     classes = (_next_power_of_2(q_len), _next_power_of_2(prefix_len + k_len))
-    flags = dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HAS_INDEX=prefix_index is not None,
+    flags = dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HEAD_DIM_V=value_dim, DV_PAD=dv_pad,
+                 PAD_DV=dv_pad != value_dim, HAS_INDEX=prefix_index is not None,
                  HAS_LENGTHS=prefix_lengths is not None, HAS_KEY_PAD=attn_mask is not None and attn_mask.dim() == 2,
                  HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, HAS_BIAS=attn_bias is not None,
                  CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="tf32" if use_tf32 else "ieee",
@@ -371,8 +378,8 @@ def _multiprocessors(device: torch.device) -> int:
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
             attn_bias=None, softcap=None, sinks=None, prefix_bias=None):
-    batch, q_heads, q_len, head_dim = q.shape
-    out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
+    batch, q_heads, q_len = q.shape[:3]
+    out = q.new_empty(batch, q_len, q_heads, v.shape[-1]).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -385,8 +392,8 @@ def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_
                    prefix_index, prefix_lengths, seed, causal, scale, dropout_p, *, softcap=None, sinks=None):
     """The variable-length forward (see :func:`ptv2_kernels.prefix_attention_varlen`): ``out [total_q, Hq, D]``
     and ``lse [Hq, total_q]``, one program per query block of each packed sequence."""
-    total_q, q_heads, head_dim = q.shape
-    out = q.new_empty(total_q, q_heads, head_dim)
+    total_q, q_heads = q.shape[:2]
+    out = q.new_empty(total_q, q_heads, v.shape[-1])
     lse = q.new_empty(q_heads, total_q, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -399,10 +406,10 @@ def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_
 def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
                     causal, scale, dropout_p, packing=None, softcap=None, sinks=None, prefix_bias=None):
     """Write ``out`` and ``lse`` of a forward on 4-D operands (``[1, H, total, D]`` views for packed sequences)."""
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads = k.shape[1]
+    batch, q_heads, q_len = q.shape[:3]
+    kv_heads, value_dim = k.shape[1], v.shape[-1]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing, softcap, prefix_bias)
+                                               causal, dropout_p, packing, softcap, value_dim, prefix_bias)
     sinks = _sinks_arg(sinks)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
     if packing is not None:
@@ -425,7 +432,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
     # With splits, each writes a float32 partial output and lse of its own; the merge writes out and lse.
     dest, dest_lse = out, lse
     if splits > 1:
-        dest = torch.empty(splits, batch, q_heads, q_len, head_dim, dtype=torch.float32, device=q.device)
+        dest = torch.empty(splits, batch, q_heads, q_len, value_dim, dtype=torch.float32, device=q.device)
         dest_lse = torch.empty(splits, batch, q_heads, q_len, dtype=torch.float32, device=q.device)
     dest_strides = dest.stride()[-4:-1] if packing is None else _strides3(dest, packing)
     if q.is_cuda and _device_limits(q.device)[0][0] >= 9:
@@ -441,7 +448,8 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
     if splits > 1:
         _combine_splits_kernel[(_cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
             dest, dest_lse, out, lse, sinks, *dest.stride()[:4], dest_lse.stride(0), *out.stride()[:3], q_heads,
-            q_len, splits, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_SINKS=sinks is not None, BLOCK_M=_ROW_BLOCK)
+            q_len, splits, HEAD_DIM_V=value_dim, DV_PAD=flags["DV_PAD"], HAS_SINKS=sinks is not None,
+            BLOCK_M=_ROW_BLOCK)
 
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
@@ -485,10 +493,10 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
     ``grad_prefix_bias`` when they are non-empty tensors, and the sinks' into ``grad_sinks`` when there are sinks
     (the kernels need no sink: the lse includes it)."""
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing, softcap, prefix_bias)
+                                               causal, dropout_p, packing, softcap, value_dim, prefix_bias)
     qk_scale, cap_log2 = _score_scales(scale, softcap)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
 
@@ -497,7 +505,7 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
     _backward_preprocess_kernel[(_cdiv(q_len, _ROW_BLOCK), q_heads, batch)](
         out, grad_out, grad_lse, delta, *out.stride()[:3], *grad_out.stride(),
         *(grad_lse.stride() if grad_lse is not None else (0, 0, 0)), q_heads, q_len,
-        HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HAS_DLSE=grad_lse is not None, BLOCK_M=_ROW_BLOCK)
+        HEAD_DIM_V=value_dim, DV_PAD=flags["DV_PAD"], HAS_DLSE=grad_lse is not None, BLOCK_M=_ROW_BLOCK)
     if sinks is not None and grad_sinks is not None:
         grad_sinks.copy_(sinks_grad(sinks, lse, delta))
 
@@ -513,7 +521,7 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
     # One float32 partial per bank entry (atomics) or per sample (deterministic); never-written slots stay 0.
     slots = samples if deterministic else num_prefixes
     partial_k = torch.zeros(slots, kv_heads, prefix_len, head_dim, dtype=torch.float32, device=q.device)
-    partial_v = torch.zeros_like(partial_k)
+    partial_v = torch.zeros(slots, kv_heads, prefix_len, value_dim, dtype=torch.float32, device=q.device)
     common = (*_strides3(q, packing), *_strides3(k, packing), *_strides3(v, packing), *prefix_k.stride(),
               *prefix_v.stride(), *_strides3(grad_out, packing), grad_out.stride(3))
     if prefix_len + sizes[2] > 0:
@@ -539,5 +547,5 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
     if prefix_len > 0:
         _prefix_grad_finalize_kernel[(_cdiv(prefix_len, _ROW_BLOCK), kv_heads, num_prefixes)](
             partial_k, partial_v, d_prefix_k, d_prefix_v, prefix_index, *d_prefix_k.stride(), *d_prefix_v.stride(),
-            samples, kv_heads, prefix_len, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"],
-            HAS_INDEX=prefix_index is not None, SUM_SAMPLES=deterministic, BLOCK_N=_ROW_BLOCK)
+            samples, kv_heads, prefix_len, HEAD_DIM=head_dim, D_PAD=flags["D_PAD"], HEAD_DIM_V=value_dim,
+            DV_PAD=flags["DV_PAD"], HAS_INDEX=prefix_index is not None, SUM_SAMPLES=deterministic, BLOCK_N=_ROW_BLOCK)
