@@ -129,20 +129,6 @@ def test_unsupported_model_names_its_type():
         ptv2_kernels.patch(model, bank)
 
 
-def test_bloom_is_refused_with_the_reason():
-    """BLOOM's ALiBi biases the prefix keys' scores too, which the op does not take: refused by for_model and at
-    patch, before the model is changed."""
-    config = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=2)
-    model = transformers.BloomForCausalLM(config)
-    reason = "'bloom'.*ALiBi needs a bias on the prefix keys' scores, which the op does not take yet"
-    with pytest.raises(NotImplementedError, match=reason):
-        ptv2_kernels.PrefixBank.for_model(model)
-    bank = ptv2_kernels.PrefixBank([(f"layer.{i}", 2, 16) for i in range(2)], prefix_len=2)
-    with pytest.raises(NotImplementedError, match=reason):
-        ptv2_kernels.patch(model, bank)
-    assert not hasattr(model, "ptv2_prefix") and not any("forward" in m.__dict__ for m in model.modules())
-
-
 def test_encoder_masks_reach_the_op_in_cheap_forms(monkeypatch):
     spy = OpSpy(monkeypatch)
     model = encoder_model("bert", "seq_cls")
