@@ -8,7 +8,8 @@ unpatched model holds them in its cache (as PEFT places a prefix, positions shif
 holds their expansion by each layer's own ``expand_kv``. Checked: the bank's slots (keys and values of their own
 head dims), logits of a left-padded batch mixing two tasks of different prefix lengths, the prefix gradients (the
 bank's, carried back through ``expand_kv``, against the latents' in the cache), and greedy ``generate`` (tokens
-and every step's logits); on the reference and Triton backends.
+and every step's logits); a packed (padding-free) batch against the padded one; on the reference and Triton
+backends.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 import ptv2_kernels
 from ptv2_kernels import backends
+from ptv2_kernels.integrations import hf_transformers
 from ptv2_kernels.integrations.hf_transformers import cache_keyword
 
 from .hf_models import VOCAB, assert_close_scaled, random_batch
@@ -197,3 +199,41 @@ def test_matches_latents_in_the_cache(family, backend):
     assert torch.equal(generated.sequences, sequences), f"{generated.sequences} != {sequences}"
     for step, (ours, want) in enumerate(zip(generated.logits, steps)):
         assert_close_scaled(ours, want, rel, f"logits of generate step {step}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_batch_equals_padded_batch(backend, monkeypatch):
+    """A packed (padding-free) batch runs the variable-length op on keys and values of their own head dims: the
+    same per-token logits, loss and prefix gradients as the padded batch, one task per packed sequence."""
+    lengths, tasks = (5, 3, 4), [1, 0, 1]
+    gen = torch.Generator().manual_seed(0)
+    features = [{"input_ids": torch.randint(3, VOCAB, (n,), generator=gen).tolist()} for n in lengths]
+    packed = transformers.DataCollatorWithFlattening()(features)
+    ids = torch.full((len(lengths), max(lengths)), 1)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        ids[i, :n], mask[i, :n] = torch.tensor(feature["input_ids"]), 1
+        labels[i, 1:n] = ids[i, 1:n]  # the flattening collator labels each sequence's first token -100
+    model = _model("deepseek_v3")
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=LENGTHS)
+    with torch.no_grad():
+        bank.encoder.embedding.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(3))
+    ptv2_kernels.patch(model, bank, backend=backend)
+    varlen_calls = []
+    varlen = hf_transformers.prefix_attention_varlen
+    monkeypatch.setattr(hf_transformers, "prefix_attention_varlen",
+                        lambda *args, **kwargs: varlen_calls.append(args[2].shape) or varlen(*args, **kwargs))
+    results = []
+    for batch in (packed, dict(input_ids=ids, attention_mask=mask, labels=labels)):
+        bank.zero_grad(set_to_none=True)
+        output = model(**batch, task_ids=tasks)
+        output.loss.backward()
+        results.append((output.logits.detach(), output.loss.detach(), bank.encoder.embedding.weight.grad.clone()))
+    assert varlen_calls == [(sum(lengths), 4, 4)] * 2, "each layer's packed attention takes values of head dim 4"
+    (logits, loss, grad), (padded_logits, padded_loss, padded_grad) = results
+    torch.testing.assert_close(logits[0], torch.cat([padded_logits[i, :n] for i, n in enumerate(lengths)]),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, padded_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, padded_grad, rtol=1e-4, atol=1e-6)
