@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,29 +27,56 @@ _FORMAT = "ptv2_kernels.prefix_bank"
 _FORMAT_VERSION = 1
 
 
-class PrefixSlot(NamedTuple):
+class PrefixSlot(tuple):
     """One attention that receives a prefix: its name (``"layer.3"``, ``"encoder.0"``, ``"decoder.1"``,
     ``"cross.1"``), the key/value head count and head dim of that attention, and ``value_dim``: the values' head
-    dim where it differs from the keys' (multi-head latent attention, DeepSeek-V2/V3), else None."""
+    dim where it differs from the keys' (multi-head latent attention, DeepSeek-V2/V3), else None.
 
-    name: str
-    num_kv_heads: int
-    head_dim: int
-    value_dim: Optional[int] = None
+    A tuple ``(name, num_kv_heads, head_dim)``, with ``value_dim`` fourth only where the values' head dim differs:
+    so a slot of one head dim equals, unpacks and saves as the three-part tuple it has always been."""
+
+    __slots__ = ()
+
+    def __new__(cls, name: str, num_kv_heads: int, head_dim: int, value_dim: Optional[int] = None):
+        parts = (name, num_kv_heads, head_dim)
+        if value_dim is not None and value_dim != head_dim:
+            parts += (value_dim,)
+        return super().__new__(cls, parts)
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    @property
+    def name(self) -> str:
+        return self[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self[2]
+
+    @property
+    def value_dim(self) -> Optional[int]:
+        """The values' head dim where it differs from the keys', else None."""
+        return self[3] if len(self) == 4 else None
 
     @property
     def value_head_dim(self) -> int:
         """The values' head dim: ``value_dim``, or the keys' ``head_dim`` when it is None."""
-        return self.head_dim if self.value_dim is None else self.value_dim
+        return self[len(self) - 1]
 
     @property
     def width(self) -> int:
         """Elements of one prefix token in this slot, keys and values together: ``Hkv * (Dk + Dv)``."""
         return self.num_kv_heads * (self.head_dim + self.value_head_dim)
 
-    def spec(self) -> list:
-        """The slot as a saved bank lists it: ``[name, Hkv, D]``, with ``Dv`` fourth only where it differs."""
-        return list(self) if self.value_dim is not None else list(self[:3])
+    def __repr__(self) -> str:
+        value = "" if self.value_dim is None else f", value_dim={self.value_dim}"
+        return (f"PrefixSlot(name={self.name!r}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+                f"{value})")
 
 
 def _positive_int(name: str, value) -> int:
@@ -73,9 +100,7 @@ def _checked_slots(slots) -> tuple[PrefixSlot, ...]:
         dim = _positive_int(f"head_dim of slot {name!r}", dim)
         if value_dim is not None:
             value_dim = _positive_int(f"value_dim of slot {name!r}", value_dim)
-        # one head dim for both is one slot, however it was written
-        checked.append(PrefixSlot(name, _positive_int(f"num_kv_heads of slot {name!r}", heads), dim,
-                                  None if value_dim == dim else value_dim))
+        checked.append(PrefixSlot(name, _positive_int(f"num_kv_heads of slot {name!r}", heads), dim, value_dim))
     if not checked:
         raise ValueError("a prefix needs at least one slot (attention layer), got none")
     names = [slot.name for slot in checked]
@@ -350,7 +375,7 @@ class PrefixBank(nn.Module):
         encoder = self.encoder
         return {
             "format": _FORMAT, "version": _FORMAT_VERSION,
-            "slots": [slot.spec() for slot in self.slots],
+            "slots": [list(slot) for slot in self.slots],
             "num_tasks": self.num_tasks,
             "prefix_len": self.lengths(),
             "projection_hidden": encoder.projection_hidden,

@@ -225,7 +225,7 @@ def _check_width(encoders: list[_Encoder], slots, where: str) -> None:
     slots = [PrefixSlot(*slot) for slot in slots]  # (name, Hkv, D) tuples or slots of a model's layout
     needed = sum(slot.width for slot in slots)
     heads, dim = slots[0].num_kv_heads, slots[0].head_dim
-    uniform = all(slot[1:] == (heads, dim, None) for slot in slots)
+    uniform = all(slot == (slot.name, heads, dim) for slot in slots)
     detail = f" = {len(slots)} layers x 2 x {heads} key/value heads x {dim}" if uniform else ""
     for encoder in encoders:
         width = encoder.width

@@ -982,7 +982,7 @@ def _check_slots(model, prefix: PrefixBank, modules) -> dict:
         path, module = by_name[slot.name]
         config = getattr(module, "config", None) or model.config
         shape = _module_kv_shape(module, config)
-        if shape != tuple(slot[1:]):
+        if shape != (slot.num_kv_heads, slot.head_dim, slot.value_dim):
             heads, key_dim, value_dim = shape
             if value_dim is None and slot.value_dim is None:
                 names, ours, theirs = "(num_kv_heads, head_dim)", (slot.num_kv_heads, slot.head_dim), shape[:2]
