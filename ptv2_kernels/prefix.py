@@ -2,8 +2,10 @@
 
 Both hand per-layer prefix keys/values to the op in its ``[T, Hkv, P, D]`` layout as **views** of one flat tensor
 ``[T, P, F]`` (``F`` = the sum over attention slots of ``2 * Hkv * D``, ordered slot by slot, key before value, head
-by head — the layout of P-Tuning v2's and PEFT's prefix encoders). One ``split`` cuts all slots at once, so the
-backward of the views is a single concatenation of the slots' gradients, not a full-size copy per layer.
+by head — the layout of P-Tuning v2's and PEFT's prefix encoders). A slot whose values have a head dim of their own
+(multi-head latent attention: keys of ``Dk``, values of ``Dv``) takes ``Hkv * (Dk + Dv)`` of ``F``, keys first. One
+``split`` cuts all slots at once, so the backward of the views is a single concatenation of the slots' gradients,
+not a full-size copy per layer.
 
 This module knows nothing of kernels or of transformers: :meth:`PrefixBank.for_model`, :meth:`PrefixBank.from_peft`
 and the checkpoint imports and export (:meth:`PrefixBank.from_ptuning_v2`, :meth:`PrefixBank.from_chatglm_ptuning`,
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -29,18 +31,56 @@ _FORMAT_VERSION = 1
 POSITION_BIASES = ("none", "cached")
 
 
-class PrefixSlot(NamedTuple):
+class PrefixSlot(tuple):
     """One attention that receives a prefix: its name (``"layer.3"``, ``"encoder.0"``, ``"decoder.1"``,
-    ``"cross.1"``), and the key/value head count and head dim of that attention."""
+    ``"cross.1"``), the key/value head count and head dim of that attention, and ``value_dim``: the values' head
+    dim where it differs from the keys' (multi-head latent attention, DeepSeek-V2/V3), else None.
 
-    name: str
-    num_kv_heads: int
-    head_dim: int
+    A tuple ``(name, num_kv_heads, head_dim)``, with ``value_dim`` fourth only where the values' head dim differs:
+    so a slot of one head dim equals, unpacks and saves as the three-part tuple it has always been."""
+
+    __slots__ = ()
+
+    def __new__(cls, name: str, num_kv_heads: int, head_dim: int, value_dim: Optional[int] = None):
+        parts = (name, num_kv_heads, head_dim)
+        if value_dim is not None and value_dim != head_dim:
+            parts += (value_dim,)
+        return super().__new__(cls, parts)
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    @property
+    def name(self) -> str:
+        return self[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self[2]
+
+    @property
+    def value_dim(self) -> Optional[int]:
+        """The values' head dim where it differs from the keys', else None."""
+        return self[3] if len(self) == 4 else None
+
+    @property
+    def value_head_dim(self) -> int:
+        """The values' head dim: ``value_dim``, or the keys' ``head_dim`` when it is None."""
+        return self[len(self) - 1]
 
     @property
     def width(self) -> int:
-        """Elements of one prefix token in this slot, keys and values together: ``2 * Hkv * D``."""
-        return 2 * self.num_kv_heads * self.head_dim
+        """Elements of one prefix token in this slot, keys and values together: ``Hkv * (Dk + Dv)``."""
+        return self.num_kv_heads * (self.head_dim + self.value_head_dim)
+
+    def __repr__(self) -> str:
+        value = "" if self.value_dim is None else f", value_dim={self.value_dim}"
+        return (f"PrefixSlot(name={self.name!r}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+                f"{value})")
 
 
 def _positive_int(name: str, value) -> int:
@@ -51,16 +91,20 @@ def _positive_int(name: str, value) -> int:
 
 def _checked_slots(slots) -> tuple[PrefixSlot, ...]:
     if isinstance(slots, (str, bytes)) or not isinstance(slots, Iterable):
-        raise TypeError(f"slots must be a sequence of (name, num_kv_heads, head_dim), got {type(slots).__name__}")
+        raise TypeError(f"slots must be a sequence of (name, num_kv_heads, head_dim[, value_dim]), got "
+                        f"{type(slots).__name__}")
     checked = []
     for slot in slots:
-        if not isinstance(slot, (tuple, list)) or len(slot) != 3:
-            raise ValueError(f"each slot must be (name, num_kv_heads, head_dim), got {slot!r}")
-        name, heads, dim = slot
+        if not isinstance(slot, (tuple, list)) or len(slot) not in (3, 4):
+            raise ValueError(f"each slot must be (name, num_kv_heads, head_dim) or (name, num_kv_heads, head_dim, "
+                             f"value_dim), got {slot!r}")
+        name, heads, dim, value_dim = (*slot, None)[:4]
         if not isinstance(name, str) or not name:
             raise ValueError(f"a slot name must be a non-empty str, got {name!r}")
-        checked.append(PrefixSlot(name, _positive_int(f"num_kv_heads of slot {name!r}", heads),
-                                  _positive_int(f"head_dim of slot {name!r}", dim)))
+        dim = _positive_int(f"head_dim of slot {name!r}", dim)
+        if value_dim is not None:
+            value_dim = _positive_int(f"value_dim of slot {name!r}", value_dim)
+        checked.append(PrefixSlot(name, _positive_int(f"num_kv_heads of slot {name!r}", heads), dim, value_dim))
     if not checked:
         raise ValueError("a prefix needs at least one slot (attention layer), got none")
     names = [slot.name for slot in checked]
@@ -79,14 +123,16 @@ class PrefixEncoder(nn.Module):
 
     Args:
         prefix_len: P, virtual tokens per task.
-        slots: the attentions that receive a prefix, each ``(name, num_kv_heads, head_dim)``; or give
-            ``num_layers``, ``num_kv_heads`` and ``head_dim`` for ``num_layers`` identical slots ``"layer.i"``.
+        slots: the attentions that receive a prefix, each ``(name, num_kv_heads, head_dim)``, or
+            ``(name, num_kv_heads, head_dim, value_dim)`` for values of another head dim; or give ``num_layers``,
+            ``num_kv_heads`` and ``head_dim`` for ``num_layers`` identical slots ``"layer.i"``.
         num_tasks: T, prefixes held side by side.
         projection_hidden: None (no reparameterization) or the MLP's hidden size (P-Tuning v2 uses 512).
         embed_dim: input width of the MLP (default: the first slot's ``Hkv * D``; for a model, its hidden size).
         dropout: dropout probability on the prefix keys/values.
 
-    Calling the module returns one ``(key, value)`` pair per slot, each ``[T, Hkv, P, D]``: views of the flat
+    Calling the module returns one ``(key, value)`` pair per slot, ``[T, Hkv, P, D]`` and ``[T, Hkv, P, Dv]``
+    (``Dv = D`` unless the slot says otherwise): views of the flat
     ``[T, P, F]`` output (of the embedding weight itself when there is no MLP and no dropout).
     """
 
@@ -160,12 +206,12 @@ class PrefixEncoder(nn.Module):
         return state
 
     def _views(self) -> tuple[tuple[Tensor, Tensor], ...]:
-        sizes = [size for slot in self.slots for size in (slot.width // 2,) * 2]
+        sizes = [slot.num_kv_heads * dim for slot in self.slots for dim in (slot.head_dim, slot.value_head_dim)]
         parts = self.flat().split(sizes, dim=-1)
         kv = []
         for i, slot in enumerate(self.slots):
-            shape = (self.num_tasks, self.prefix_len, slot.num_kv_heads, slot.head_dim)
-            key, value = (part.view(shape).transpose(1, 2) for part in parts[2 * i:2 * i + 2])
+            key, value = (part.view(self.num_tasks, self.prefix_len, slot.num_kv_heads, dim).transpose(1, 2)
+                          for part, dim in zip(parts[2 * i:2 * i + 2], (slot.head_dim, slot.value_head_dim)))
             kv.append((key, value))
         return tuple(kv)
 
@@ -213,7 +259,8 @@ class PrefixBank(nn.Module):
     with :meth:`from_peft`, and hand it to :func:`ptv2_kernels.patch`.
 
     Args:
-        slots: the attentions that receive a prefix, each ``(name, num_kv_heads, head_dim)``.
+        slots: the attentions that receive a prefix, each ``(name, num_kv_heads, head_dim)`` or
+            ``(name, num_kv_heads, head_dim, value_dim)`` (see :class:`PrefixSlot`).
         num_tasks: T.
         prefix_len: one length for every task, or T lengths.
         projection_hidden, embed_dim, dropout: see :class:`PrefixEncoder`.

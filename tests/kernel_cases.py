@@ -74,7 +74,7 @@ class Case:
     q_len: int = 19
     k_len: int = 37
     head_dim: int = 32
-    value_dim: Optional[int] = None  # v's and prefix_v's head dim; None: head_dim (multi-head latent attention: not)
+    value_dim: Optional[int] = None  # v's and prefix_v's head dim (multi-head latent attention); None: head_dim
     num_prefixes: int = 1
     prefix_len: int = 7
     lengths: bool = False  # per-entry prefix lengths

@@ -20,7 +20,7 @@ CI = REPO / ".ci" / "run"
 # families they build are the ones README's table lists (tests/hf_models.py holds the shared builders).
 MODEL_CHECK_FILES = ("hf_models.py", "test_integration_encoders.py", "test_integration_decoders.py",
                      "test_integration_seq2seq.py", "test_integration_deberta.py", "test_integration_adapters.py",
-                     "test_op_softcap_sinks.py")
+                     "test_op_softcap_sinks.py", "test_integration_mla.py")
 TEXT_SUFFIXES = {".py", ".md", ".h", ".cuh", ".cu", ".cpp", ".toml", ".cfg", ".in", ".txt", ""}
 
 

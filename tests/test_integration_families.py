@@ -16,7 +16,8 @@ mixing both tasks:
 * against an oracle, logits and prefix gradients, and greedy ``generate`` (tokens and every step's logits):
   ``"cache"`` (decoders): the unpatched model holding the task's prefix in its cache, as PEFT places it, with
   positions shifted by the prefix length (``positions="shifted"``); ``"attention"`` (encoders, encoder-decoders,
-  hybrid decoders whose cache is not a plain list of layers): the unpatched model running a float64 attention
+  hybrid decoders whose cache is not a plain list of layers, multi-head latent attention whose cache holds
+  compressed latents instead of keys and values): the unpatched model running a float64 attention
   function of this module over ``[prefix ; keys]`` with transformers' own masks, the model patched with
   ``positions="unshifted"``; ``None``: families served by an adapter, whose oracle is their own test module;
 * ``unpatch`` gives back the unpatched outputs exactly.
@@ -73,7 +74,6 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=32, d_model=32, num_hidden_layers=2, 
 # What patch says when it refuses a family, and what the first forward says for the families that patch does not
 # refuse but cannot serve (the doc table gives the same words).
 NO_INTERFACE = "its attention does not go through transformers' AttentionInterface"
-MLA = "its values have head dim 4 and its keys 8 (multi-head latent attention)"
 MLA_DIMS = dict(num_key_value_heads=4, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, kv_lora_rank=16,
                 q_lora_rank=16)  # keys of 4 + 4 channels, values of 4, as DeepSeek's 128 + 64 and 128
 ROTARY = dict(rotary_dim=4)
@@ -145,7 +145,9 @@ FAMILIES = [
     *_decoders("jetmoe", refused="tiles each key/value head over its experts' query heads"),
     *_decoders("diffllama", refused="calls the attention function twice, on the two halves of its value heads"),
     *_decoders("gemma2", "vaultgemma", "gpt_oss"),  # attention-logit softcapping; attention sinks
-    *_decoders("deepseek_v2", "deepseek_v3", config=MLA_DIMS, refused=MLA),
+    # Multi-head latent attention: values of another head dim than the keys; its cache holds the compressed
+    # latents, not keys and values (tests/test_integration_mla.py checks it against prefixes held there).
+    *_decoders("deepseek_v2", "deepseek_v3", config=MLA_DIMS, oracle="attention"),
     *_decoders("falcon"),
     *_decoders("bloom", position_bias="cached"),  # ALiBi on the prefix keys as in the cache
     *_decoders("xglm", "mpt", "openai-gpt", refused=NO_INTERFACE),

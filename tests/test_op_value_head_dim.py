@@ -6,7 +6,7 @@ tests/kernel_cases.py (forward, lse and all five gradients, plus the bias gradie
 dims that are not powers of two, across masks, causal with Nq != Nk, biases, GQA, banks, P = 0, strided inputs,
 the decode forms (GQA packing, split keys) and both prefix-gradient reductions. The native and cuda backends
 state why they cannot serve it; the argument checks name the argument and the expected shape; the packed
-(variable-length) op serves it too.
+(variable-length) op serves it too; the custom ops pass opcheck and trace under torch.compile with it.
 """
 
 from __future__ import annotations
@@ -206,12 +206,51 @@ def test_varlen_matches_oracle(backend, head_dim, value_dim):
         assert_close_to_reference(name, grad, w, pt, torch.float32)
 
 
-def test_exported_op_under_fake_tensors():
-    """The custom ops' fake implementations give the output the values' head dim."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
-    inputs = _small_inputs(value_dim=40, head_dim=24)
-    with FakeTensorMode() as mode:
-        fakes = [mode.from_tensor(t) for t in inputs]
-        out = ptv2_kernels.prefix_attention(*fakes, backend="reference")
-        assert out.shape == (1, 2, 3, 40) and out.transpose(1, 2).is_contiguous()
+
+def _op_args(requires_grad):
+    """Arguments of the custom op ptv2_kernels::prefix_attention as prefix_attention normalizes them: a bank with
+    an index and lengths, keys of 24 and values of 40."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(requires_grad)
+               for shape in ((2, 4, 5, 24), (2, 2, 7, 24), (2, 2, 7, 40), (2, 2, 3, 24), (2, 2, 3, 40))]
+    return (*tensors, torch.tensor([1, 0]), torch.tensor([3, 2]), None, None, None, True, 0.3, 0.0, "reference",
+            False)
+
+
+def test_opcheck_forward_and_backward():
+    """The custom ops' schemas, autograd registration and fake implementations (the output and the gradients of
+    the values' head dim) agree with what they compute."""
+    forward_args = _op_args(requires_grad=True)
+    torch.library.opcheck(torch.ops.ptv2_kernels.prefix_attention.default, forward_args, test_utils=OPCHECK_UTILS)
+    args = _op_args(requires_grad=False)
+    out, lse = torch.ops.ptv2_kernels.prefix_attention(*args)
+    assert out.shape == (2, 4, 5, 40)
+    gen = torch.Generator().manual_seed(2)
+    upstream = (torch.randn(out.shape, generator=gen, dtype=out.dtype), torch.randn(lse.shape, generator=gen))
+    q, k, v, prefix_k, prefix_v, index, lengths, mask, bias, seed, causal, scale, dropout_p, backend, det = args
+    backward_args = (*upstream, q, k, v, prefix_k, prefix_v, index, lengths, mask, bias, seed, out, lse, causal,
+                     scale, dropout_p, backend, det, False)
+    torch.library.opcheck(torch.ops.ptv2_kernels.prefix_attention_backward.default, backward_args,
+                          test_utils=OPCHECK_UTILS)
+
+
+def test_compiled_forward_and_backward_equal_eager():
+    """torch.compile traces the op with keys and values of different head dims without a graph break."""
+    inputs = [t.detach().double() for t in _small_inputs(value_dim=40, head_dim=24)]
+
+    def run(*tensors):
+        return prefix_attention(*tensors, causal=True, backend="reference")
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (run, compiled):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves)
+        results.append((out, torch.autograd.grad(out.sum(), leaves)))
+    (out, grads), (compiled_out, compiled_grads) = results
+    assert compiled_out.shape == (1, 2, 3, 40)
+    torch.testing.assert_close(compiled_out, out, rtol=0, atol=0)
+    for got, want in zip(compiled_grads, grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

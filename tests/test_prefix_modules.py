@@ -253,3 +253,22 @@ def test_views_not_reused_while_dropout_trains():
         assert encoder() is not encoder()
         encoder.eval()
         assert encoder() is encoder()
+
+
+def test_slots_with_values_of_their_own_head_dim():
+    """A slot (name, Hkv, Dk, Dv) holds keys of Dk and values of Dv side by side in the flat layout, keys first;
+    Dv equal to Dk is the plain three-part slot."""
+    encoder = PrefixEncoder(3, [("layer.0", 2, 6, 4), ("layer.1", 2, 5, 5)], num_tasks=2)
+    assert encoder.slots[1] == ("layer.1", 2, 5) and encoder.slots[1].value_head_dim == 5
+    assert encoder.slots[0] == ("layer.0", 2, 6, 4) and encoder.slots[0].value_dim == 4
+    assert PrefixSlot("layer.0", 2, 6, 6) == ("layer.0", 2, 6) and PrefixSlot("layer.0", 2, 6).value_dim is None
+    assert copy.deepcopy(encoder.slots) == encoder.slots and type(copy.deepcopy(encoder.slots[0])) is PrefixSlot
+    assert encoder.width == 2 * (6 + 4) + 2 * (5 + 5)
+    (key, value), (key1, value1) = encoder()
+    assert key.shape == (2, 2, 3, 6) and value.shape == (2, 2, 3, 4) and value1.shape == (2, 2, 3, 5)
+    flat = encoder.flat()
+    torch.testing.assert_close(value[1, 1, 2], flat[1, 2, 2 * 6 + 4:2 * 6 + 8])
+    with pytest.raises(ValueError, match="value_dim of slot 'layer.0' must be a positive int"):
+        PrefixEncoder(3, [("layer.0", 2, 6, 0)])
+    with pytest.raises(ValueError, match=r"each slot must be \(name, num_kv_heads, head_dim\) or"):
+        PrefixEncoder(3, [("layer.0", 2, 6, 4, 1)])

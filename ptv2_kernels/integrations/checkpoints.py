@@ -43,7 +43,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..prefix import PrefixBank, _positive_int
+from ..prefix import PrefixBank, PrefixSlot, _positive_int
 
 __all__ = ["import_ptuning_v2", "import_chatglm_ptuning", "export_peft_adapter", "PEFT_CONFIG_NAME",
            "PEFT_WEIGHTS_NAME"]
@@ -222,9 +222,10 @@ def _model_slots(model, dims: dict) -> list:
 
 def _check_width(encoders: list[_Encoder], slots, where: str) -> None:
     """Every checkpoint's prefix width is the slots' total; else say what the checkpoint holds instead."""
-    needed = sum(2 * heads * dim for _, heads, dim in slots)
-    _, heads, dim = slots[0]
-    uniform = all((h, d) == (heads, dim) for _, h, d in slots)
+    slots = [PrefixSlot(*slot) for slot in slots]  # (name, Hkv, D) tuples or slots of a model's layout
+    needed = sum(slot.width for slot in slots)
+    heads, dim = slots[0].num_kv_heads, slots[0].head_dim
+    uniform = all(slot == (slot.name, heads, dim) for slot in slots)
     detail = f" = {len(slots)} layers x 2 x {heads} key/value heads x {dim}" if uniform else ""
     for encoder in encoders:
         width = encoder.width
@@ -375,6 +376,10 @@ def _peft_layout(bank: PrefixBank) -> tuple[int, int, int]:
         raise ValueError(f"bank: a PEFT prefix-tuning adapter holds one stack of layers (slots 'layer.0' ... in "
                          f"order); this bank has slots {names[:4]}{'...' if len(names) > 4 else ''} (PEFT's "
                          "encoder-decoder prefixes feed the decoder only, in a layout a bank cannot be written to)")
+    mla = [slot.name for slot in slots if slot.value_dim is not None]
+    if mla:
+        raise ValueError(f"bank: a PEFT prefix-tuning adapter holds keys and values of one head dim; slot {mla[0]!r} "
+                         f"has values of another head dim than its keys (multi-head latent attention)")
     shapes = {(slot.num_kv_heads, slot.head_dim) for slot in slots}
     if len(shapes) != 1:
         raise ValueError(f"bank: PEFT gives every layer the same key/value heads and head dim; this bank's slots have "

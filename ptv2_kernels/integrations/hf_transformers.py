@@ -158,9 +158,19 @@ def _first_attr(objects, names):
     return None
 
 
-def _module_kv_shape(module, config) -> tuple[int, int]:
-    """(key/value heads, head dim) of one attention module, from its attributes or its config."""
-    head_dim = _first_attr([module], ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size"))
+def _module_kv_shape(module, config) -> tuple[int, int, Optional[int]]:
+    """(key/value heads, the keys' head dim, the values' head dim or None where it is the keys') of one attention
+    module, from its attributes or its config. Multi-head latent attention (DeepSeek-V2/V3) names its keys' head
+    dim ``qk_head_dim`` and its values' ``v_head_dim`` (its config's ``head_dim`` is the rotary part's)."""
+    kv_heads, head_dim = _module_key_shape(module, config)
+    value_dim = _first_attr([module], ("v_head_dim",))
+    return kv_heads, head_dim, None if value_dim == head_dim else value_dim
+
+
+def _module_key_shape(module, config) -> tuple[int, int]:
+    """(key/value heads, the keys' head dim) of one attention module."""
+    head_dim = _first_attr([module], ("qk_head_dim", "head_dim", "attention_head_size", "key_value_proj_dim",
+                                      "head_size"))
     heads = _first_attr([module], ("num_heads", "num_attention_heads", "n_heads", "n_head"))
     if heads is None:
         heads = _first_attr([config], ("num_attention_heads", "num_heads"))
@@ -212,23 +222,8 @@ _REFUSED_MODEL_TYPES = {
 
 def _refuse_listed_family(model):
     reason = _REFUSED_MODEL_TYPES.get(_model_type(model))
-    if reason is None:
-        reason = _value_head_dim_reason(getattr(model, "config", None))
     if reason is not None:
         raise _unsupported(model, reason)
-
-
-def _value_head_dim_reason(config) -> Optional[str]:
-    """Why a model whose values have another head dim than its keys (multi-head latent attention: DeepSeek-V2/V3)
-    cannot be served, or None."""
-    value_dim = getattr(config, "v_head_dim", None)
-    key_dim = getattr(config, "qk_head_dim", None)
-    if key_dim is None and getattr(config, "qk_nope_head_dim", None) is not None:
-        key_dim = config.qk_nope_head_dim + (getattr(config, "qk_rope_head_dim", 0) or 0)
-    if isinstance(value_dim, int) and isinstance(key_dim, int) and value_dim != key_dim:
-        return (f"its values have head dim {value_dim} and its keys {key_dim} (multi-head latent attention); the op "
-                "takes one head dim for both")
-    return None
 
 
 # Families whose adapters place ALiBi on the prefix keys of a bank with position_bias="cached".
@@ -1032,9 +1027,15 @@ def _check_slots(model, prefix: PrefixBank, modules) -> dict:
         path, module = by_name[slot.name]
         config = getattr(module, "config", None) or model.config
         shape = _module_kv_shape(module, config)
-        if shape != (slot.num_kv_heads, slot.head_dim):
-            raise ValueError(f"slot {slot.name!r} of the PrefixBank has (num_kv_heads, head_dim) = "
-                             f"{(slot.num_kv_heads, slot.head_dim)}, but {path} has {shape}")
+        if shape != (slot.num_kv_heads, slot.head_dim, slot.value_dim):
+            heads, key_dim, value_dim = shape
+            if value_dim is None and slot.value_dim is None:
+                names, ours, theirs = "(num_kv_heads, head_dim)", (slot.num_kv_heads, slot.head_dim), shape[:2]
+            else:  # values of their own head dim (multi-head latent attention) on either side
+                names = "(num_kv_heads, head_dim, value_head_dim)"
+                ours = (slot.num_kv_heads, slot.head_dim, slot.value_head_dim)
+                theirs = (heads, key_dim, key_dim if value_dim is None else value_dim)
+            raise ValueError(f"slot {slot.name!r} of the PrefixBank has {names} = {ours}, but {path} has {theirs}")
         slot_index[slot.name] = i
     return slot_index
 
