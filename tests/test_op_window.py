@@ -8,7 +8,8 @@ side); the prefix keys are not subject to it.
     against the float64 oracle with the bounds of tests/kernel_cases.py, over windows (3, 0), (5, 2), (0, 0),
     (-1, 4), (7, -1), (-1, -1), causal or not, Nq < Nk, Nq > Nk, decode, square, masks, biases, GQA (packed decode
     rows, split keys), banks, P = 0, rows that see no key, fp16/fp32; equality with the same call given the window
-    as a dense bool attn_mask; bitwise-reproducible deterministic gradients;
+    as a dense bool attn_mask; bitwise-reproducible deterministic gradients; packed sequences
+    (``prefix_attention_varlen``, the window aligned per sequence);
 (c) errors naming the argument, the cuda backend's refusal, opcheck and torch.compile.
 """
 
@@ -17,8 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptv2_kernels import backends, prefix_attention
-from ptv2_kernels.reference import attention_ref, attention_ref_backward
+from ptv2_kernels import backends, prefix_attention, prefix_attention_varlen
+from ptv2_kernels.reference import attention_ref, attention_ref_backward, attention_ref_varlen
 
 from .conftest import DEVICE
 from .kernel_cases import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
@@ -149,6 +150,32 @@ def test_deterministic_gradients_are_bitwise_reproducible(backend):
     first, second = (run_backend(inputs, kwargs, deterministic=True, backend=backend) for _ in range(2))
     for a, b in zip((first[0], first[1], *first[2]), (second[0], second[1], *second[2])):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window, causal", [((3, 0), True), ((2, 5), False), ((-1, 1), False)])
+def test_varlen_window_is_aligned_per_sequence(backend, window, causal):
+    """Sequences of 5, 0, 23 and 3 queries over 9, 4, 23 and 3 keys (one of keys only, one longer than a block)."""
+    gen = torch.Generator().manual_seed(0)
+    lens_q, lens_k = (5, 0, 23, 3), (9, 4, 23, 3)
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+                  for lens in (lens_q, lens_k))
+    inputs = [torch.randn(*shape, generator=gen).to(DEVICE) for shape in
+              ((sum(lens_q), 4, 16), (sum(lens_k), 2, 16), (sum(lens_k), 2, 16), (2, 2, 5, 16), (2, 2, 5, 16))]
+    options = dict(prefix_index=torch.tensor([1, 0, 1, 0], device=DEVICE),
+                   prefix_lengths=torch.tensor([5, 0], device=DEVICE), causal=causal, window_size=window)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out, lse = prefix_attention_varlen(*leaves, cu_q, cu_k, max(lens_q), max(lens_k), **options, return_lse=True,
+                                       backend=backend)
+    upstream = torch.randn(out.shape, generator=gen).to(DEVICE)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    oracle_leaves = [t.double().requires_grad_() for t in inputs]
+    want, want_lse = attention_ref_varlen(*oracle_leaves, cu_q, cu_k, **options)
+    want_grads = torch.autograd.grad(want, oracle_leaves, upstream.double())
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    for name, got, expected in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], (out, *grads),
+                                   (want, *want_grads)):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
