@@ -277,15 +277,6 @@ def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stri
     whole_lo = tl.minimum(lo, hi)
     if HAS_WINDOW:
         whole_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-        acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                lo, whole_lo, k_len, offs_m, offs_d, q_len, diag,
-                                key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                                bias, stride_bm, stride_bn, window_left, window_right,
-                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
-                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP,
-                                HAS_WINDOW=True)
     whole_hi = tl.maximum(tl.minimum(hi, full_end), whole_lo)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                             whole_lo, whole_hi, k_len, offs_m, offs_d, q_len, diag,
@@ -295,15 +286,17 @@ def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stri
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
                             HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
                             DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=False)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                            whole_hi, hi, k_len, offs_m, offs_d, q_len, diag,
-                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                            seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                            bias, stride_bm, stride_bn, window_left, window_right,
-                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
-                            HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP,
-                            HAS_WINDOW=HAS_WINDOW)
+    # the masked edges: the window's leading one [lo, whole_lo) (compiled only with a window), the trailing one
+    for edge in tl.static_range(1 - HAS_WINDOW, 2):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                lo if edge == 0 else whole_hi, whole_lo if edge == 0 else hi, k_len, offs_m, offs_d,
+                                q_len, diag, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
+                                bias, stride_bm, stride_bn, window_left, window_right,
+                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
+                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP,
+                                HAS_WINDOW=HAS_WINDOW)
     return acc, l_i, m_i
 
 
@@ -803,15 +796,6 @@ def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, str
     whole_lo = tl.minimum(lo, hi)
     if HAS_WINDOW:
         whole_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-        dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    lo, whole_lo, k_len, offs_m, offs_d, q_len, diag,
-                                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                    seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                                    bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn, window_left,
-                                    window_right, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True,
-                                    CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
-                                    HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
-                                    BIAS_GRAD=BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=True)
     whole_hi = tl.maximum(tl.minimum(hi, full_end), whole_lo)
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
                                 whole_lo, whole_hi, k_len, offs_m, offs_d, q_len, diag,
@@ -822,15 +806,17 @@ def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, str
                                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
                                 DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD,
                                 HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=False)
-    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                whole_hi, hi, k_len, offs_m, offs_d, q_len, diag,
-                                key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                                bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn, window_left, window_right,
-                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
-                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD,
-                                HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=HAS_WINDOW)
+    # the masked edges, as in the forward: the window's leading one (with a window only), the trailing one
+    for edge in tl.static_range(1 - HAS_WINDOW, 2):
+        dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    lo if edge == 0 else whole_hi, whole_lo if edge == 0 else hi, k_len, offs_m,
+                                    offs_d, q_len, diag, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                    seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
+                                    bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn, window_left,
+                                    window_right, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, BLOCK_N=BLOCK_N, MASK_BOUNDS=True,
+                                    CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
+                                    HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
+                                    BIAS_GRAD=BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=HAS_WINDOW)
     return dq
 
 
