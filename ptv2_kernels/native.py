@@ -88,7 +88,8 @@ def _sequence_mask(q, k, attn_mask, attn_bias, causal, window_size=None):
         visible = torch.arange(k_len, device=q.device)[None, :] <= rows + (k_len - q_len)
         mask = torch.zeros(q_len, k_len, dtype=_mask_dtype(q), device=q.device).masked_fill_(~visible, float("-inf"))
         return mask, False, visible.any(-1)
-    if attn_bias is None and not causal and window_size is None and attn_mask.dim() == 2:  # key padding alone: [B, 1, 1, Nk]
+    if attn_bias is None and not causal and window_size is None and attn_mask.dim() == 2:
+        # key padding alone: [B, 1, 1, Nk]
         visible = attn_mask[:, None, None, :]
         mask = torch.zeros(visible.shape, dtype=_mask_dtype(q), device=q.device).masked_fill_(~visible, float("-inf"))
         return mask, False, visible.any(-1)

@@ -28,6 +28,10 @@ concatenated, expanded or made contiguous.
   ``[B, Hq, Nq, P]`` view to the prefix keys' (a prefix placed in a model's cache would get a position bias there:
   T5's, ALiBi's). Each stage reads its own; the dQ kernel writes each one's gradient where asked (BIAS_GRAD,
   PREFIX_BIAS_GRAD).
+* Sliding window — HAS_WINDOW limits the sequence keys to each query's window (runtime window_left/window_right,
+  both bounded by the host). The forward and dQ kernels visit only the key blocks their query block's windows
+  reach and the dK/dV kernel only the query rows whose windows reach its key block, so the cost follows the
+  window, not Nk; the blocks (rows) inside every window run without masks. The prefix is not subject to it.
 """
 
 from __future__ import annotations
