@@ -13,7 +13,8 @@ mask expanded, as a view, to ``[B, Hq, Nq, Nk]``; every additive term folded int
 
 ``attn_bias``, when given, is a float view expanded to ``[B, Hq, Nq, Nk]``. A backend that serves the score
 options (:data:`SCORE_OPTIONS`) also takes them as keywords, given only when a call uses them: ``softcap`` (a
-positive float), ``sinks`` (``[Hq]``) and ``prefix_bias`` (a float view expanded to ``[B, Hq, Nq, P]``) in both
+positive float), ``sinks`` (``[Hq]``), ``prefix_bias`` (a float view expanded to ``[B, Hq, Nq, P]``) and
+``window_size`` (``(left, right)`` ints, -1 unbounded; not both -1, and right -1 with ``causal``) in both
 passes, and in the backward ``grad_sinks``, float32 ``[Hq]`` zeros into which it writes the sinks' gradient summed
 over the rows it was given, and ``grad_prefix_bias`` (float32 ``[B, Hq, Nq, P]`` zeros, when the prefix bias needs
 a gradient) into which it writes the prefix columns' score gradients.
@@ -63,17 +64,19 @@ class KernelLimits:
 TRITON_LIMITS = KernelLimits()
 NO_BIAS_REASON = "its kernels take no additive score bias (attn_bias or a float attn_mask); the triton backend does"
 # The score options (docs/design.md §4), and which backends serve each of them.
-SCORE_OPTIONS = ("softcap", "sinks", "prefix_bias")
+SCORE_OPTIONS = ("softcap", "sinks", "prefix_bias", "window_size")
 SERVES_SCORE_OPTION = {"softcap": ("triton", "reference"), "sinks": ("triton", "reference"),
-                       "prefix_bias": ("triton", "reference")}
+                       "prefix_bias": ("triton", "reference"), "window_size": ("triton", "native", "reference")}
 _SCORE_OPTION_WHAT = {"softcap": "score softcapping (softcap)", "sinks": "attention sinks (sinks)",
-                      "prefix_bias": "a bias on the prefix keys' scores (prefix_bias)"}
+                      "prefix_bias": "a bias on the prefix keys' scores (prefix_bias)",
+                      "window_size": "sliding-window attention (window_size)"}
 _SCORE_OPTION_WHY = {
     "native": {"softcap": "torch's fused CPU attention cannot cap the scores inside its softmax",
                "sinks": "the merge of torch's fused CPU attention parts has no sink term",
                "prefix_bias": "its prefix part runs torch's fused CPU attention without a mask"},
     "cuda": {"softcap": "its kernels have no score cap", "sinks": "its kernels have no sink term",
-             "prefix_bias": "its kernels add no bias to the prefix keys"},
+             "prefix_bias": "its kernels add no bias to the prefix keys",
+             "window_size": "its kernels have no sliding-window rule (pass the window as a bool attn_mask)"},
 }
 
 
@@ -100,10 +103,11 @@ def value_head_dim_reasons(name: str, head_dim: int, value_dim: Optional[int]) -
 
 
 def score_option_reasons(name: str, softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
-                         prefix_bias: Optional[Tensor] = None) -> list[str]:
+                         prefix_bias: Optional[Tensor] = None,
+                         window_size: Optional[tuple[int, int]] = None) -> list[str]:
     """Why backend ``name`` cannot serve the score options a call uses (empty: it serves them)."""
-    used = [option for option, value in (("softcap", softcap), ("sinks", sinks), ("prefix_bias", prefix_bias))
-            if value is not None]
+    used = [option for option, value in (("softcap", softcap), ("sinks", sinks), ("prefix_bias", prefix_bias),
+                                         ("window_size", window_size)) if value is not None]
     reasons = []
     for option in used:
         if name not in SERVES_SCORE_OPTION[option]:
@@ -209,17 +213,18 @@ def unavailable_reason(name: str) -> Optional[str]:
 def unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
                         attn_bias: Optional[Tensor] = None, bias_grad: bool = False, *,
                         softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
-                        prefix_bias: Optional[Tensor] = None, value_dim: Optional[int] = None) -> list[str]:
+                        prefix_bias: Optional[Tensor] = None, value_dim: Optional[int] = None,
+                        window_size: Optional[tuple[int, int]] = None) -> list[str]:
     """Every reason backend ``name`` cannot serve a call with these inputs (empty: it can), the machine first.
-    ``bias_grad``: the additive bias requires a gradient; ``softcap``, ``sinks`` and ``prefix_bias``: the call's
-    score options; ``value_dim``: v's head dim (None: k's)."""
+    ``bias_grad``: the additive bias requires a gradient; ``softcap``, ``sinks``, ``prefix_bias`` and
+    ``window_size``: the call's score options; ``value_dim``: v's head dim (None: k's)."""
     reason = unavailable_reason(name)
     if reason is not None:
         return [reason]
     if name == "reference":
         return []
-    options = score_option_reasons(name, softcap, sinks, prefix_bias) + value_head_dim_reasons(name, q.shape[-1],
-                                                                                              value_dim)
+    options = (score_option_reasons(name, softcap, sinks, prefix_bias, window_size)
+               + value_head_dim_reasons(name, q.shape[-1], value_dim))
     if name == "native":
         from . import native
 
@@ -259,8 +264,8 @@ def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: fl
            attn_bias: Optional[Tensor] = None, bias_grad: bool = False, **score_options) -> str:
     """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
     fastest one that supports the case. Off CUDA that is torch's fused attention (``native``) where it can serve,
-    else the reference (Triton's interpreter is for tests). ``score_options``: the call's ``softcap``, ``sinks``
-    and ``prefix_bias``, and v's head dim ``value_dim`` (see :func:`unsupported_reasons`)."""
+    else the reference (Triton's interpreter is for tests). ``score_options``: the call's ``softcap``, ``sinks``,
+    ``prefix_bias`` and ``window_size``, and v's head dim ``value_dim`` (see :func:`unsupported_reasons`)."""
     if requested == "auto":
         if q.device.type != "cuda":
             if unsupported_reason("native", q, k, prefix_k, dropout_p, attn_bias, bias_grad, **score_options) is None:
@@ -291,7 +296,8 @@ NO_VARLEN_REASON = ("its kernels have no variable-length form (packed sequences)
 
 def varlen_unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],
                                dropout_p: float = 0.0, *, softcap: Optional[float] = None,
-                               sinks: Optional[Tensor] = None, value_dim: Optional[int] = None) -> list[str]:
+                               sinks: Optional[Tensor] = None, value_dim: Optional[int] = None,
+                               window_size: Optional[tuple[int, int]] = None) -> list[str]:
     """Every reason backend ``name`` cannot serve a variable-length call (q, k ``[total, H, Dk]``; ``packed`` =
     (S, max_seqlen_q, max_seqlen_k); ``value_dim``: v's head dim, None for k's), the machine first."""
     reason = unavailable_reason(name)
@@ -299,7 +305,8 @@ def varlen_unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor
         return [reason]
     if name == "reference":
         return []
-    options = score_option_reasons(name, softcap, sinks) + value_head_dim_reasons(name, q.shape[-1], value_dim)
+    options = (score_option_reasons(name, softcap, sinks, window_size=window_size)
+               + value_head_dim_reasons(name, q.shape[-1], value_dim))
     if name == "native":
         from . import native
 
@@ -358,22 +365,23 @@ class ReferenceBackend:
 
     @staticmethod
     def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                dropout_p, *, attn_bias=None, softcap=None, sinks=None, prefix_bias=None):
+                dropout_p, *, attn_bias=None, softcap=None, sinks=None, prefix_bias=None, window_size=None):
         out, lse = reference.attention_ref(
             q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
             **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal, scale=scale, softcap=softcap,
-            sinks=sinks, prefix_bias=prefix_bias, dropout_p=dropout_p, generator=_generator(seed, q))
+            sinks=sinks, prefix_bias=prefix_bias, window_size=window_size, dropout_p=dropout_p,
+            generator=_generator(seed, q))
         return _in_output_layout(out.to(q.dtype)), lse.float()
 
     @staticmethod
     def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                  out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, softcap=None,
-                 sinks=None, grad_sinks=None, prefix_bias=None, grad_prefix_bias=None):
+                 sinks=None, grad_sinks=None, prefix_bias=None, grad_prefix_bias=None, window_size=None):
         grads = reference.attention_ref_backward(
             grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
             prefix_lengths=prefix_lengths, **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal,
-            scale=scale, softcap=softcap, sinks=sinks, prefix_bias=prefix_bias, dropout_p=dropout_p,
-            generator=_generator(seed, q))
+            scale=scale, softcap=softcap, sinks=sinks, prefix_bias=prefix_bias, window_size=window_size,
+            dropout_p=dropout_p, generator=_generator(seed, q))
         if grad_bias is not None and grad_bias.numel():
             grad_bias.copy_(grads[5])
         if grad_prefix_bias is not None and grad_prefix_bias.numel():

@@ -71,7 +71,7 @@ def _mask_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _sequence_mask(q, k, attn_mask, attn_bias, causal):
+def _sequence_mask(q, k, attn_mask, attn_bias, causal, window_size=None):
     """(additive float mask or None, the kernel's is_causal, [B|1, H|1, Nq] rows that see some key or None).
 
     The kernel's own causal rule is top-left aligned and takes no mask with it, so it serves only a square causal
@@ -81,14 +81,15 @@ def _sequence_mask(q, k, attn_mask, attn_bias, causal):
     q_len, k_len = q.shape[2], k.shape[2]
     if causal and q_len == 1:  # bottom-right aligned, a single query (a decode step) sees every key
         causal = False
-    if attn_mask is None and attn_bias is None:
+    if attn_mask is None and attn_bias is None and window_size is None:
         if not causal or q_len == k_len:
             return None, causal, None
         rows = torch.arange(q_len, device=q.device)[:, None]
         visible = torch.arange(k_len, device=q.device)[None, :] <= rows + (k_len - q_len)
         mask = torch.zeros(q_len, k_len, dtype=_mask_dtype(q), device=q.device).masked_fill_(~visible, float("-inf"))
         return mask, False, visible.any(-1)
-    if attn_bias is None and not causal and attn_mask.dim() == 2:  # key padding alone: [B, 1, 1, Nk]
+    if attn_bias is None and not causal and window_size is None and attn_mask.dim() == 2:
+        # key padding alone: [B, 1, 1, Nk]
         visible = attn_mask[:, None, None, :]
         mask = torch.zeros(visible.shape, dtype=_mask_dtype(q), device=q.device).masked_fill_(~visible, float("-inf"))
         return mask, False, visible.any(-1)
@@ -98,9 +99,16 @@ def _sequence_mask(q, k, attn_mask, attn_bias, causal):
     if attn_mask is not None:
         visible = attn_mask[:, None, None, :] if attn_mask.dim() == 2 else _compact(attn_mask)
         mask = mask.masked_fill(~visible, float("-inf"))
-    if causal:
-        rows = torch.arange(q_len, device=q.device)[:, None]
-        hidden = torch.arange(k_len, device=q.device)[None, :] > rows + (k_len - q_len)
+    if causal or window_size is not None:
+        position = torch.arange(q_len, device=q.device)[:, None] + (k_len - q_len)  # bottom-right aligned
+        cols = torch.arange(k_len, device=q.device)[None, :]
+        hidden = cols > position if causal else torch.zeros_like(cols, dtype=torch.bool)
+        if window_size is not None:
+            left, right = window_size
+            if left >= 0:
+                hidden = hidden | (cols < position - left)
+            if right >= 0:
+                hidden = hidden | (cols > position + right)
         mask = mask.masked_fill(hidden, float("-inf"))
     while mask.dim() < 4:
         mask = mask[None]
@@ -138,13 +146,14 @@ def _part_lse(lse: Tensor, rows_seeing: Optional[Tensor]) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
-            attn_bias=None):
+            attn_bias=None, window_size=None):
     batch, q_heads, q_len, head_dim = q.shape
     out = q.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal)
+    parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
+                   window_size)
     if dropout_p > 0.0 and parts:
         merged, merged_lse = _Composed(q, parts, scale, dropout_p, seed).forward()
         out.copy_(merged)
@@ -192,7 +201,7 @@ def _merged_forward(q, parts, scale, out=None, lse=None):
     return out, lse
 
 
-def _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal):
+def _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, window_size=None):
     """The parts a call splits into, each (keys, values, mask, kernel causal flag, rows that see a key): the
     prefix (when it has keys) and the sequence (when it has keys)."""
     parts = []
@@ -200,7 +209,7 @@ def _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
         keys, values, mask, rows_seeing = _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths)
         parts.append((keys, values, mask, False, rows_seeing))
     if k.shape[2] > 0:
-        mask, kernel_causal, rows_seeing = _sequence_mask(q, k, attn_mask, attn_bias, causal)
+        mask, kernel_causal, rows_seeing = _sequence_mask(q, k, attn_mask, attn_bias, causal, window_size)
         parts.append((k, v, mask, kernel_causal, rows_seeing))
     return parts
 
@@ -216,8 +225,9 @@ def _merge_weights(lses):
 
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
-             lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
-    parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal)
+             lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, window_size=None):
+    parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
+                   window_size)
     # what no part writes: the sequence's gradients without sequence keys, the prefix's without prefix keys
     dk, dv = (torch.zeros_like(k), torch.zeros_like(v)) if k.shape[2] == 0 or q.numel() == 0 else (None, None)
     d_prefix = [torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)] if prefix_k.shape[2] == 0 or q.numel() == 0 \

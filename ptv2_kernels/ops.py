@@ -47,6 +47,7 @@ def prefix_attention(
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
     prefix_bias: Optional[Tensor] = None,
+    window_size: Optional[tuple[int, int]] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Attention of ``q`` over a per-layer prefix followed by the sequence's own keys/values, without concatenating.
 
@@ -92,6 +93,11 @@ def prefix_attention(
             ``prefix_lengths`` stay hidden). What a prefix held in a model's cache would get from a position-
             dependent bias: T5's relative position bias or ALiBi over the prefix positions. -inf hides a prefix
             key from a query. Differentiable, like ``attn_bias``.
+        window_size: ``(left, right)``, sliding-window attention as in FlashAttention: sequence key j is visible to
+            query i iff ``i + Nk - Nq - left <= j <= i + Nk - Nq + right`` (the bottom-right alignment of
+            ``causal``; -1 = unbounded on that side). Combines with ``causal`` and the masks (a key is visible iff
+            every rule allows it). The prefix keys are not subject to it: to drop prefix slots out of a window,
+            give them a ``prefix_bias`` of -inf. ``(-1, -1)`` is no window.
 
     Returns:
         ``out`` ``[B, Hq, Nq, Dv]`` in q's dtype, laid out in memory as ``[B, Nq, Hq, Dv]`` (so
@@ -103,11 +109,12 @@ def prefix_attention(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
         scale, dropout_p)
     softcap, sinks = _checked_score_options(softcap, sinks, q.shape[1], q.device)
+    window_size = _checked_window_size(window_size, causal)
     if prefix_bias is not None:
         prefix_bias = _checked_bias("prefix_bias", prefix_bias, (*q.shape[:3], prefix_k.shape[2]), q.device)
     bias_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
     name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap=softcap, sinks=sinks,
-                           prefix_bias=prefix_bias, value_dim=v.shape[-1])
+                           prefix_bias=prefix_bias, value_dim=v.shape[-1], window_size=window_size)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
@@ -117,7 +124,7 @@ def prefix_attention(
     out, lse = _run(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, bool(causal),
         _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, bool(deterministic), sinks, softcap,
-        prefix_bias)
+        prefix_bias, *_window_ints(window_size))
     return (out, lse) if return_lse else out
 
 
@@ -277,6 +284,30 @@ def _checked_score_options(softcap, sinks, q_heads, device):
     return softcap, sinks
 
 
+def _checked_window_size(window_size, causal) -> Optional[tuple[int, int]]:
+    """``window_size`` as ``(left, right)`` ints (-1: unbounded), or None where it hides nothing the causal rule
+    does not: ``(-1, -1)``, or ``(-1, right)`` with ``causal`` (which caps right at 0)."""
+    if window_size is None:
+        return None
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(not isinstance(side, int) or isinstance(side, bool) or side < -1 for side in window_size)):
+        raise ValueError(f"window_size must be None or a pair (left, right) of ints >= -1 (-1: unbounded on that "
+                         f"side), got {window_size!r}")
+    left, right = int(window_size[0]), int(window_size[1])
+    if causal:
+        right = -1  # the causal rule caps the right side at 0 already
+    return None if (left, right) == (-1, -1) else (left, right)
+
+
+def _window_ints(window_size) -> tuple[int, int]:
+    """The custom ops' two window arguments: (left, right), (-1, -1) for no window."""
+    return (-1, -1) if window_size is None else window_size
+
+
+def _window_or_none(window_left: int, window_right: int) -> Optional[tuple[int, int]]:
+    return None if (window_left, window_right) == (-1, -1) else (window_left, window_right)
+
+
 def _checked_index_tensor(name, t, shape, device) -> Tensor:
     """The index tensor, contiguous: the kernels read entry ``i`` at offset ``i``."""
     if not isinstance(t, Tensor):
@@ -398,16 +429,18 @@ def _checked_bias(name, bias, full, device) -> Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal,
-                  scale, dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None):
+                  scale, dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None,
+                  window_left=-1, window_right=-1):
     """(out, lse): the forward, shared by the custom op and the eager path."""
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
     return backends.implementation(backend).forward(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
         attn_bias=_expanded_bias(attn_bias, q, k.shape[2]),
-        **_score_options(softcap, sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2])))
+        **_score_options(softcap, sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2]),
+                         _window_or_none(window_left, window_right)))
 
 
-def _score_options(softcap, sinks, prefix_bias=None) -> dict:
+def _score_options(softcap, sinks, prefix_bias=None, window_size=None) -> dict:
     """The backends' keyword arguments for the score options a call uses (none: backends that take none of them
     are called as before)."""
     options = {}
@@ -417,19 +450,24 @@ def _score_options(softcap, sinks, prefix_bias=None) -> dict:
         options["sinks"] = sinks
     if prefix_bias is not None:
         options["prefix_bias"] = prefix_bias
+    if window_size is not None:
+        options["window_size"] = window_size
     return options
 
 
-# sinks, softcap and prefix_bias come last, with defaults: calls without them keep the schema's earlier positions.
+# sinks, softcap, prefix_bias and the window come last, with defaults: calls without them keep the schema's earlier
+# positions.
 @torch.library.custom_op("ptv2_kernels::prefix_attention", mutates_args=())
 def _prefix_attention_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_index: Optional[Tensor],
     prefix_lengths: Optional[Tensor], attn_mask: Optional[Tensor], attn_bias: Optional[Tensor],
     seed: Optional[Tensor], causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
     sinks: Optional[Tensor] = None, softcap: Optional[float] = None, prefix_bias: Optional[Tensor] = None,
+    window_left: int = -1, window_right: int = -1,
 ) -> tuple[Tensor, Tensor]:
     return _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                         causal, scale, dropout_p, backend, deterministic, sinks, softcap, prefix_bias)
+                         causal, scale, dropout_p, backend, deterministic, sinks, softcap, prefix_bias, window_left,
+                         window_right)
 
 
 def _expanded_bias(bias: Optional[Tensor], q: Tensor, columns: int) -> Optional[Tensor]:
@@ -440,7 +478,7 @@ def _expanded_bias(bias: Optional[Tensor], q: Tensor, columns: int) -> Optional[
 
 @_prefix_attention_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-      dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None):
+      dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None, window_left=-1, window_right=-1):
     batch, heads, length = q.shape[:3]
     out = q.new_empty(batch, length, heads, v.shape[-1]).transpose(1, 2)
     return out, q.new_empty(batch, heads, length, dtype=torch.float32)
@@ -453,18 +491,21 @@ def _prefix_attention_backward_op(
     attn_bias: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor, causal: bool, scale: float,
     dropout_p: float, backend: str, deterministic: bool, bias_grad: bool, sinks: Optional[Tensor] = None,
     softcap: Optional[float] = None, prefix_bias: Optional[Tensor] = None, prefix_bias_grad: bool = False,
+    window_left: int = -1, window_right: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The five input gradients, the bias gradient (in the compact bias's shape and dtype) when ``bias_grad``,
     else an empty tensor, the sinks' gradient (in their dtype) when there are sinks, else an empty tensor, and
     the prefix bias's gradient (as the bias's) when ``prefix_bias_grad``, else an empty tensor."""
     return _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
                           attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad,
-                          sinks=sinks, softcap=softcap, prefix_bias=prefix_bias, prefix_bias_grad=prefix_bias_grad)
+                          sinks=sinks, softcap=softcap, prefix_bias=prefix_bias, prefix_bias_grad=prefix_bias_grad,
+                          window_left=window_left, window_right=window_right)
 
 
 def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
                    attn_bias, seed, out, lse, causal, scale, dropout_p, backend, deterministic, bias_grad,
-                   sinks=None, softcap=None, prefix_bias=None, prefix_bias_grad=False, exact_layout=True):
+                   sinks=None, softcap=None, prefix_bias=None, prefix_bias_grad=False, window_left=-1,
+                   window_right=-1, exact_layout=True):
     """The backward, shared by the custom op and the eager path. ``exact_layout``: each gradient in the layout of
     ``empty_like`` of its input, as the custom op's fake implementation promises (a copy where a backend's layout
     differs); the eager path promises nothing and takes the backend's layout as autograd does any other op's.
@@ -473,7 +514,8 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
     are given; the batch chunks of a bias gradient add theirs in order."""
     impl = backends.implementation(backend)
     inputs = (q, k, v, prefix_k, prefix_v)
-    options = _score_options(softcap, sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2]))
+    options = _score_options(softcap, sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2]),
+                             _window_or_none(window_left, window_right))
     options["attn_bias"] = _expanded_bias(attn_bias, q, k.shape[2])
     grad_sinks = q.new_empty(0, dtype=torch.float32)
     if sinks is not None:
@@ -592,7 +634,7 @@ def _dense(x: Tensor) -> bool:
 @_prefix_attention_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, out,
       lse, causal, scale, dropout_p, backend, deterministic, bias_grad, sinks=None, softcap=None, prefix_bias=None,
-      prefix_bias_grad=False):
+      prefix_bias_grad=False, window_left=-1, window_right=-1):
     grads = tuple(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v))
     grad_sinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
     grad_bias, grad_prefix_bias = (q.new_empty(0, dtype=torch.float32) for _ in range(2))
@@ -611,13 +653,14 @@ _PREFIX_BIAS_INPUT = 17  # and of prefix_bias
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale, dropout_p,
      backend, deterministic, *score_options) = inputs
-    sinks, softcap, prefix_bias = (*score_options, None, None, None)[:3]  # a direct call may leave them out
+    # a direct call may leave the trailing arguments out
+    sinks, softcap, prefix_bias, window_left, window_right = (*score_options, None, None, None, -1, -1)[:5]
     out, lse = output
     ctx.set_materialize_grads(False)  # an unused lse gets no gradient: the backends skip its terms
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
                           out, lse, sinks, prefix_bias)
     ctx.options = (causal, scale, dropout_p, backend, deterministic)
-    ctx.softcap, ctx.num_inputs = softcap, len(inputs)
+    ctx.softcap, ctx.window, ctx.num_inputs = softcap, (window_left, window_right), len(inputs)
 
 
 def _backward(ctx, grad_out, grad_lse, backward_fn=None):
@@ -630,7 +673,7 @@ def _backward(ctx, grad_out, grad_lse, backward_fn=None):
     *grads, grad_bias, grad_sinks, grad_prefix_bias = (
         backward_fn or torch.ops.ptv2_kernels.prefix_attention_backward)(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-        out, lse, *ctx.options, bias_grad, sinks, ctx.softcap, prefix_bias, prefix_bias_grad)
+        out, lse, *ctx.options, bias_grad, sinks, ctx.softcap, prefix_bias, prefix_bias_grad, *ctx.window)
     result = [*grads] + [None] * (ctx.num_inputs - len(grads))
     if bias_grad:
         result[_BIAS_INPUT] = grad_bias
@@ -682,9 +725,10 @@ def _eager_path_serves(tensors) -> bool:
 
 
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-         dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None):
+         dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None, window_left=-1,
+         window_right=-1):
     inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-              dropout_p, backend, deterministic, sinks, softcap, prefix_bias)
+              dropout_p, backend, deterministic, sinks, softcap, prefix_bias, window_left, window_right)
     tensors = inputs[:10] + (sinks, prefix_bias)
     if EAGER_PATH and _eager_path_serves(tensors):
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):

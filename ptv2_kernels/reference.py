@@ -34,6 +34,7 @@ def attention_ref(
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
     prefix_bias: Optional[Tensor] = None,
+    window_size: Optional[tuple[int, int]] = None,
     dropout_p: float = 0.0,
     dropout_keep: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -56,6 +57,8 @@ def attention_ref(
     row's softmax denominator and is then dropped (GPT-OSS): ``p_j = exp(s_j) / (sum_i exp(s_i) + exp(sink))``,
     and the lse includes it (a row that sees no key then has lse = sink and output 0). ``prefix_bias``, broadcastable
     to ``[B, Hq, Nq, P]``, is added to the prefix columns' scores as ``attn_bias`` is to the sequence columns'.
+    ``window_size = (left, right)`` hides the sequence keys outside query i's window
+    ``[i + Nk - Nq - left, i + Nk - Nq + right]`` (-1: unbounded on that side); the prefix keys stay visible.
 
     ``out`` is ``[B, Hq, Nq, Dv]`` (v's head dim, which may differ from q's and k's Dk; the default scale is
     ``1 / sqrt(Dk)``) and ``lse`` (natural log, -inf for a query that sees no key) ``[B, Hq, Nq]``, both in
@@ -63,7 +66,7 @@ def attention_ref(
     """
     keys, values, probs, lse, scale, _ = _attention_probs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
-        scale, compute_dtype, softcap, sinks, prefix_bias)
+        scale, compute_dtype, softcap, sinks, prefix_bias, window_size)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
     return torch.matmul(_dropped(probs, keep, dropout_p), values), lse
 
@@ -83,6 +86,7 @@ def attention_ref_varlen(
     scale: Optional[float] = None,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    window_size: Optional[tuple[int, int]] = None,
     compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`attention_ref` of each packed sequence on its own: the oracle of
@@ -100,7 +104,7 @@ def attention_ref_varlen(
             q[q_start:q_end].transpose(0, 1)[None], k[k_start:k_end].transpose(0, 1)[None],
             v[k_start:k_end].transpose(0, 1)[None], prefix_k, prefix_v,
             prefix_index=None if prefix_index is None else prefix_index[s:s + 1], prefix_lengths=prefix_lengths,
-            causal=causal, scale=scale, softcap=softcap, sinks=sinks, compute_dtype=dtype)
+            causal=causal, scale=scale, softcap=softcap, sinks=sinks, window_size=window_size, compute_dtype=dtype)
         outs.append(out[0].transpose(0, 1))
         lses.append(lse[0])
     if not outs:
@@ -127,6 +131,7 @@ def attention_ref_backward(
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
     prefix_bias: Optional[Tensor] = None,
+    window_size: Optional[tuple[int, int]] = None,
     dropout_p: float = 0.0,
     dropout_keep: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -148,7 +153,7 @@ def attention_ref_backward(
     """
     keys, values, probs, lse, scale, capped = _attention_probs(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask, attn_bias, causal,
-        scale, compute_dtype, softcap, sinks, prefix_bias)
+        scale, compute_dtype, softcap, sinks, prefix_bias, window_size)
     dtype = probs.dtype
     grad_out = grad_out.to(dtype)
     keep = _dropout_keep(probs, dropout_p, dropout_keep, generator)
@@ -198,7 +203,8 @@ def _reduced_to(grad: Tensor, term: Tensor) -> Tensor:
 
 
 def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, key_padding_mask, attn_mask,
-                     attn_bias, causal, scale, compute_dtype, softcap=None, sinks=None, prefix_bias=None):
+                     attn_bias, causal, scale, compute_dtype, softcap=None, sinks=None, prefix_bias=None,
+                     window_size=None):
     """The materialized keys [B, Hq, P + Nk, Dk] and values [B, Hq, P + Nk, Dv], the softmax probabilities and lse, the scale, and with
     ``softcap`` the capped scores' tanh (None without)."""
     if compute_dtype is None:
@@ -231,7 +237,7 @@ def _attention_probs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, 
         scores = scores + torch.cat([bias, bias.new_zeros(*bias.shape[:3], k.shape[2])], dim=-1)
     bool_mask = attn_mask if attn_mask is not None and attn_mask.dtype == torch.bool else None
     visible = _visibility(q, k, prefix_k.shape[2], prefix_index, prefix_lengths, key_padding_mask, bool_mask,
-                          causal)
+                          causal, window_size)
     scores = scores.masked_fill(~visible, float("-inf"))
     if sinks is None:
         lse = torch.logsumexp(scores, dim=-1)
@@ -267,7 +273,8 @@ def _index_or_zeros(prefix_index, batch, device):
     return prefix_index.long()
 
 
-def _visibility(q, k, prefix_len, prefix_index, prefix_lengths, key_padding_mask, attn_mask, causal) -> Tensor:
+def _visibility(q, k, prefix_len, prefix_index, prefix_lengths, key_padding_mask, attn_mask, causal,
+                window_size=None) -> Tensor:
     """Bool ``[B, Hq|1, Nq, P + Nk]``: which of the concatenated keys each query may attend to."""
     batch, _, q_len, _ = q.shape
     k_len = k.shape[2]
@@ -285,10 +292,18 @@ def _visibility(q, k, prefix_len, prefix_index, prefix_lengths, key_padding_mask
         seq_visible = seq_visible & key_padding_mask[:, None, None, :]
     if attn_mask is not None:
         seq_visible = seq_visible & attn_mask  # broadcast from the right, as in scaled_dot_product_attention
-    if causal:
-        rows = torch.arange(q_len, device=device)[:, None]
+    if causal or window_size is not None:
+        # query i sits at key position i + Nk - Nq (bottom-right alignment)
+        position = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
         cols = torch.arange(k_len, device=device)[None, :]
-        seq_visible = seq_visible & (cols <= rows + (k_len - q_len))
+        if causal:
+            seq_visible = seq_visible & (cols <= position)
+        if window_size is not None:
+            left, right = window_size
+            if left >= 0:
+                seq_visible = seq_visible & (cols >= position - left)
+            if right >= 0:
+                seq_visible = seq_visible & (cols <= position + right)
 
     heads = seq_visible.shape[1]
     return torch.cat([prefix_visible.expand(batch, heads, q_len, prefix_len), seq_visible], dim=-1)

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from . import backends, ops
 from .ops import (_check_index_values, _checked_bank, _checked_options, _checked_qkv, _checked_score_options,
-                  _eager_path_serves, _scale_or_default, _score_options)
+                  _checked_window_size, _eager_path_serves, _scale_or_default, _score_options, _window_ints,
+                  _window_or_none)
 
 __all__ = ["prefix_attention_varlen"]
 
@@ -51,6 +52,7 @@ def prefix_attention_varlen(
     deterministic: Optional[bool] = None,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    window_size: Optional[tuple[int, int]] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Prefix attention over packed variable-length sequences, without padding and without concatenating.
 
@@ -78,6 +80,9 @@ def prefix_attention_varlen(
             differentiable.
         softcap, sinks: the score cap and the attention sinks ``[Hq]`` of :func:`ptv2_kernels.prefix_attention`
             (the sinks' gradient sums over all sequences).
+        window_size: ``(left, right)``, the sliding window of :func:`ptv2_kernels.prefix_attention`, aligned
+            bottom-right per sequence (key j visible to query i iff ``i + len_k(s) - len_q(s) - left <= j <=
+            i + len_k(s) - len_q(s) + right``; -1 unbounded); the prefix stays visible.
 
     Returns:
         ``out`` ``[total_q, Hq, Dv]`` (contiguous, q's dtype), or ``(out, lse)`` with ``return_lse``. Gradients
@@ -89,9 +94,10 @@ def prefix_attention_varlen(
      prefix_lengths) = _checked(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 prefix_index, prefix_lengths, causal, scale, dropout_p)
     softcap, sinks = _checked_score_options(softcap, sinks, q.shape[1], q.device)
+    window_size = _checked_window_size(window_size, causal)
     packed = (cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k))
     name = backends.choose_varlen(backend, q, k, prefix_k, packed, dropout_p, softcap=softcap, sinks=sinks,
-                                  value_dim=v.shape[-1])
+                                  value_dim=v.shape[-1], window_size=window_size)
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
@@ -100,7 +106,7 @@ def prefix_attention_varlen(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)
     inputs = (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed,
               int(max_seqlen_q), int(max_seqlen_k), bool(causal), _scale_or_default(scale, q.shape[-1]),
-              float(dropout_p), name, bool(deterministic), sinks, softcap)
+              float(dropout_p), name, bool(deterministic), sinks, softcap, *_window_ints(window_size))
     if ops.EAGER_PATH and _eager_path_serves(inputs[:10] + (sinks,)):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:5] + (sinks,)):
             out, lse = _EagerVarlen.apply(*inputs)
@@ -293,19 +299,20 @@ def implementation(name: str):
 
 def _forward_body(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed,
                   max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks=None,
-                  softcap=None):
+                  softcap=None, window_left=-1, window_right=-1):
     _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
     return implementation(backend).forward_varlen(
         q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_index,
-        prefix_lengths, seed, causal, scale, dropout_p, **_score_options(softcap, sinks))
+        prefix_lengths, seed, causal, scale, dropout_p,
+        **_score_options(softcap, sinks, window_size=_window_or_none(window_left, window_right)))
 
 
 def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index,
                    prefix_lengths, seed, out, lse, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend,
-                   deterministic, sinks=None, softcap=None):
+                   deterministic, sinks=None, softcap=None, window_left=-1, window_right=-1):
     """The five input gradients and the sinks' (in their dtype; empty without sinks)."""
-    options = _score_options(softcap, sinks)
+    options = _score_options(softcap, sinks, window_size=_window_or_none(window_left, window_right))
     grad_sinks = q.new_empty(0, dtype=torch.float32)
     if sinks is not None:
         grad_sinks = options["grad_sinks"] = q.new_zeros(sinks.shape, dtype=torch.float32)
@@ -315,22 +322,23 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q
     return (*grads, grad_sinks if sinks is None else grad_sinks.to(sinks.dtype))
 
 
-# sinks and softcap come last, with defaults, as in the padded op.
+# sinks, softcap and the window come last, with defaults, as in the padded op.
 @torch.library.custom_op("ptv2_kernels::prefix_attention_varlen", mutates_args=())
 def _varlen_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
     prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int,
     max_seqlen_k: int, causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
-    sinks: Optional[Tensor] = None, softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None, softcap: Optional[float] = None, window_left: int = -1, window_right: int = -1,
 ) -> tuple[Tensor, Tensor]:
     return _forward_body(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths,
                          seed, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks,
-                         softcap)
+                         softcap, window_left, window_right)
 
 
 @_varlen_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed, max_seqlen_q,
-      max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks=None, softcap=None):
+      max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks=None, softcap=None, window_left=-1,
+      window_right=-1):
     total, heads, _ = q.shape
     return q.new_empty(total, heads, v.shape[-1]), q.new_empty(heads, total, dtype=torch.float32)
 
@@ -341,11 +349,12 @@ def _varlen_backward_op(
     prefix_v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, prefix_index: Optional[Tensor],
     prefix_lengths: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, causal: bool, scale: float, dropout_p: float, backend: str, deterministic: bool,
-    sinks: Optional[Tensor] = None, softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None, softcap: Optional[float] = None, window_left: int = -1, window_right: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     *grads, grad_sinks = _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k,
                                         prefix_index, prefix_lengths, seed, out, lse, max_seqlen_q, max_seqlen_k,
-                                        causal, scale, dropout_p, backend, deterministic, sinks, softcap)
+                                        causal, scale, dropout_p, backend, deterministic, sinks, softcap,
+                                        window_left, window_right)
     # the layout of empty_like of each input, which the fake implementation promises
     return (*(g if g.stride() == torch.empty_like(x).stride() else torch.empty_like(x).copy_(g)
               for g, x in zip(grads, (q, k, v, prefix_k, prefix_v))), grad_sinks)
@@ -354,7 +363,7 @@ def _varlen_backward_op(
 @_varlen_backward_op.register_fake
 def _(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths,
       seed, out, lse, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend, deterministic, sinks=None,
-      softcap=None):
+      softcap=None, window_left=-1, window_right=-1):
     grad_sinks = q.new_empty(0, dtype=torch.float32) if sinks is None else torch.empty_like(sinks)
     return (*(torch.empty_like(x) for x in (q, k, v, prefix_k, prefix_v)), grad_sinks)
 
@@ -364,11 +373,12 @@ _VARLEN_SINKS_INPUT = 17  # the position of sinks among the forward op's inputs
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed, *options) = inputs
-    options, (sinks, softcap) = options[:7], (*options[7:], None, None)[:2]  # a direct call may leave out both
+    # a direct call may leave the trailing arguments out
+    options, (sinks, softcap, *window) = options[:7], (*options[7:], None, None, -1, -1)[:4]
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths,
                           seed, *output, sinks)
-    ctx.options, ctx.softcap, ctx.num_inputs = tuple(options), softcap, len(inputs)
+    ctx.options, ctx.softcap, ctx.window, ctx.num_inputs = tuple(options), softcap, tuple(window), len(inputs)
 
 
 def _backward(ctx, grad_out, grad_lse, backward_fn=None):
@@ -377,7 +387,7 @@ def _backward(ctx, grad_out, grad_lse, backward_fn=None):
         grad_out = torch.zeros_like(out)
     *grads, grad_sinks = (backward_fn or torch.ops.ptv2_kernels.prefix_attention_varlen_backward)(
         grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_q, cu_k, prefix_index, prefix_lengths, seed, out, lse,
-        *ctx.options, sinks, ctx.softcap)
+        *ctx.options, sinks, ctx.softcap, *ctx.window)
     result = [*grads] + [None] * (ctx.num_inputs - len(grads))
     if sinks is not None and ctx.needs_input_grad[_VARLEN_SINKS_INPUT]:
         result[_VARLEN_SINKS_INPUT] = grad_sinks

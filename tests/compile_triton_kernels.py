@@ -54,7 +54,7 @@ def _flags(everything: bool, head_dim: int, value_dim: int):
                 HAS_LENGTHS=everything, HAS_KEY_PAD=everything, HAS_DENSE=everything, HAS_BIAS=everything,
                 CAUSAL=everything,
                 HAS_DROPOUT=everything, DOT_PRECISION="tf32", VARLEN=False, HAS_SOFTCAP=everything,
-                HAS_PREFIX_BIAS=everything)
+                HAS_PREFIX_BIAS=everything, HAS_WINDOW=everything)
 
 
 def _optional_pointers(flags, dtype):
@@ -80,9 +80,9 @@ def _optional_pointers(flags, dtype):
 
 def cases(capability: int = 90):
     """(name, kernel, pointer types, constants, launch options) of every kernel in the configurations that matter:
-    all features on (bf16 inputs with a float32 prefix, a padded head dim, softcap and sinks; the forward also in
-    its decode form, GQA-packed and split, with the merge of its splits), all off (fp16, head dim 128), and all
-    off with DeepSeek-V3's head dims (keys 192, values 128: multi-head latent attention) in bf16."""
+    all features on (bf16 inputs with a float32 prefix, a padded head dim, softcap, sinks and a window; the forward
+    also in its decode form, GQA-packed and split, with the merge of its splits), all off (fp16, head dim 128), and
+    all off with DeepSeek-V3's head dims (keys 192, values 128: multi-head latent attention) in bf16."""
     for everything, dtype, head_dim, value_dim in ((True, "*bf16", 80, 80), (False, "*fp16", 128, 128),
                                                    (False, "*bf16", 192, 128)):
         flags = _flags(everything, head_dim, value_dim)

@@ -93,6 +93,7 @@ class Case:
     # additive prefix_bias on the prefix columns: "none", "heads" [B, Hq, Nq, P] float32, "shared" [1, Hq, Nq, P] in
     # q's dtype with -inf entries (a position bias shared by the batch, as T5's)
     prefix_bias: str = "none"
+    window: Optional[tuple[int, int]] = None  # the op's window_size (left, right)
 
 
 def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
@@ -160,6 +161,8 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
         kwargs["softcap"] = case.softcap
     if case.sinks:  # about the scores' size, so that a sink takes a fair share of its rows
         kwargs["sinks"] = (torch.randn(Hq, generator=gen) + 1.0).to(DEVICE)
+    if case.window is not None:
+        kwargs["window_size"] = case.window
     return [q, k, v, prefix_k, prefix_v], kwargs
 
 

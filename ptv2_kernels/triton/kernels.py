@@ -28,6 +28,10 @@ concatenated, expanded or made contiguous.
   ``[B, Hq, Nq, P]`` view to the prefix keys' (a prefix placed in a model's cache would get a position bias there:
   T5's, ALiBi's). Each stage reads its own; the dQ kernel writes each one's gradient where asked (BIAS_GRAD,
   PREFIX_BIAS_GRAD).
+* Sliding window — HAS_WINDOW limits the sequence keys to each query's window (runtime window_left/window_right,
+  both bounded by the host). The forward and dQ kernels visit only the key blocks their query block's windows
+  reach and the dK/dV kernel only the query rows whose windows reach its key block, so the cost follows the
+  window, not Nk; the blocks (rows) inside every window run without masks. The prefix is not subject to it.
 """
 
 from __future__ import annotations
@@ -88,13 +92,18 @@ def _bank_entry(PrefixIndex, PrefixLengths, b, num_prefixes, prefix_len,
 
 
 @triton.jit
-def _visible(rows, cols, q_len, k_len, diag, key_pad, stride_kpn, dense, stride_mm, stride_mn,
-             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr):
+def _visible(rows, cols, q_len, k_len, diag, key_pad, stride_kpn, dense, stride_mm, stride_mn, window_left,
+             window_right, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr,
+             HAS_WINDOW: tl.constexpr):
     """Which (query, key) pairs may attend. ``rows`` and ``cols`` broadcast to a 2-D block in either orientation,
-    so the forward's [queries, keys] tiles and the dK/dV kernel's [keys, queries] tiles share this one rule."""
+    so the forward's [queries, keys] tiles and the dK/dV kernel's [keys, queries] tiles share this one rule.
+    HAS_WINDOW: key j is visible to query i iff i + diag - window_left <= j <= i + diag + window_right (the host
+    turns an unbounded side into a bound past every key)."""
     visible = cols < k_len
     if CAUSAL:
         visible = visible & (cols <= rows + diag)
+    if HAS_WINDOW:
+        visible = visible & (cols >= rows + diag - window_left) & (cols <= rows + diag + window_right)
     if HAS_KEY_PAD:
         visible = visible & (tl.load(key_pad + cols * stride_kpn, mask=cols < k_len, other=0) != 0)
     if HAS_DENSE:
@@ -147,6 +156,19 @@ def _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N: tl.constex
         seq_full = first_query * 0 + k_len // BLOCK_N * BLOCK_N
         seq_end = first_query * 0 + k_len
     return seq_full, seq_end
+
+
+@triton.jit
+def _window_key_range(first_query, end_query, q_len, diag, k_len, window_left, window_right, BLOCK_N: tl.constexpr):
+    """For queries [first_query, end_query) under a window (window_right already 0 with causal): the start of the
+    first key block any of them sees, the start and end of the key blocks all of them see whole, and the end of
+    the keys any of them sees. Key blocks outside [start, end) are skipped: the cost is the window's, not Nk's."""
+    last_query = tl.minimum(end_query, q_len) - 1
+    seq_start = tl.minimum(tl.maximum(first_query + diag - window_left, 0), k_len) // BLOCK_N * BLOCK_N
+    seq_end = tl.minimum(tl.maximum(last_query + diag + window_right + 1, 0), k_len)
+    full_lo = tl.cdiv(tl.maximum(last_query + diag - window_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = tl.maximum(tl.minimum(first_query + diag + window_right + 1, k_len), 0) // BLOCK_N * BLOCK_N
+    return seq_start, full_lo, full_hi, seq_end
 
 
 @triton.jit
@@ -205,12 +227,12 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
             start, end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
             key_pad, stride_kpn, dense, stride_mm, stride_mn,
             seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
-            k_desc, v_desc,
+            k_desc, v_desc, window_left, window_right,
             HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_DV: tl.constexpr,
             BLOCK_N: tl.constexpr, MASK_BOUNDS: tl.constexpr,
             CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
             DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-            USE_TMA: tl.constexpr = False):
+            HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr = False):
     """Online-softmax update of (acc, l_i, m_i) with key blocks [start, end) of one key/value source. USE_TMA: the
     key/value tiles come through the tensor descriptors ``k_desc``/``v_desc`` (Hopper's TMA copies, which fill the
     rows and head-dim columns past the source's bounds with zeros) instead of masked pointer loads."""
@@ -227,9 +249,10 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
             scores = _tanh(scores) * cap_log2
         if HAS_BIAS:
             scores = _biased(scores, bias, offs_m[:, None], offs_n[None, :], q_len, k_len, stride_bm, stride_bn)
-        if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+        if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE or HAS_WINDOW:
             visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, diag, key_pad, stride_kpn, dense,
-                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+                               stride_mm, stride_mn, window_left, window_right, CAUSAL, HAS_KEY_PAD, HAS_DENSE,
+                               HAS_WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
         # 2. new running max; a row that has seen nothing yet keeps -inf and is shifted by 0 instead
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -253,35 +276,44 @@ def _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
 
 @triton.jit
 def _attend_staged(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                   lo, hi, full_end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
+                   lo, hi, full_lo, full_end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                    key_pad, stride_kpn, dense, stride_mm, stride_mn,
                    seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
-                   k_desc, v_desc,
+                   k_desc, v_desc, window_left, window_right,
                    HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_DV: tl.constexpr,
                    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                    HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   USE_TMA: tl.constexpr = False):
-    """Key blocks [lo, hi) of one source in two stages: those before ``full_end``, which every query of the block
-    sees whole, without bounds or causal masks; the rest (the ragged end, the causal diagonal) with them."""
+                   HAS_WINDOW: tl.constexpr, USE_TMA: tl.constexpr = False):
+    """Key blocks [lo, hi) of one source in stages: those in [full_lo, full_end), which every query of the block
+    sees whole, without bounds, causal or window masks; the rest (the window's leading edge before ``full_lo``,
+    with HAS_WINDOW only; the ragged end, the causal diagonal, the window's trailing edge) with them."""
+    whole_lo = tl.minimum(lo, hi)
+    if HAS_WINDOW:
+        whole_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    whole_hi = tl.maximum(tl.minimum(hi, full_end), whole_lo)
     acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                            lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, offs_dv, q_len, diag,
+                            whole_lo, whole_hi, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                             key_pad, stride_kpn, dense, stride_mm, stride_mn,
                             seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                            bias, stride_bm, stride_bn, k_desc, v_desc,
+                            bias, stride_bm, stride_bn, k_desc, v_desc, window_left, window_right,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
                             BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
                             HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
-    acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                            tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, offs_dv, q_len, diag,
-                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                            seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                            bias, stride_bm, stride_bn, k_desc, v_desc,
-                            HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
-                            BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
-                            HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
+                            DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=False,
+                            USE_TMA=USE_TMA)
+    # the masked edges: the window's leading one [lo, whole_lo) (compiled only with a window), the trailing one
+    for edge in tl.static_range(1 - HAS_WINDOW, 2):
+        acc, l_i, m_i = _attend(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                lo if edge == 0 else whole_hi, whole_lo if edge == 0 else hi, k_len, offs_m, offs_d,
+                                offs_dv, q_len, diag, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
+                                bias, stride_bm, stride_bn, k_desc, v_desc, window_left, window_right,
+                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                                BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
+                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
+                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP,
+                                HAS_WINDOW=HAS_WINDOW, USE_TMA=USE_TMA)
     return acc, l_i, m_i
 
 
@@ -293,14 +325,16 @@ def _forward_kernel(
     stride_pkt, stride_pkh, stride_pkn, stride_pkd, stride_pvt, stride_pvh, stride_pvn, stride_pvd,
     stride_os, stride_ob, stride_oh, stride_om, stride_ls, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm,
     stride_mn, stride_bb, stride_bh, stride_bm, stride_bn, stride_pbb, stride_pbh, stride_pbm, stride_pbn,
-    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, dropout_p, num_splits,
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, window_left, window_right, qk_scale, cap_log2, dropout_p,
+    num_splits,
     num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     DV_PAD: tl.constexpr, PAD_DV: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, PACK_GQA: tl.constexpr,
     SPLIT_KV: tl.constexpr, VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    HAS_PREFIX_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_PREFIX_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
     """One block of query rows of one sample. A row is a query of the program's query head, or, with PACK_GQA
     (few queries, several query heads per key/value head), a (query, head) pair of the program's key/value head:
@@ -314,6 +348,8 @@ def _forward_kernel(
     ``[B, Hq, Nq, P]``) to the prefix keys' scores. HAS_SOFTCAP caps every key's
     score before the bias (``qk_scale`` is then scale / cap, in natural units, and ``cap_log2`` = cap · log2 e);
     HAS_SINKS adds ``exp(Sinks[h])`` to each row's denominator (with SPLIT_KV, in the merge of the splits).
+    HAS_WINDOW limits the sequence keys to each query's window (see ``_visible``); the key blocks outside the
+    block's windows are never visited (with SPLIT_KV, the splits share the blocks from the first one seen).
 
     USE_TMA (Hopper; an autotuning configuration): the sequence's key/value tiles come through tensor descriptors
     made here (TMA copies) rather than masked pointer loads; the prefix's (a bank entry of any strides and dtype)
@@ -374,28 +410,34 @@ def _forward_kernel(
     # This program's key blocks: all of both sources, or one split's run of [prefix blocks ; sequence blocks].
     diag = k_len - q_len
     seq_full, seq_end = _sequence_key_range(first_query, end_query, diag, k_len, BLOCK_N, CAUSAL)
+    seq_start = 0
+    window_full = 0
+    if HAS_WINDOW:
+        seq_start, window_full, seq_full, seq_end = _window_key_range(first_query, end_query, q_len, diag, k_len,
+                                                                      window_left, window_right, BLOCK_N)
     prefix_lo, prefix_hi = 0, prefix_keys
-    seq_lo, seq_hi = 0, seq_end
+    seq_lo, seq_hi = seq_start, seq_end
     if SPLIT_KV:
         prefix_span = tl.cdiv(prefix_len, BLOCK_N) * BLOCK_N
-        per_split = tl.cdiv(prefix_span // BLOCK_N + tl.cdiv(k_len, BLOCK_N), num_splits) * BLOCK_N
+        per_split = tl.cdiv(prefix_span // BLOCK_N + tl.cdiv(k_len - seq_start, BLOCK_N), num_splits) * BLOCK_N
         lo = split * per_split
         prefix_lo, prefix_hi = tl.minimum(lo, prefix_span), tl.minimum(lo + per_split, prefix_keys)
-        seq_lo, seq_hi = tl.maximum(lo - prefix_span, 0), tl.minimum(lo + per_split - prefix_span, seq_end)
+        seq_lo = seq_start + tl.maximum(lo - prefix_span, 0)
+        seq_hi = tl.minimum(seq_start + lo + per_split - prefix_span, seq_end)
 
     # Stage 1: the prefix. Always visible (no mask, no causal rule; only its own bias): only its last partial block
     # is masked, and only for bounds.
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
     PVb = PV + entry * stride_pvt + hkv * stride_pvh
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                                   prefix_lo, prefix_hi, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m,
-                                   offs_d, offs_dv, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                   seed, stream, 0, cols_total, dropout_p, qk_scale, cap_log2,
-                                   prefix_bias, stride_pbm, stride_pbn, None, None,
+                                   prefix_lo, prefix_hi, prefix_lo, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys,
+                                   offs_m, offs_d, offs_dv, q_len, 0, key_pad, stride_kpn, dense, stride_mm,
+                                   stride_mn, seed, stream, 0, cols_total, dropout_p, qk_scale, cap_log2,
+                                   prefix_bias, stride_pbm, stride_pbn, None, None, window_left, window_right,
                                    HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
                                    BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                                    HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                                   HAS_BIAS=HAS_PREFIX_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
+                                   HAS_BIAS=HAS_PREFIX_BIAS, HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=False)
 
     # Stage 2: the sequence, with the caller's masks, bias and causal rule.
     Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
@@ -408,14 +450,14 @@ def _forward_kernel(
         v_desc = tl.make_tensor_descriptor(Vb, shape=[k_rows, HEAD_DIM_V], strides=[stride_vn, 1],
                                            block_shape=[BLOCK_N, DV_PAD])
     acc, l_i, m_i = _attend_staged(acc, l_i, m_i, q, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                                   seq_lo, seq_hi, seq_full, k_len, offs_m, offs_d, offs_dv, q_len, diag,
-                                   key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                   seq_lo, seq_hi, window_full, seq_full, k_len, offs_m, offs_d, offs_dv, q_len,
+                                   diag, key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                    seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
-                                   bias, stride_bm, stride_bn, k_desc, v_desc, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D,
-                                   HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV, BLOCK_N=BLOCK_N,
-                                   CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
+                                   bias, stride_bm, stride_bn, k_desc, v_desc, window_left, window_right,
+                                   HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
+                                   BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
                                    HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
-                                   HAS_SOFTCAP=HAS_SOFTCAP, USE_TMA=USE_TMA)
+                                   HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=HAS_WINDOW, USE_TMA=USE_TMA)
 
     # Epilogue: normalize; a query that saw no key gets 0 and lse = -inf (= its sink with one). Dropout's 1/(1-p)
     # is applied once here.
@@ -529,11 +571,12 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
                           start, end, offs_n, offs_d, offs_dv, q_len, diag,
                           key_pad, stride_kpn, dense, stride_mm, stride_mn, k_len,
                           seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn,
+                          window_left, window_right,
                           HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                           PAD_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                           CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr,
                           HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr):
+                          HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """dK, dV of one key block from query blocks [start, end) of one query head; tiles are [keys, queries]."""
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -550,9 +593,10 @@ def _accumulate_key_grads(dk, dv, k, v, Q, DOut, Lse, Delta, stride_qm, stride_d
         if HAS_BIAS:
             scores_t = _biased(scores_t, bias, offs_m[None, :], offs_n[:, None], q_len, k_len, stride_bm, stride_bn)
         probs_t = tl.math.exp2(scores_t - lse[None, :])
-        if CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+        if CAUSAL or HAS_KEY_PAD or HAS_DENSE or HAS_WINDOW:
             visible = _visible(offs_m[None, :], offs_n[:, None], q_len, k_len, diag, key_pad, stride_kpn, dense,
-                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+                               stride_mm, stride_mn, window_left, window_right, CAUSAL, HAS_KEY_PAD, HAS_DENSE,
+                               HAS_WINDOW)
             probs_t = tl.where(visible, probs_t, 0.0)
         d_probs_t = tl.dot(v, tl.trans(d_out), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -580,13 +624,14 @@ def _backward_key_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod, stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn, stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn,
     stride_bb, stride_bh, stride_bm, stride_bn, stride_pbb, stride_pbh, stride_pbm, stride_pbn,
-    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, sm_scale, dropout_p,
-    num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, window_left, window_right, qk_scale, cap_log2, sm_scale,
+    dropout_p, num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     DV_PAD: tl.constexpr, PAD_DV: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DETERMINISTIC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """dK/dV of one key block (prefix blocks first, then sequence blocks) of one key/value head of one sample.
@@ -642,10 +687,11 @@ def _backward_key_kernel(
                     offs_dv, q_len, 0, KeyPad, stride_kpn, Dense, stride_mm, stride_mn, prefix_keys, seed,
                     (b * q_heads + h).to(tl.int32), 0, cols_total, dropout_p, qk_scale, cap_log2,
                     _operand_base(PrefixBias, b, h, stride_pbb, stride_pbh, HAS_PREFIX_BIAS), stride_pbm, stride_pbn,
+                    window_left, window_right,
                     HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
                     BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=False,
                     HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_PREFIX_BIAS,
-                    HAS_SOFTCAP=HAS_SOFTCAP)
+                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=False)
             # One sample's share of the bank entry's gradient: [S, Hkv, P, D] float32 buffers indexed by the
             # entry (atomics) or by the sample (deterministic, summed in order by the finalize kernel).
             slot = entry
@@ -671,7 +717,19 @@ def _backward_key_kernel(
         key_pad = _operand_base(KeyPad, b, 0, stride_kpb, 0, HAS_KEY_PAD)
         diag = k_len - q_len
         # Causal: queries before first_row see none of these keys; from full_row on, they see all of them.
-        if CAUSAL:
+        # With a window (its right side 0 under causal) only the rows [first_row, row_end) see any of them, and
+        # those in [full_row, whole_end) see all of them: the rows outside the window are never visited.
+        row_end = q_len
+        whole_end = q_len
+        if HAS_WINDOW:
+            first_row = tl.maximum(start_n - diag - window_right, 0) // BLOCK_M * BLOCK_M
+            row_end = tl.minimum(tl.maximum(start_n + BLOCK_N + window_left - diag, 0), q_len)
+            full_row = tl.minimum(tl.maximum(
+                tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - window_right, 0), BLOCK_M) * BLOCK_M, first_row),
+                row_end)
+            whole_end = tl.minimum(tl.maximum(tl.maximum(start_n + window_left - diag + 1, 0) // BLOCK_M * BLOCK_M,
+                                              full_row), row_end)
+        elif CAUSAL:
             first_row = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
             full_row = tl.maximum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M) * BLOCK_M,
                                   first_row)
@@ -686,23 +744,33 @@ def _backward_key_kernel(
             do_head = DOut + b * stride_dob + q_start * stride_dom + h * stride_doh
             row_base = _row_base(b, h, q_heads, q_len, q_start, total_q, VARLEN)
             stream = (b * q_heads + h).to(tl.int32)
-            # two stages: the query blocks on the causal diagonal with the causal rule, those after it without
+            # the query blocks on the causal diagonal (or the window's edge) with the rule, those past it without
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
                 first_row, tl.minimum(full_row, q_len), offs_n, offs_d, offs_dv, q_len, diag, key_pad, stride_kpn,
                 dense, stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                cap_log2, bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V,
-                PAD_DV=PAD_DV, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL,
-                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
+                cap_log2, bias, stride_bm, stride_bn, window_left, window_right, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D,
+                HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
+                HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=HAS_WINDOW)
             dk, dv = _accumulate_key_grads(
                 dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
-                full_row, q_len, offs_n, offs_d, offs_dv, q_len, diag, key_pad, stride_kpn, dense,
+                full_row, whole_end, offs_n, offs_d, offs_dv, q_len, diag, key_pad, stride_kpn, dense,
                 stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale, cap_log2,
-                bias, stride_bm, stride_bn, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
-                BLOCK_M=BLOCK_M, CAUSAL=False,
-                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                HAS_BIAS=HAS_BIAS, HAS_SOFTCAP=HAS_SOFTCAP)
+                bias, stride_bm, stride_bn, window_left, window_right, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D,
+                HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV, BLOCK_M=BLOCK_M, CAUSAL=False, HAS_KEY_PAD=HAS_KEY_PAD,
+                HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=False)
+            if HAS_WINDOW:  # the window's trailing edge: the rows whose window starts inside this block
+                dk, dv = _accumulate_key_grads(
+                    dk, dv, k, v, q_head, do_head, Lse, Delta, stride_qm, stride_dom, stride_dod, row_base,
+                    whole_end, row_end, offs_n, offs_d, offs_dv, q_len, diag, key_pad, stride_kpn, dense,
+                    stride_mm, stride_mn, k_len, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
+                    cap_log2, bias, stride_bm, stride_bn, window_left, window_right, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D,
+                    HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV, BLOCK_M=BLOCK_M, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
+                    HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
+                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=True)
+        grad_ok = key_ok & d_ok
         tl.store(DK + b * stride_dkb + k_start * stride_dkn + hkv * stride_dkh + offs_n[:, None] * stride_dkn
                  + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok & d_ok)
         tl.store(DV + b * stride_dvb + k_start * stride_dvn + hkv * stride_dvh + offs_n[:, None] * stride_dvn
@@ -714,12 +782,13 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
                            start, end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                            key_pad, stride_kpn, dense, stride_mm, stride_mn,
                            seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                           bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                           bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn, window_left, window_right,
                            HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                            PAD_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                            MASK_BOUNDS: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_PAD: tl.constexpr,
                            HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                           HAS_WINDOW: tl.constexpr):
     """dQ of one query block from key blocks [start, end) of one key/value source; with BIAS_GRAD, also the
     gradient of the additive bias (the scores' gradient, in natural units) of these (query, key) pairs."""
     for start_n in range(start, end, BLOCK_N):
@@ -735,9 +804,10 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
         if HAS_BIAS:
             scores = _biased(scores, bias, offs_m[:, None], offs_n[None, :], q_len, k_len, stride_bm, stride_bn)
         probs = tl.math.exp2(scores - lse[:, None])
-        if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE:
+        if MASK_BOUNDS or CAUSAL or HAS_KEY_PAD or HAS_DENSE or HAS_WINDOW:
             visible = _visible(offs_m[:, None], offs_n[None, :], q_len, k_len, diag, key_pad, stride_kpn, dense,
-                               stride_mm, stride_mn, CAUSAL, HAS_KEY_PAD, HAS_DENSE)
+                               stride_mm, stride_mn, window_left, window_right, CAUSAL, HAS_KEY_PAD, HAS_DENSE,
+                               HAS_WINDOW)
             probs = tl.where(visible, probs, 0.0)
         d_probs = tl.dot(d_out, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -755,37 +825,43 @@ def _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd,
 
 @triton.jit
 def _query_grad_staged(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                       lo, hi, full_end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
+                       lo, hi, full_lo, full_end, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                        key_pad, stride_kpn, dense, stride_mm, stride_mn,
                        seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                       bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                       bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn, window_left, window_right,
                        HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, PAD_DV: tl.constexpr,
                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                        HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                       HAS_SOFTCAP: tl.constexpr):
-    """dQ over key blocks [lo, hi) of one source in the forward's two stages: before ``full_end`` without bounds
-    or causal masks, the rest with them."""
+                       HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """dQ over key blocks [lo, hi) of one source in the forward's stages: [full_lo, full_end) without bounds,
+    causal or window masks, the rest with them."""
+    whole_lo = tl.minimum(lo, hi)
+    if HAS_WINDOW:
+        whole_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    whole_hi = tl.maximum(tl.minimum(hi, full_end), whole_lo)
     dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                lo, tl.minimum(hi, full_end), k_len, offs_m, offs_d, offs_dv, q_len, diag,
+                                whole_lo, whole_hi, k_len, offs_m, offs_d, offs_dv, q_len, diag,
                                 key_pad, stride_kpn, dense, stride_mm, stride_mn,
                                 seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                                bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                                bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn, window_left, window_right,
                                 HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
                                 BLOCK_N=BLOCK_N, MASK_BOUNDS=False, CAUSAL=False,
                                 HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
                                 DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD,
-                                HAS_SOFTCAP=HAS_SOFTCAP)
-    dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                tl.maximum(lo, full_end), hi, k_len, offs_m, offs_d, offs_dv, q_len, diag,
-                                key_pad, stride_kpn, dense, stride_mm, stride_mn,
-                                seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
-                                bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
-                                HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
-                                BLOCK_N=BLOCK_N, MASK_BOUNDS=True, CAUSAL=CAUSAL,
-                                HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT,
-                                DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD,
-                                HAS_SOFTCAP=HAS_SOFTCAP)
+                                HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=False)
+    # the masked edges, as in the forward: the window's leading one (with a window only), the trailing one
+    for edge in tl.static_range(1 - HAS_WINDOW, 2):
+        dq = _accumulate_query_grad(dq, q, d_out, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    lo if edge == 0 else whole_hi, whole_lo if edge == 0 else hi, k_len, offs_m,
+                                    offs_d, offs_dv, q_len, diag, key_pad, stride_kpn, dense, stride_mm, stride_mn,
+                                    seed, stream, col_base, cols_total, dropout_p, qk_scale, cap_log2,
+                                    bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn, window_left,
+                                    window_right, HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V,
+                                    PAD_DV=PAD_DV, BLOCK_N=BLOCK_N, MASK_BOUNDS=True,
+                                    CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD, HAS_DENSE=HAS_DENSE,
+                                    HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION, HAS_BIAS=HAS_BIAS,
+                                    BIAS_GRAD=BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=HAS_WINDOW)
     return dq
 
 
@@ -799,14 +875,14 @@ def _backward_query_kernel(
     stride_kpb, stride_kpn, stride_mb, stride_mh, stride_mm, stride_mn, stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_pbb, stride_pbh, stride_pbm, stride_pbn,
     stride_dpbb, stride_dpbh, stride_dpbm, stride_dpbn,
-    q_heads, q_len, k_len, num_prefixes, prefix_len, group, qk_scale, cap_log2, sm_scale, dropout_p,
-    num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys only
+    q_heads, q_len, k_len, num_prefixes, prefix_len, group, window_left, window_right, qk_scale, cap_log2, sm_scale,
+    dropout_p, num_seqs, search_steps, total_q, total_k, q_len_class, k_len_class,  # the last two: autotuning keys
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAD_D: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     DV_PAD: tl.constexpr, PAD_DV: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, HAS_KEY_PAD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_PREFIX_BIAS: tl.constexpr,
-    PREFIX_BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREFIX_BIAS_GRAD: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ of one query block of one head of one sample: the forward's two stages, replayed. With BIAS_GRAD it
     also writes the bias gradient of the sequence keys it visits (the caller zeroes the rest), with
@@ -853,27 +929,34 @@ def _backward_query_kernel(
     PKb = PK + entry * stride_pkt + hkv * stride_pkh
     PVb = PV + entry * stride_pvt + hkv * stride_pvh
     dq = _query_grad_staged(dq, q, d_out, lse, delta, PKb, PVb, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                            0, prefix_keys, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m, offs_d, offs_dv,
-                            q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0, cols_total,
-                            dropout_p, qk_scale, cap_log2, prefix_bias, stride_pbm, stride_pbn,
-                            d_prefix_bias, stride_dpbm, stride_dpbn,
+                            0, prefix_keys, 0, prefix_keys // BLOCK_N * BLOCK_N, prefix_keys, offs_m, offs_d,
+                            offs_dv, q_len, 0, key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, 0,
+                            cols_total, dropout_p, qk_scale, cap_log2, prefix_bias, stride_pbm, stride_pbn,
+                            d_prefix_bias, stride_dpbm, stride_dpbn, window_left, window_right,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
                             BLOCK_N=BLOCK_N, CAUSAL=False, HAS_KEY_PAD=False,
                             HAS_DENSE=False, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                            HAS_BIAS=HAS_PREFIX_BIAS, BIAS_GRAD=PREFIX_BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP)
+                            HAS_BIAS=HAS_PREFIX_BIAS, BIAS_GRAD=PREFIX_BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP,
+                            HAS_WINDOW=False)
     Kb = K + b * stride_kb + k_start * stride_kn + hkv * stride_kh
     Vb = V + b * stride_vb + k_start * stride_vn + hkv * stride_vh
     diag = k_len - q_len
     seq_full, seq_end = _sequence_key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, diag, k_len, BLOCK_N,
                                             CAUSAL)
+    seq_start = 0
+    window_full = 0
+    if HAS_WINDOW:
+        seq_start, window_full, seq_full, seq_end = _window_key_range(
+            pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M, q_len, diag, k_len, window_left, window_right, BLOCK_N)
     dq = _query_grad_staged(dq, q, d_out, lse, delta, Kb, Vb, stride_kn, 1, stride_vn, 1,
-                            0, seq_end, seq_full, k_len, offs_m, offs_d, offs_dv, q_len, diag, key_pad, stride_kpn,
-                            dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total, dropout_p, qk_scale,
-                            cap_log2, bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            seq_start, seq_end, window_full, seq_full, k_len, offs_m, offs_d, offs_dv, q_len, diag,
+                            key_pad, stride_kpn, dense, stride_mm, stride_mn, seed, stream, prefix_len, cols_total,
+                            dropout_p, qk_scale, cap_log2, bias, stride_bm, stride_bn, dbias, stride_dbm, stride_dbn,
+                            window_left, window_right,
                             HEAD_DIM=HEAD_DIM, PAD_D=PAD_D, HEAD_DIM_V=HEAD_DIM_V, PAD_DV=PAD_DV,
                             BLOCK_N=BLOCK_N, CAUSAL=CAUSAL, HAS_KEY_PAD=HAS_KEY_PAD,
                             HAS_DENSE=HAS_DENSE, HAS_DROPOUT=HAS_DROPOUT, DOT_PRECISION=DOT_PRECISION,
-                            HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP)
+                            HAS_BIAS=HAS_BIAS, BIAS_GRAD=BIAS_GRAD, HAS_SOFTCAP=HAS_SOFTCAP, HAS_WINDOW=HAS_WINDOW)
     tl.store(DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + offs_m[:, None] * stride_dqm
              + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))

@@ -77,7 +77,7 @@ _QUERY_GRAD_CONFIGS = _configs([
 # forward's pointer-load variant; tests switch to its TMA variant through the forward launcher's meta).
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
 _AUTOTUNE_KEY = ["q_len_class", "k_len_class", "HEAD_DIM", "HEAD_DIM_V", "CAUSAL", "HAS_KEY_PAD", "HAS_DENSE",
-                 "HAS_BIAS", "HAS_DROPOUT", "VARLEN", "HAS_SOFTCAP"]
+                 "HAS_BIAS", "HAS_DROPOUT", "VARLEN", "HAS_SOFTCAP", "HAS_WINDOW"]
 # The forward packs the query heads of a GQA group into one program's rows up to this many queries: decode (1) and
 # speculative or chunked decode steps. Longer queries fill whole blocks per head, and their key/value tiles, shared
 # by the group's programs running side by side, come from L2.
@@ -284,9 +284,10 @@ def _strides3(x: torch.Tensor, packing) -> tuple:
 
 
 def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p,
-                       packing=None, softcap=None, value_dim=None, prefix_bias=None):
-    """Kernel arguments shared by every launch: sizes, autotuning classes and compile-time flags. Packed sequences
-    pass their longest lengths as the lengths. ``value_dim``: v's head dim (None: q's and k's)."""
+                       packing=None, softcap=None, value_dim=None, prefix_bias=None, window_size=None):
+    """Kernel arguments shared by every launch: sizes (the window's two sides last), autotuning classes and
+    compile-time flags. Packed sequences pass their longest lengths as the lengths. ``value_dim``: v's head dim
+    (None: q's and k's)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     if packing is not None:
@@ -296,15 +297,27 @@ def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, 
     d_pad = max(16, _next_power_of_2(head_dim))
     dv_pad = max(16, _next_power_of_2(value_dim))
     use_tf32 = q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
-    sizes = (q_heads, q_len, k_len, num_prefixes, prefix_len, q_heads // kv_heads)
+    sizes = (q_heads, q_len, k_len, num_prefixes, prefix_len, q_heads // kv_heads,
+             *_window_sides(window_size, causal, q_len + k_len))
     classes = (_next_power_of_2(q_len), _next_power_of_2(prefix_len + k_len))
     flags = dict(HEAD_DIM=head_dim, D_PAD=d_pad, PAD_D=d_pad != head_dim, HEAD_DIM_V=value_dim, DV_PAD=dv_pad,
                  PAD_DV=dv_pad != value_dim, HAS_INDEX=prefix_index is not None,
                  HAS_LENGTHS=prefix_lengths is not None, HAS_KEY_PAD=attn_mask is not None and attn_mask.dim() == 2,
                  HAS_DENSE=attn_mask is not None and attn_mask.dim() == 4, HAS_BIAS=attn_bias is not None,
                  CAUSAL=causal, HAS_DROPOUT=dropout_p > 0, DOT_PRECISION="tf32" if use_tf32 else "ieee",
-                 VARLEN=packing is not None, HAS_SOFTCAP=softcap is not None, HAS_PREFIX_BIAS=prefix_bias is not None)
+                 VARLEN=packing is not None, HAS_SOFTCAP=softcap is not None, HAS_PREFIX_BIAS=prefix_bias is not None,
+                 HAS_WINDOW=window_size is not None)
     return sizes, classes, flags
+
+
+def _window_sides(window_size, causal: bool, unbounded: int) -> tuple[int, int]:
+    """(window_left, window_right) as the kernels read them: both sides bounded, an unbounded side (-1) as
+    ``unbounded`` (Nq + Nk: past every key, so the kernels need no case for it), the right side 0 under causal (the
+    kernels then skip the key blocks and query rows past the diagonal by the window's rule alone)."""
+    if window_size is None:
+        return 0, 0
+    left, right = window_size
+    return (left if left >= 0 else unbounded), (0 if causal else right if right >= 0 else unbounded)
 
 
 def _score_scales(scale: float, softcap) -> tuple[float, float]:
@@ -377,19 +390,21 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
-            attn_bias=None, softcap=None, sinks=None, prefix_bias=None):
+            attn_bias=None, softcap=None, sinks=None, prefix_bias=None, window_size=None):
     batch, q_heads, q_len = q.shape[:3]
     out = q.new_empty(batch, q_len, q_heads, v.shape[-1]).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                    causal, scale, dropout_p, softcap=softcap, sinks=sinks, prefix_bias=prefix_bias)
+                    causal, scale, dropout_p, softcap=softcap, sinks=sinks, prefix_bias=prefix_bias,
+                    window_size=window_size)
     return out, lse
 
 
 def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                   prefix_index, prefix_lengths, seed, causal, scale, dropout_p, *, softcap=None, sinks=None):
+                   prefix_index, prefix_lengths, seed, causal, scale, dropout_p, *, softcap=None, sinks=None,
+                   window_size=None):
     """The variable-length forward (see :func:`ptv2_kernels.prefix_attention_varlen`): ``out [total_q, Hq, D]``
     and ``lse [Hq, total_q]``, one program per query block of each packed sequence."""
     total_q, q_heads = q.shape[:2]
@@ -399,17 +414,20 @@ def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_
         return out, lse
     packing = _Packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, total_q, k.shape[0])
     _launch_forward(*map(_packed_view, (q, k, v)), prefix_k, prefix_v, _packed_view(out), lse, prefix_index,
-                    prefix_lengths, None, None, seed, causal, scale, dropout_p, packing, softcap=softcap, sinks=sinks)
+                    prefix_lengths, None, None, seed, causal, scale, dropout_p, packing, softcap=softcap, sinks=sinks,
+                    window_size=window_size)
     return out, lse
 
 
 def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                    causal, scale, dropout_p, packing=None, softcap=None, sinks=None, prefix_bias=None):
+                    causal, scale, dropout_p, packing=None, softcap=None, sinks=None, prefix_bias=None,
+                    window_size=None):
     """Write ``out`` and ``lse`` of a forward on 4-D operands (``[1, H, total, D]`` views for packed sequences)."""
     batch, q_heads, q_len = q.shape[:3]
     kv_heads, value_dim = k.shape[1], v.shape[-1]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing, softcap, value_dim, prefix_bias)
+                                               causal, dropout_p, packing, softcap, value_dim, prefix_bias,
+                                               window_size)
     sinks = _sinks_arg(sinks)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
     if packing is not None:
@@ -454,7 +472,7 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
              lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, softcap=None,
-             sinks=None, grad_sinks=None, prefix_bias=None, grad_prefix_bias=None):
+             sinks=None, grad_sinks=None, prefix_bias=None, grad_prefix_bias=None, window_size=None):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if q.numel() == 0:
@@ -462,13 +480,13 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
     _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                      out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
                      dq, dk, dv, d_prefix_k, d_prefix_v, softcap=softcap, sinks=sinks, grad_sinks=grad_sinks,
-                     prefix_bias=prefix_bias, grad_prefix_bias=grad_prefix_bias)
+                     prefix_bias=prefix_bias, grad_prefix_bias=grad_prefix_bias, window_size=window_size)
     return dq, dk, dv, d_prefix_k, d_prefix_v
 
 
 def backward_varlen(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                     max_seqlen_k, prefix_index, prefix_lengths, seed, out, lse, causal, scale, dropout_p,
-                    deterministic, *, softcap=None, sinks=None, grad_sinks=None):
+                    deterministic, *, softcap=None, sinks=None, grad_sinks=None, window_size=None):
     """The variable-length backward: (dq, dk, dv, dprefix_k, dprefix_v), the prefix gradients summed over the
     sequences in the kernels (atomics, or per sequence then in order when ``deterministic``)."""
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -480,14 +498,14 @@ def backward_varlen(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_
                      *map(_packed_view, (q, k, v)), prefix_k, prefix_v, prefix_index, prefix_lengths, None, seed,
                      _packed_view(out), lse.unsqueeze(0), causal, scale, dropout_p, deterministic, None, None,
                      *map(_packed_view, (dq, dk, dv)), d_prefix_k, d_prefix_v, packing, softcap=softcap, sinks=sinks,
-                     grad_sinks=grad_sinks)
+                     grad_sinks=grad_sinks, window_size=window_size)
     return dq, dk, dv, d_prefix_k, d_prefix_v
 
 
 def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
                      out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
                      dq, dk, dv, d_prefix_k, d_prefix_v, packing=None, softcap=None, sinks=None, grad_sinks=None,
-                     prefix_bias=None, grad_prefix_bias=None):
+                     prefix_bias=None, grad_prefix_bias=None, window_size=None):
     """Write the five gradients of a backward on 4-D operands (``[1, H, total, D]`` views and a ``[1, Hq, total]``
     lse for packed sequences), the bias gradient into ``grad_bias`` and the prefix bias's into
     ``grad_prefix_bias`` when they are non-empty tensors, and the sinks' into ``grad_sinks`` when there are sinks
@@ -496,7 +514,8 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
     kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
     sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing, softcap, value_dim, prefix_bias)
+                                               causal, dropout_p, packing, softcap, value_dim, prefix_bias,
+                                               window_size)
     qk_scale, cap_log2 = _score_scales(scale, softcap)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
 
