@@ -87,7 +87,8 @@ MIN_KEYS_PER_SPLIT = 256
 MAX_KV_SPLITS = 32
 # Register budget (fp32 tile elements live per thread, see _live_per_thread) above which a configuration spills:
 # fitted to the compiled kernels at the target shapes (benchmarks/static_report.py), per architecture major.
-_REGISTER_BUDGET = {"forward": {9: 160, 8: 128}, "backward": {9: 192, 8: 128}}
+# On sm_90 the backward's edge is just under 192: the dQ tile 64x64/4w at head dim 128 (192 exactly) spills 4 B.
+_REGISTER_BUDGET = {"forward": {9: 160, 8: 128}, "backward": {9: 190, 8: 128}}
 _SHARED_SLACK = 2048  # bytes beyond the tiles: row statistics, reductions
 
 
