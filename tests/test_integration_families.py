@@ -324,7 +324,8 @@ _ORACLE_ATTR = "_ptv2_test_oracle_prefix"
 def oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention over ``[prefix ; keys]`` in float64 by hand: the prefix set on the module for this call's samples
     (visible within each sample's prefix length, never masked or biased), the sequence keys under the mask (and
-    T5's position bias) that transformers made for the model."""
+    T5's position bias) that transformers made for the model; Gemma2's score cap on every score, GPT-OSS's sinks
+    (one logit per head) in every row's normalizer."""
     batch, heads, queries, dim = query.shape
     prefix_k, prefix_v, visible = module.__dict__.get(_ORACLE_ATTR) or (
         key.new_zeros(batch, key.shape[1], 0, dim), value.new_zeros(batch, value.shape[1], 0, value.shape[-1]),
@@ -332,6 +333,8 @@ def oracle_attention(module, query, key, value, attention_mask, scaling=None, dr
     keys = torch.cat([prefix_k.to(key.dtype), key], 2).double().repeat_interleave(heads // key.shape[1], 1)
     values = torch.cat([prefix_v.to(value.dtype), value], 2).double().repeat_interleave(heads // key.shape[1], 1)
     scores = query.double() @ keys.transpose(-1, -2) * (scaling if scaling is not None else dim ** -0.5)
+    if kwargs.get("softcap") is not None:
+        scores = kwargs["softcap"] * torch.tanh(scores / kwargs["softcap"])
     length, count = prefix_k.shape[2], key.shape[2]
     sequence = scores[..., length:]
     if kwargs.get("position_bias") is not None:
@@ -343,7 +346,13 @@ def oracle_attention(module, query, key, value, attention_mask, scaling=None, dr
         hidden = torch.ones(queries, count, dtype=torch.bool).triu(count - queries + 1)
         sequence = sequence.masked_fill(hidden, -math.inf)
     prefix = scores[..., :length].masked_fill(~visible[:, None, None, :], -math.inf)
-    out = torch.cat([prefix, sequence], -1).softmax(-1) @ values
+    logits = torch.cat([prefix, sequence], -1)
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    if sinks is not None:
+        sink = sinks.double().view(1, heads, 1, 1).expand(batch, heads, queries, 1)
+        logits = torch.cat([logits, sink], -1)
+    weights = logits.softmax(-1)[..., :keys.shape[2]]
+    out = weights @ values
     return out.transpose(1, 2).to(query.dtype), None
 
 
@@ -487,6 +496,67 @@ def _check_works(family: Family, model):
     with torch.no_grad():
         restored = _logits(model(**batch), batch)
     assert torch.equal(restored, unpatched), "unpatch did not restore the unpatched outputs"
+
+
+# The families with sliding-window layers, and the config that gives them a window of 3 keys (ModernBERT's reaches 2
+# each way): shorter than the checks' sequences (6 tokens, a prefix of 2 or 3, 3 generated), so that the windows
+# hide real tokens and, for a bank placed where a cache would hold it, prefix slots. Qwen2's family slides only
+# with use_sliding_window, its first max_window_layers layers excepted.
+SMALL_WINDOW = dict(sliding_window=3)
+QWEN_WINDOW = dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)
+SLIDING = {**{name: SMALL_WINDOW for name in (
+    "mistral", "mixtral", "ministral", "gemma2", "gemma3_text", "vaultgemma", "cohere2", "olmo3", "exaone4",
+    "exaone_moe", "starcoder2", "phi3", "gpt_oss", "modernbert-decoder")},
+    **{name: QWEN_WINDOW for name in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")},
+    "modernbert": dict(local_attention=4)}
+
+
+def _record_windows(monkeypatch) -> list:
+    """The (window_size, attn_mask) of every call the integration makes to the op, from now on."""
+    calls = []
+    op = hf_transformers.prefix_attention
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("window_size"), kwargs.get("attn_mask")))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(hf_transformers, "prefix_attention", recording)
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(SLIDING))
+def test_sliding_window_family(name, monkeypatch):
+    """A sliding layer reaches the op as its window_size, with no dense mask; the default bank's prefix stays
+    visible to every query (against the attention oracle, which applies transformers' own windowed masks to the
+    sequence keys only); a bank with position_bias="cached" loses the slots that the window passes, as the prefix
+    in PEFT's cache does (against the cache oracle: logits, prefix gradients, generate)."""
+    family = dataclasses.replace(BY_NAME[name], config={**BY_NAME[name].config, **SLIDING[name]})
+    model = build(family)
+    config = model.config.get_text_config()
+    sliding_layers = sum(kind == "sliding_attention" for kind in getattr(config, "layer_types", None)
+                         or ["sliding_attention"] * config.num_hidden_layers)
+    assert 0 < sliding_layers
+    reach = config.sliding_window if family.kind == "encoder" else config.sliding_window - 1
+    batch = _batch(family)
+    original = copy.deepcopy(model)
+
+    bank = _random_bank(model)
+    patched = copy.deepcopy(model)
+    ptv2_kernels.patch(patched, bank, backend="reference")
+    calls = _record_windows(monkeypatch)
+    with torch.no_grad():
+        patched(**batch, task_ids=TASKS)
+    assert all(mask is None for _, mask in calls), "a dense mask reached the op"
+    windows = [window for window, _ in calls if window is not None]
+    assert windows == [(reach, reach if family.kind == "encoder" else 0)] * sliding_layers, calls
+    _check_against_attention_oracle(family, original, bank, batch)
+
+    if family.kind == "decoder":
+        cached = _random_bank(model, position_bias="cached")
+        ptv2_kernels.patch(model, cached, backend="reference")
+        mixed = _logits(model(**batch, task_ids=TASKS), batch)
+        _weighted(mixed).backward()
+        _check_against_cache_oracle(original, model, cached, batch, mixed.detach())
 
 
 def _assert_names(error: BaseException, family: Family, words: str):

@@ -22,9 +22,14 @@ TASKS = [0, 1, 1, 0]
 PREFIX_LENS = [3, 5]
 
 
+WINDOW = 4  # Mistral's sliding window in the "mistral-window" model: shorter than most of the sequences
+
+
 def _model(family):
     if family == "bert":
         return encoder_model("bert", "token_cls")
+    if family == "mistral-window":
+        return decoder_model("mistral", sliding_window=WINDOW)
     return decoder_model(family)
 
 
@@ -79,7 +84,7 @@ def _step(model, bank, batch):
 
 @pytest.mark.parametrize("flash_kwargs", [False, True], ids=["position-ids", "flash-kwargs"])
 @pytest.mark.parametrize("positions", ["shifted", "unshifted"])
-@pytest.mark.parametrize("family", ["bert", "llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("family", ["bert", "llama", "qwen2", "gpt2", "mistral-window"])
 def test_packed_batch_equals_padded_batch(family, positions, flash_kwargs, monkeypatch):
     model, bank = _patched(family, positions)
     model.train()  # dropout is off in the tiny configs; train mode as a training step runs
@@ -91,10 +96,13 @@ def test_packed_batch_equals_padded_batch(family, positions, flash_kwargs, monke
     calls = []
     varlen = hf_transformers.prefix_attention_varlen
     monkeypatch.setattr(hf_transformers, "prefix_attention_varlen",
-                        lambda *args, **kwargs: calls.append(kwargs["prefix_index"]) or varlen(*args, **kwargs))
+                        lambda *args, **kwargs: calls.append(kwargs) or varlen(*args, **kwargs))
     logits, loss, grads = _step(model, bank, packed)
     assert len(calls) == model.config.num_hidden_layers, "every attention layer runs the variable-length op"
-    assert calls[0].tolist() == TASKS
+    assert calls[0]["prefix_index"].tolist() == TASKS
+    # A sliding layer's window reaches W - 1 keys back (the causal op cuts the forward side), as its padded mask.
+    window = (WINDOW - 1, WINDOW - 1) if family == "mistral-window" else None
+    assert all(call["window_size"] == window for call in calls)
 
     monkeypatch.setattr(hf_transformers, "prefix_attention_varlen", varlen)
     p_logits, p_loss, p_grads = _step(model, bank, _padded_batch(family, features))
@@ -171,12 +179,14 @@ def test_packed_batch_with_gradient_checkpointing():
         torch.testing.assert_close(checkpointed[name], grads[name], rtol=1e-5, atol=1e-7)
 
 
-def test_sliding_window_family_refuses_packed_batches():
-    model = decoder_model("mistral", sliding_window=4)
-    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=PREFIX_LENS)
+def test_cached_position_bias_refuses_packed_batches():
+    """A bank placed where a cache would hold it (position_bias="cached") loses prefix slots to a sliding window
+    by their cache positions, which a packed row does not serve: it raises instead of serving them otherwise."""
+    model = _model("mistral-window")
+    bank = ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=PREFIX_LENS, position_bias="cached")
     ptv2_kernels.patch(model, bank, backend="reference")
     packed = transformers.DataCollatorWithFlattening()(_features("mistral"))
-    with pytest.raises(NotImplementedError, match="sliding-window attention"):
+    with pytest.raises(NotImplementedError, match="position_bias='cached'"):
         model(**packed, task_ids=TASKS)
 
 

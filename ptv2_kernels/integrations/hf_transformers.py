@@ -20,8 +20,9 @@ How a model is patched, on the instance only (no class is modified):
 
 The mask function hands the op its cheap mask forms whenever they are exact: no mask, or a ``[B, Nk]`` key-padding
 mask, with causality given by a flag (the op's causal mask is aligned bottom-right, which is exact when the queries
-are the last ``Nq`` of the ``Nk`` keys). Anything else (sliding windows, static caches, user 4-D masks) becomes a
-dense boolean mask. A packed (padding-free) batch makes no mask at all: its attentions run the variable-length op
+are the last ``Nq`` of the ``Nk`` keys), and a sliding layer's window as the op's ``window_size``
+(:mod:`ptv2_kernels.integrations.windows`). Anything else (static caches, user 4-D masks) becomes a dense boolean
+mask. A packed (padding-free) batch makes no mask at all: its attentions run the variable-length op
 (:mod:`ptv2_kernels.integrations.packing`).
 """
 
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from ..ops import BACKENDS, prefix_attention
 from ..prefix import PrefixBank, PrefixSlot
 from ..varlen import prefix_attention_varlen
-from . import t5
+from . import t5, windows
 from .packing import Packing, packing_of_call
 
 __all__ = ["patch", "unpatch", "PatchHandle", "freeze_backbone", "prefix_layout", "cache_keyword", "ATTENTION_NAME"]
@@ -357,11 +358,16 @@ class PrefixContext:
     """What one forward of a patched model hands every attention call: the bank's per-slot (key, value) views
     (computed once), the samples' task selection, and the entries' lengths."""
 
-    __slots__ = ("state", "kv", "tasks", "lengths", "shift", "packing")
+    __slots__ = ("state", "kv", "tasks", "lengths", "shift", "packing", "past", "windows")
 
-    def __init__(self, state, kv, tasks: _TaskSelection, lengths, shift, packing: Optional[Packing] = None):
+    def __init__(self, state, kv, tasks: _TaskSelection, lengths, shift, packing: Optional[Packing] = None,
+                 past=0):
         self.state, self.kv, self.tasks, self.lengths, self.shift = state, kv, tasks, lengths, shift
         self.packing = packing  # the sequences of a packed batch, or None
+        self.past = past  # the tokens the call's cache holds already
+        # The sliding windows of the masks that the mask function handed over in their key-padding form, by
+        # causality: {causal: (left, right)} (see integrations/windows.py).
+        self.windows: dict = {}
 
     @property
     def index(self) -> Optional[Tensor]:
@@ -456,7 +462,7 @@ class _PatchState:
         return _TaskSelection(bank, index, repeats, longest)
 
     def context(self, task_ids=None, batch: Optional[int] = None, repeats=frozenset(),
-                packing: Optional[Packing] = None) -> PrefixContext:
+                packing: Optional[Packing] = None, past=0) -> PrefixContext:
         """The context of one forward; for a packed batch ``batch`` is its sequence count (one task id each)."""
         if task_ids is None and self.generate_tasks:
             tasks = self.generate_tasks[-1]
@@ -465,7 +471,7 @@ class _PatchState:
         bank = self.bank
         lengths = None if bank.uniform_length else bank.prefix_lengths
         shift = bank.prefix_len if bank.uniform_length else None  # None: each sample's own length
-        return PrefixContext(self, bank(), tasks, lengths, shift, packing)
+        return PrefixContext(self, bank(), tasks, lengths, shift, packing, past)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -483,20 +489,29 @@ def _empty_prefix(key: Tensor) -> Tensor:
     return _EMPTY_PREFIXES[cache_key]
 
 
-def _op_mask(attention_mask, is_causal: bool, key: Tensor):
-    """The op's (key_padding_mask, attn_mask, causal) for the mask a model hands the attention function.
+def _op_mask(attention_mask, is_causal: bool, key: Tensor, context: Optional[PrefixContext]):
+    """The op's (key_padding_mask, attn_mask, causal, window_size) for the mask a model hands the attention
+    function.
 
     Masks this module's mask function makes: None (causality from the module, as transformers' SDPA path does),
-    ``[B, Nk]`` bool (key padding, not causal), ``[B, 1, Nk]`` bool (key padding, causal), or a dense 4-D bool
+    ``[B, Nk]`` bool (key padding, not causal), ``[B, 1, Nk]`` bool (key padding, causal), the same two in uint8
+    for a sliding layer (whose window the mask function recorded on the forward's context), or a dense 4-D bool
     mask. A 4-D mask given by the user may also be an additive float mask (0 = attend, very negative = not), which
     the op adds to the scores as it is: no device read to convert it.
     """
     if attention_mask is None:
-        return None, None, is_causal
-    if attention_mask.dim() == 2:
-        return attention_mask.to(torch.bool), None, False
-    if attention_mask.dim() == 3:
-        return attention_mask[:, 0].to(torch.bool), None, True
+        return None, None, is_causal, None
+    if attention_mask.dim() in (2, 3):
+        causal = attention_mask.dim() == 3
+        padding = attention_mask[:, 0] if causal else attention_mask
+        window = None
+        if attention_mask.dtype == windows.WINDOWED_PADDING_DTYPE:
+            window = context.windows.get(causal) if context is not None else None
+            if window is None:
+                raise ValueError(f"a patched model's attention got a {attention_mask.dim()}-D uint8 attention mask "
+                                 "that its mask function did not make in this forward (the mark of a sliding "
+                                 "layer's mask): give the model a bool or integer attention mask")
+        return padding.to(torch.bool), None, causal, window
     if attention_mask.dim() != 4:
         raise ValueError(f"a patched model's attention got a {attention_mask.dim()}-D attention mask of shape "
                          f"{list(attention_mask.shape)}; expected a 2-D padding mask or a 4-D mask")
@@ -504,7 +519,7 @@ def _op_mask(attention_mask, is_causal: bool, key: Tensor):
         attention_mask = attention_mask[..., :key.shape[-2]]  # a static cache's mask may be longer than the keys
     if attention_mask.dtype != torch.bool and not attention_mask.is_floating_point():
         attention_mask = attention_mask != 0
-    return None, attention_mask, False
+    return None, attention_mask, False, None
 
 
 def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -519,16 +534,45 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     context = _module_context(module, kwargs)
     if context is not None and context.packing is not None:
         return _packed_attention(module, query, key, value, context, is_causal, scaling, dropout, kwargs)
-    key_padding_mask, mask, causal = _op_mask(attention_mask, is_causal, key)
+    key_padding_mask, mask, causal, window = _op_mask(attention_mask, is_causal, key, context)
     prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs, context)
     # T5's relative position bias: on the sequence keys' scores; the prefix keys get none (zero bias columns), or,
     # for a bank placed where a cache would hold it, the bias of their cache positions.
     prefix_bias = _cached_prefix_bias(module, query, key, prefix_k, index, lengths, context)
+    if context is not None and context.state.bank.position_bias == "cached" and prefix_k.shape[-2]:
+        # ... and the slots that such a cache would have slid out of a sliding layer's window.
+        prefix_k, prefix_v, index, lengths, prefix_bias = _slid_out_prefix(
+            module, query, key, value, (prefix_k, prefix_v, index, lengths, prefix_bias), context, window, kwargs)
     out = prefix_attention(query, key, value, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
                            key_padding_mask=key_padding_mask, attn_mask=mask, attn_bias=kwargs.get("position_bias"),
                            causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend, softcap=softcap,
-                           sinks=sinks, prefix_bias=prefix_bias)
+                           sinks=sinks, prefix_bias=prefix_bias, window_size=window)
     return out.transpose(1, 2), None
+
+
+def _slid_out_prefix(module, query, key, value, prefix, context: PrefixContext, window, kwargs):
+    """``prefix`` (prefix_k, prefix_v, prefix_index, prefix_lengths, prefix_bias) of a sliding layer's call with a
+    position_bias="cached" bank: the slots that a cache holding the prefix in front of the sequence would have slid
+    out of the window get -inf; when the window has passed every slot of every sample, the call gets no prefix."""
+    prefix_k, prefix_v, index, lengths, prefix_bias = prefix
+    if window is not None:  # the op's window: queries are the last Nq of the Nk keys (a dynamic cache)
+        left = window[0]
+        first = key.shape[2] - query.shape[2]
+    else:  # a dense mask (a static cache, a user's mask): the window of the layer's call, positions from the cache
+        sliding = windows.layer_window(module, kwargs)
+        if sliding is None:
+            return prefix
+        left, first = sliding - 1, context.past
+    queries = query.shape[2]
+    if not isinstance(first, Tensor):
+        if first + 1 > left:  # the nearest slot (L - 1) is out of reach of the first query: so is every slot
+            return _empty_prefix(key), _empty_prefix(value), None, None, None
+        if first + queries - 1 + context.longest_prefix() <= left:  # the last query still reaches slot 0
+            return prefix
+    positions = torch.arange(queries, device=query.device) + first
+    hidden = windows.cached_prefix_window_bias(left, positions, prefix_k.shape[-2],
+                                               sample_prefix_lengths(context, index, lengths, query.shape[0]))
+    return prefix_k, prefix_v, index, lengths, hidden if prefix_bias is None else prefix_bias + hidden
 
 
 def _cached_prefix_bias(module, query, key, prefix_k, index, lengths, context) -> Optional[Tensor]:
@@ -558,9 +602,6 @@ def _packed_attention(module, query, key, value, context: PrefixContext, is_caus
             f"{type(module).__name__} got queries {list(query.shape)} and keys {list(key.shape)} in a packed batch "
             f"of {packing.total} tokens; a patched model serves packed sequences in self-attention over the packed "
             "row only")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError(f"{type(module).__name__} uses sliding-window attention, which a patched model "
-                                  "does not serve on packed sequences: pass a padded batch with an attention mask")
     if module.__dict__.get(_PREFIX_BIAS_ATTR) is not None:
         raise NotImplementedError(f"{type(module).__name__} biases the prefix keys by their cache positions "
                                   "(position_bias='cached'), which a patched model does not serve on packed sequences: "
@@ -570,11 +611,19 @@ def _packed_attention(module, query, key, value, context: PrefixContext, is_caus
                                   "model does not serve on packed sequences: pass a padded batch")
     state, slot = module.__dict__[_BINDING_ATTR]
     prefix_k, prefix_v = context.kv[slot]
+    # No mask carries a packed row's window: the one the layer names, in the convention transformers' flash
+    # attention (its packed path) gives it, W - 1 keys each way, the causal side cut at 0 by the op.
+    sliding = windows.layer_window(module, kwargs)
+    window = None if sliding is None else (sliding - 1, sliding - 1)
+    if window is not None and state.bank.position_bias == "cached":
+        raise NotImplementedError(f"{type(module).__name__} has a sliding window, which would pass the prefix keys "
+                                  "of a bank placed by their cache positions (position_bias='cached'): a patched "
+                                  "model does not serve that on packed sequences; pass a padded batch")
     out = prefix_attention_varlen(
         query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), prefix_k, prefix_v,
         packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen, packing.max_seqlen,
         prefix_index=context.index_for(packing.num_seqs), prefix_lengths=context.lengths, causal=is_causal,
-        scale=scaling, dropout_p=float(dropout), backend=state.backend)
+        scale=scaling, dropout_p=float(dropout), backend=state.backend, window_size=window)
     return out.unsqueeze(0), None
 
 
@@ -631,15 +680,45 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
     if bidirectional or causal:
         if attention_mask is None:
             return None
-        padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-        padding = padding[:, kv_offset:kv_offset + kv_length].to(torch.bool)
-        return padding if bidirectional else padding.unsqueeze(1)
+        return _padding(masking_utils, attention_mask, kv_length, kv_offset, causal)
+    windowed = _windowed_padding(masking_utils, running, batch_size, q_length, kv_length, q_offset, kv_offset,
+                                 mask_function, attention_mask, kwargs.get("device"))
+    if windowed is not None:
+        return windowed
     for name in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "allow_torch_fix", "dtype"):
         kwargs.pop(name, None)
     return masking_utils.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length,
                                    q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
                                    attention_mask=attention_mask, allow_is_causal_skip=False,
                                    allow_is_bidirectional_skip=False, **kwargs)
+
+
+def _padding(masking_utils, attention_mask: Tensor, kv_length: int, kv_offset: int, causal: bool) -> Tensor:
+    """The key-padding form ``[B, Nk]`` (``[B, 1, Nk]`` when causal), bool."""
+    padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    padding = padding[:, kv_offset:kv_offset + kv_length].to(torch.bool)
+    return padding.unsqueeze(1) if causal else padding
+
+
+def _windowed_padding(masking_utils, running, batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                      attention_mask, device) -> Optional[Tensor]:
+    """A sliding layer's mask in its key-padding form, marked (integrations/windows.py), its window recorded on the
+    forward's context; None where that form would not be exact (the dense mask is made then)."""
+    context = running[-1] if running else None
+    if context is None or torch.compiler.is_compiling() or not (
+            isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length):
+        return None
+    found = windows.mask_window(masking_utils, mask_function)
+    if found is None:
+        return None
+    causal, window = found
+    if context.windows.setdefault(causal, window) != window:  # two windows of one kind in one forward
+        return None
+    padding = None if attention_mask is None else _padding(masking_utils, attention_mask, kv_length, kv_offset,
+                                                             False)
+    if device is None:
+        device = attention_mask.device if attention_mask is not None else context.state.bank.prefix_lengths.device
+    return windows.windowed_padding(padding, batch_size, kv_length, device, causal)
 
 
 # transformers.masking_utils, imported once when the functions are registered (eagerly): an import inside the mask
@@ -731,12 +810,12 @@ class _PreHook:
         batch = lead[0] if lead else None
         # A multiple-choice head runs its B questions' C choices as B*C samples: one task id per question.
         repeats = frozenset([math.prod(lead[1:])]) if lead and len(lead) > 1 else frozenset()
+        past = _past_length(self.names, args, kwargs)
         packing = packing_of_call(_argument("position_ids", self.names, args, kwargs),
-                                  _argument("attention_mask", self.names, args, kwargs),
-                                  _past_length(self.names, args, kwargs), lead, kwargs)
+                                  _argument("attention_mask", self.names, args, kwargs), past, lead, kwargs)
         if packing is not None:
             batch = packing.num_seqs  # one task id per packed sequence
-        context = state.context(task_ids, batch=batch, repeats=repeats, packing=packing)
+        context = state.context(task_ids, batch=batch, repeats=repeats, packing=packing, past=past)
         kwargs[CONTEXT_KWARG] = context
         state.current = running[-1] = context
         if module.training and torch.is_grad_enabled():
