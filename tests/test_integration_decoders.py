@@ -77,6 +77,27 @@ def test_matches_peft(family):
     assert len(set(actual.sequences[:, -GENERATE["max_new_tokens"]:].flatten().tolist())) > 1
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_matches_peft(family):
+    """A window of 3 keys, shorter than the sequences and the prefix: PEFT's prefix sits in the cache and slides
+    out of the window; a bank from PEFT (position_bias="cached") loses the same slots (docs/integration.md,
+    "Sliding windows"), in the forward, the prefix gradient and every generate step."""
+    window = dict(sliding_window=3)
+    if family == "qwen2":
+        window.update(use_sliding_window=True, max_window_layers=0)
+    model = decoder_model(family, **window)
+    peft_model = peft_twin(model, "CAUSAL_LM", num_virtual_tokens=4)
+    ours, bank = patched_twin(model, peft_model)
+    assert bank.position_bias == "cached"
+    for padding in ("none", "left"):
+        peft_model.zero_grad(), bank.zero_grad()
+        _compare_forward(peft_model, ours, bank, padding, REFERENCE_REL, seed=len(padding))
+    input_ids, mask = random_batch(3, 5, padding="left", seed=3)
+    expected = peft_model.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    actual = ours.generate(input_ids=input_ids, attention_mask=mask, **GENERATE)
+    _compare_generate(actual, expected, REFERENCE_REL)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_static_cache_generate(family):
     model = _model(family)
