@@ -150,7 +150,8 @@ FAMILIES = [
     *_decoders("deepseek_v2", "deepseek_v3", config=MLA_DIMS, oracle="attention"),
     *_decoders("falcon"),
     *_decoders("bloom", position_bias="cached"),  # ALiBi on the prefix keys as in the cache
-    *_decoders("xglm", "mpt", "openai-gpt", refused=NO_INTERFACE),
+    *_decoders("xglm"),
+    *_decoders("mpt", "openai-gpt", refused=NO_INTERFACE),
     *_decoders("gptj", "codegen", config=ROTARY, refused=NO_INTERFACE),
     *_decoders("gpt_neo", config=dict(attention_types=[[["global", "local"], 1]])),
     *_seq2seq("t5", "mt5", "umt5", "longt5", "switch_transformers", "bart", "mbart", "pegasus", "pegasus_x",

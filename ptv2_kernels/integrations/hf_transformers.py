@@ -13,8 +13,8 @@ How a model is patched, on the instance only (no class is modified):
   gradient checkpointing). ``model(**batch, task_ids=ids)`` selects each sample's task.
 * ``generate`` gets an instance-level wrapper that accepts ``task_ids``; the cache holds real tokens only.
 * A family whose attention does not go through AttentionInterface (DeBERTa, DeBERTa-v2, GPT-Neo, MPNet, Falcon,
-  BLOOM) is served by an adapter module of this package (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``, ``falcon.py``,
-  ``bloom.py``), which replaces each bound attention module's forward on the instance.
+  BLOOM, XGLM) is served by an adapter module of this package (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``,
+  ``falcon.py``, ``bloom.py``, ``xglm.py``), which replaces each bound attention module's forward on the instance.
 * Hooks and the wrapper are instances of module-level classes (no closures), so a patched model deep-copies and
   pickles whole; the copy is patched with its own bank.
 
@@ -94,7 +94,7 @@ def _calls_attention_interface(cls) -> bool:
 # (``serves(cls)``, ``install(module)``, ``uninstall(module)``) that replaces a bound attention module's forward on the
 # instance; one may also say why it cannot serve a module (``unsupported(module)``: a reason or None), which patch and
 # PrefixBank.for_model raise before changing anything. Imported when first asked (an adapter imports this module).
-_FAMILY_ADAPTERS = ("deberta", "gpt_neo", "mpnet", "falcon", "bloom")
+_FAMILY_ADAPTERS = ("deberta", "gpt_neo", "mpnet", "falcon", "bloom", "xglm")
 
 
 @functools.cache
@@ -142,8 +142,9 @@ def _attention_modules(model) -> list[tuple[str, str, nn.Module]]:
             result.append((f"{role}.{index}", path, module))
     else:
         for path, module in found:
-            if "cross" in type(module).__name__.lower() or "crossattention" in path.lower():
-                continue  # cross-attention of a decoder-configured encoder model: served without a prefix
+            if ("cross" in type(module).__name__.lower() or "crossattention" in path.lower()
+                    or path.split(".")[-1] == "encoder_attn"):
+                continue  # cross-attention of a decoder-configured model: served without a prefix
             index = counters.get("layer", 0)
             counters["layer"] = index + 1
             result.append((f"layer.{index}", path, module))
