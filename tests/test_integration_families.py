@@ -151,7 +151,8 @@ FAMILIES = [
     *_decoders("falcon"),
     *_decoders("bloom", position_bias="cached"),  # ALiBi on the prefix keys as in the cache
     *_decoders("xglm"),
-    *_decoders("mpt", "openai-gpt", refused=NO_INTERFACE),
+    *_decoders("mpt", position_bias="cached"),  # ALiBi on the prefix keys as in the cache
+    *_decoders("openai-gpt", refused=NO_INTERFACE),
     *_decoders("gptj", "codegen", config=ROTARY, refused=NO_INTERFACE),
     *_decoders("gpt_neo", config=dict(attention_types=[[["global", "local"], 1]])),
     *_seq2seq("t5", "mt5", "umt5", "longt5", "switch_transformers", "bart", "mbart", "pegasus", "pegasus_x",

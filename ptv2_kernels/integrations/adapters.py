@@ -1,5 +1,5 @@
 """What the family adapters share (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``, ``falcon.py``, ``bloom.py``,
-``xglm.py``).
+``xglm.py``, ``mpt.py``).
 
 A family adapter serves attention modules whose forward does not go through transformers' AttentionInterface: it
 replaces the ``forward`` of each bound module, on the instance, by an instance of a module-level

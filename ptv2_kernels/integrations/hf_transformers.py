@@ -13,8 +13,9 @@ How a model is patched, on the instance only (no class is modified):
   gradient checkpointing). ``model(**batch, task_ids=ids)`` selects each sample's task.
 * ``generate`` gets an instance-level wrapper that accepts ``task_ids``; the cache holds real tokens only.
 * A family whose attention does not go through AttentionInterface (DeBERTa, DeBERTa-v2, GPT-Neo, MPNet, Falcon,
-  BLOOM, XGLM) is served by an adapter module of this package (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``,
-  ``falcon.py``, ``bloom.py``, ``xglm.py``), which replaces each bound attention module's forward on the instance.
+  BLOOM, XGLM, MPT) is served by an adapter module of this package (``deberta.py``, ``gpt_neo.py``, ``mpnet.py``,
+  ``falcon.py``, ``bloom.py``, ``xglm.py``, ``mpt.py``), which replaces each bound attention module's forward on the
+  instance.
 * Hooks and the wrapper are instances of module-level classes (no closures), so a patched model deep-copies and
   pickles whole; the copy is patched with its own bank.
 
@@ -94,7 +95,7 @@ def _calls_attention_interface(cls) -> bool:
 # (``serves(cls)``, ``install(module)``, ``uninstall(module)``) that replaces a bound attention module's forward on the
 # instance; one may also say why it cannot serve a module (``unsupported(module)``: a reason or None), which patch and
 # PrefixBank.for_model raise before changing anything. Imported when first asked (an adapter imports this module).
-_FAMILY_ADAPTERS = ("deberta", "gpt_neo", "mpnet", "falcon", "bloom", "xglm")
+_FAMILY_ADAPTERS = ("deberta", "gpt_neo", "mpnet", "falcon", "bloom", "xglm", "mpt")
 
 
 @functools.cache
@@ -229,7 +230,7 @@ def _refuse_listed_family(model):
 
 
 # Families whose adapters place ALiBi on the prefix keys of a bank with position_bias="cached".
-_ALIBI_MODEL_TYPES = ("bloom", "falcon")
+_ALIBI_MODEL_TYPES = ("bloom", "falcon", "mpt")
 # Families with a position-dependent score bias that a bank with position_bias="cached" would have to place on the
 # prefix columns, and that the integration cannot place there (the T5 family's it can: see integrations/t5.py).
 _POSITION_BIAS_MODULE_ATTRS = ("relative_attention_bias", "rel_embeddings", "relative_attention_num_buckets")
