@@ -77,6 +77,7 @@ NO_INTERFACE = "its attention does not go through transformers' AttentionInterfa
 MLA_DIMS = dict(num_key_value_heads=4, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, kv_lora_rank=16,
                 q_lora_rank=16)  # keys of 4 + 4 channels, values of 4, as DeepSeek's 128 + 64 and 128
 ROTARY = dict(rotary_dim=4)
+MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=8)  # heads that divide its width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,13 @@ FAMILIES = [
     # Hybrids without Mamba layers (convolutions, linear attention): their caches are not a list of layers.
     *_decoders("lfm2", "olmo_hybrid", "minimax", oracle="attention"),
     *_decoders("qwen3_next", config=dict(layer_types=["linear_attention", "full_attention"]), oracle="attention"),
+    # Hybrids with Mamba (or recurrent) layers, each configured with one attention layer among its two.
+    *_decoders("jamba", config=dict(attn_layer_period=2, attn_layer_offset=1), oracle="attention"),
+    *_decoders("zamba2", config=dict(layers_block_type=["mamba", "hybrid"]), oracle="attention"),
+    *_decoders("bamba", config=dict(attn_layer_indices=[1], **MAMBA), oracle="attention"),
+    *_decoders("granitemoehybrid", config=dict(layer_types=["mamba", "attention"], **MAMBA), oracle="attention"),
+    *_decoders("falcon_h1", "nemotron_h", oracle="attention"),
+    *_decoders("recurrent_gemma", config=dict(block_types=["recurrent", "attention"]), oracle="attention"),
     *_decoders("jetmoe", refused="tiles each key/value head over its experts' query heads"),
     *_decoders("diffllama", refused="calls the attention function twice, on the two halves of its value heads"),
     *_decoders("gemma2", "vaultgemma", "gpt_oss"),  # attention-logit softcapping; attention sinks
