@@ -406,6 +406,8 @@ class _PatchState:
         self.position_room: Optional[tuple[int, Optional[int]]] = None  # (positions, max_position_embeddings)
         # The family numbers a call's positions from its attention mask (real tokens only) when none are given.
         self.positions_from_mask = False
+        # The family's model reads the mask before its attention does (see _DENSE_MASK_MODEL_TYPES).
+        self.dense_masks = False
         self.bindings: list[nn.Module] = []
         self.hooks = []
         self.previous_implementations: list = []  # (sub-model, implementation before patching)
@@ -676,15 +678,17 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
     masking_utils = _MASKING_UTILS[0] if _MASKING_UTILS else _masking_utils()
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
-    bidirectional = mask_function is masking_utils.bidirectional_mask_function
-    causal = (mask_function is masking_utils.causal_mask_function and isinstance(q_offset, int)
+    dense = bool(running) and running[-1] is not None and running[-1].state.dense_masks
+    bidirectional = mask_function is masking_utils.bidirectional_mask_function and not dense
+    causal = (mask_function is masking_utils.causal_mask_function and isinstance(q_offset, int) and not dense
               and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length)
     if bidirectional or causal:
         if attention_mask is None:
             return None
         return _padding(masking_utils, attention_mask, kv_length, kv_offset, causal)
-    windowed = _windowed_padding(masking_utils, running, batch_size, q_length, kv_length, q_offset, kv_offset,
-                                 mask_function, attention_mask, kwargs.get("device"))
+    windowed = None if dense else _windowed_padding(masking_utils, running, batch_size, q_length, kv_length,
+                                                    q_offset, kv_offset, mask_function, attention_mask,
+                                                    kwargs.get("device"))
     if windowed is not None:
         return windowed
     for name in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "allow_torch_fix", "dtype"):
@@ -950,6 +954,11 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
         position_ids = position_ids + shift
     kwargs["position_ids"] = position_ids
 
+
+# Families whose models compute with the mask before handing it to the attention (Doge's dynamic mask attention
+# turns it into an additive float mask of its own; DeepSeek sparse attention's indexer picks each query's keys
+# within it): they get transformers' dense 4-D masks, never the cheap forms.
+_DENSE_MASK_MODEL_TYPES = frozenset({"doge", "deepseek_v32", "glm_moe_dsa"})
 
 # Families whose models number the positions from the attention mask when given none (OPT: cumsum of the mask,
 # padding at -1), where the others count every token.
@@ -1223,6 +1232,7 @@ def patch(model, prefix: PrefixBank, *, positions: str = "shifted", backend: str
     if positions == "shifted" and not _is_encoder_decoder(model):
         state.position_room = _position_room(model, roberta)
     state.positions_from_mask = _model_type(model) in _POSITIONS_FROM_MASK
+    state.dense_masks = _model_type(model) in _DENSE_MASK_MODEL_TYPES
     if positions == "shifted" and _is_encoder_decoder(model):
         roles = {slot.name.split(".")[0] for slot in prefix.slots}
         max_positions = getattr(model.config, "max_position_embeddings", None)
