@@ -128,11 +128,13 @@ def _seq2seq(*names, **kwargs):
 FAMILIES = [
     *_encoders("bert", "roberta", "xlm-roberta", "camembert", "electra", "albert", "distilbert", "ernie",
                "data2vec-text", "xlm-roberta-xl", "roberta-prelayernorm", "modernbert", "eurobert", "esm",
-               "nomic_bert", "gte", "mobilebert", "layoutlm", "markuplm", "roc_bert"),
+               "nomic_bert", "gte", "mobilebert", "layoutlm", "markuplm", "roc_bert", "jina_embeddings_v3", "ultrabert"),
+    *_encoders("mistral4", config=MLA_DIMS),  # multi-head latent attention; transformers has no causal LM of it
     *_encoders("deberta", "deberta-v2", oracle=None),  # tests/test_integration_deberta.py has their oracle
     *_encoders("mpnet", oracle=None),  # tests/test_integration_adapters.py has its oracle
     *_encoders("megatron-bert", "rembert", "roformer", "convbert", "squeezebert", "ibert", "funnel",
-               "flaubert", "longformer", "canine", "nystromformer", refused=NO_INTERFACE),
+               "flaubert", "longformer", "canine", "nystromformer", "fnet", "luke", "mra", "yoso", "xlm", "big_bird",
+               refused=NO_INTERFACE),
     *_decoders("llama", "mistral", "mixtral", "ministral", "ministral3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
                "gemma", "gemma3_text", "phi", "phi3", "phimoe", "glm", "glm4", "glm4_moe", "gpt2", "gpt_bigcode",
                "gpt_neox", "stablelm", "nemotron", "olmo", "olmo2", "olmo3", "olmoe", "flex_olmo", "cohere",
