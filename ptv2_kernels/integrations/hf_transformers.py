@@ -678,7 +678,7 @@ def prefix_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offs
     masking_utils = _MASKING_UTILS[0] if _MASKING_UTILS else _masking_utils()
     if mask_function is None:
         mask_function = masking_utils.causal_mask_function
-    dense = bool(running) and running[-1] is not None and running[-1].state.dense_masks
+    dense = running and running[-1] is not None and running[-1].state.dense_masks
     bidirectional = mask_function is masking_utils.bidirectional_mask_function and not dense
     causal = (mask_function is masking_utils.causal_mask_function and isinstance(q_offset, int) and not dense
               and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length)
