@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import native, reference
 
 NAMES = ("triton", "cuda", "native", "reference")
 
@@ -226,8 +226,6 @@ def unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropo
     options = (score_option_reasons(name, softcap, sinks, prefix_bias, window_size)
                + value_head_dim_reasons(name, q.shape[-1], value_dim))
     if name == "native":
-        from . import native
-
         return native.unsupported_reasons(q, prefix_k, dropout_p, attn_bias, bias_grad) + options
     if name == "cuda":
         from . import cuda_backend
@@ -308,8 +306,6 @@ def varlen_unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor
     options = (score_option_reasons(name, softcap, sinks, window_size=window_size)
                + value_head_dim_reasons(name, q.shape[-1], value_dim))
     if name == "native":
-        from . import native
-
         return native.unsupported_reasons(q, prefix_k, dropout_p, None, False) + options
     if name == "cuda":
         return [NO_VARLEN_REASON] + options
@@ -352,8 +348,6 @@ def implementation(name: str):
 
         return cuda_backend
     if name == "native":
-        from . import native
-
         return native
     if name == "reference":
         return ReferenceBackend

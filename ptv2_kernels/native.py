@@ -18,12 +18,16 @@ part, only when that gradient is present.
 
 Two things torch's fused CPU kernels cannot do — dropout, and the gradient of an additive score bias — are done
 the way torch's own ``scaled_dot_product_attention`` does them on a CPU, by its math composition (matmul,
-softmax, dropout, matmul), here per part: the prefix scores ``[B, Hq, Nq, P]`` and the sequence scores
-``[B, Hq, Nq, Nk]`` share one log-sum-exp, grouped-query heads multiply their key/value head without a copy, and
-the dropout mask is drawn from the call's seed in the layout the reference draws it (``[B, Hq, Nq, P + Nk]``,
-prefix columns first), so that a call with dropout equals the reference backend's with the same seed. The
-backward is written out (the custom op runs with autograd off), the bias gradient being the sequence part's
-score gradient. Still nothing of the size of the concatenated keys/values is written.
+softmax, dropout, matmul): the prefix scores ``[B, Hq, Nq, P]`` and the sequence scores ``[B, Hq, Nq, Nk]`` are
+laid side by side in one score matrix (one softmax, one log-sum-exp, one dropout), each part's matmuls reading
+their columns in place; grouped-query heads multiply their key/value head without a copy, and the dropout mask is
+drawn from the call's seed in the layout the reference draws it (``[B, Hq, Nq, P + Nk]``, prefix columns first),
+so that a call with dropout equals the reference backend's with the same seed. The backward is written out (the
+custom op runs with autograd off), the bias gradient being the sequence columns' score gradient. Still nothing of
+the size of the concatenated keys/values is written: the scores are the math composition's own.
+
+A model hands every layer the same mask and index tensors, so what the parts derive from them (the additive
+masks, which rows see a key) is derived once and remembered for the following calls (see :func:`_remembered`).
 
 What the backend cannot do is stated in :func:`unsupported_reasons` (other devices, other dtypes), and ``auto``
 then falls back to the reference.
@@ -31,6 +35,8 @@ then falls back to the reference.
 
 from __future__ import annotations
 
+import collections
+import weakref
 from typing import Optional
 
 import torch
@@ -89,10 +95,8 @@ def _sequence_mask(q, k, attn_mask, attn_bias, causal, window_size=None):
         mask = torch.zeros(q_len, k_len, dtype=_mask_dtype(q), device=q.device).masked_fill_(~visible, float("-inf"))
         return mask, False, visible.any(-1)
     if attn_bias is None and not causal and window_size is None and attn_mask.dim() == 2:
-        # key padding alone: [B, 1, 1, Nk]
-        visible = attn_mask[:, None, None, :]
-        mask = torch.zeros(visible.shape, dtype=_mask_dtype(q), device=q.device).masked_fill_(~visible, float("-inf"))
-        return mask, False, visible.any(-1)
+        mask, rows_seeing = _remembered(_key_padding_part, (attn_mask,), _mask_dtype(q))
+        return mask, False, rows_seeing
     mask = torch.zeros((), dtype=_mask_dtype(q), device=q.device)
     if attn_bias is not None:
         mask = mask + _compact(attn_bias).to(mask.dtype)
@@ -123,18 +127,83 @@ def _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths):
     if prefix_index is None:
         keys, values = prefix_k.expand(batch, *prefix_k.shape[1:]), prefix_v.expand(batch, *prefix_v.shape[1:])
     else:
-        index = prefix_index.long()
-        keys, values = prefix_k[index], prefix_v[index]
-    keys, values = keys.to(q.dtype), values.to(q.dtype)
+        keys, values = torch.index_select(prefix_k, 0, prefix_index), torch.index_select(prefix_v, 0, prefix_index)
+    if keys.dtype != q.dtype:
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
     if prefix_lengths is None:
         return keys, values, None, None
+    mask, rows_seeing = _remembered(_prefix_length_part, (prefix_lengths, prefix_index), _mask_dtype(q), batch,
+                                    prefix_k.shape[2])
+    return keys, values, mask, rows_seeing
+
+
+def _prefix_length_part(prefix_lengths, prefix_index, dtype, batch, prefix_len):
+    """(additive mask [B, 1, 1, P] hiding each sample's slots past its entry's length, [B, 1, 1] rows that see a
+    prefix key)."""
     lengths = prefix_lengths.long()
     lengths = lengths.expand(batch) if prefix_index is None else lengths[prefix_index.long()]
-    lengths = lengths.clamp(0, prefix_k.shape[2])
-    slots = torch.arange(prefix_k.shape[2], device=q.device)
-    mask = torch.zeros(batch, 1, 1, prefix_k.shape[2], dtype=_mask_dtype(q), device=q.device)
+    lengths = lengths.clamp(0, prefix_len)
+    slots = torch.arange(prefix_len, device=prefix_lengths.device)
+    mask = torch.zeros(batch, 1, 1, prefix_len, dtype=dtype, device=prefix_lengths.device)
     mask.masked_fill_(slots[None, None, None, :] >= lengths[:, None, None, None], float("-inf"))
-    return keys, values, mask, (lengths > 0)[:, None, None]
+    seeing = lengths > 0
+    return mask, None if bool(seeing.all()) else seeing[:, None, None]
+
+
+def _key_padding_part(attn_mask, dtype):
+    """(additive mask [B, 1, 1, Nk] or None where every key is visible, [B, 1, 1] rows that see a key or None
+    where every sample sees one) of a key-padding mask [B, Nk]. A CPU backend reads the mask for free: an
+    all-visible mask is dropped, so the fused kernel runs without one, and the merge checks for rows that see
+    nothing only where a sample has no visible key."""
+    if bool(attn_mask.all()):
+        return None, None
+    visible = attn_mask[:, None, None, :]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=attn_mask.device).masked_fill_(~visible, float("-inf"))
+    seeing = visible.any(-1)
+    return mask, None if bool(seeing.all()) else seeing
+
+
+class _IdOf:
+    """A weak reference to a tensor that returns its id while it lives (None once freed): ids compare cheaply."""
+
+    __slots__ = ("_ref", "_id")
+
+    def __init__(self, t: Tensor):
+        self._ref, self._id = weakref.ref(t), id(t)
+
+    def __call__(self):
+        return self._id if self._ref() is not None else None
+
+
+# A model hands every layer the same mask and index tensors: what the parts derive from them (the additive masks,
+# the rows that see a key) is remembered for the next calls, keyed by the tensors (by weak reference: a freed
+# tensor's id may be reused) and their versions (an in-place write bumps it). Inference tensors have no version:
+# theirs is derived every time.
+_REMEMBERED_CAPACITY = 8
+_remembered_parts: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def _remembered(derive, tensors, *arguments):
+    """``derive(*tensors, *arguments)``, remembered for the same (live, unmodified) tensors and arguments."""
+    present = [t for t in tensors if t is not None]
+    for t in present:
+        if t.is_inference():
+            return derive(*tensors, *arguments)
+    # A view made afresh for each call (a model's mask[:, 0]) is known by its base and where it looks in it.
+    anchors = [t if t._base is None else t._base for t in present]
+    key = (derive, *[None if t is None else (id(t if t._base is None else t._base), t.storage_offset(),
+                                             t.shape, t.stride()) for t in tensors], *arguments)
+    versions = [t._version for t in present]
+    hit = _remembered_parts.get(key)
+    if hit is not None and hit[1] == versions and [ref() for ref in hit[0]] == [id(t) for t in anchors]:
+        _remembered_parts.move_to_end(key)
+        return hit[2]
+    value = derive(*tensors, *arguments)
+    _remembered_parts[key] = ([_IdOf(t) for t in anchors], versions, value)
+    _remembered_parts.move_to_end(key)
+    while len(_remembered_parts) > _REMEMBERED_CAPACITY:
+        _remembered_parts.popitem(last=False)
+    return value
 
 
 def _part_lse(lse: Tensor, rows_seeing: Optional[Tensor]) -> Tensor:
@@ -193,7 +262,7 @@ def _merged_forward(q, parts, scale, out=None, lse=None):
             torch.logaddexp(prefix_lse, sequence_lse, out=lse)
         else:  # float64 inputs: the op's lse is float32
             lse.copy_(torch.logaddexp(prefix_lse, sequence_lse))
-    if any(rows_seeing is not None for *_, rows_seeing in parts):
+    if _may_see_nothing(parts):
         # a row that sees no key of either part: its weight is NaN (-inf - -inf); its output is 0, its lse -inf
         sees_nothing = torch.isneginf(lse)
         if sees_nothing.any():  # a CPU backend: the check costs no device synchronization
@@ -212,6 +281,14 @@ def _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
         mask, kernel_causal, rows_seeing = _sequence_mask(q, k, attn_mask, attn_bias, causal, window_size)
         parts.append((k, v, mask, kernel_causal, rows_seeing))
     return parts
+
+
+def _may_see_nothing(parts) -> bool:
+    """Whether some row may see no key of a part (its rows_seeing is given)."""
+    for part in parts:
+        if part[4] is not None:
+            return True
+    return False
 
 
 def _merge_weights(lses):
@@ -234,15 +311,17 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
         else None
     if q.numel() == 0 or not parts:
         return torch.zeros_like(q), dk, dv, *d_prefix
-    grad_out = _in_kernel_layout(grad_out.to(q.dtype))
     has_prefix = prefix_k.shape[2] > 0
     if dropout_p > 0.0 or (grad_bias is not None and grad_bias.numel()):
         composed = _Composed(q, parts, scale, dropout_p, seed, sequence_last=k.shape[2] > 0)
-        dq, part_grads, sequence_score_grad = composed.backward(grad_out, grad_lse)
+        # the saved output is the forward's own where the composition computes in q's dtype (float32, float64)
+        saved_out = out if out.dtype == _mask_dtype(q) else None
+        dq, part_grads, sequence_score_grad = composed.backward(grad_out, grad_lse, saved_out)
         if grad_bias is not None and grad_bias.numel():  # a non-empty bias has sequence keys: that part's scores
             grad_bias.copy_(sequence_score_grad)
     else:
-        dq, part_grads = _fused_part_grads(grad_out, grad_lse, q, parts, out, lse, scale)
+        dq, part_grads = _fused_part_grads(_in_kernel_layout(grad_out.to(q.dtype)), grad_lse, q, parts, out, lse,
+                                           scale)
     for number, (part_dk, part_dv) in enumerate(part_grads):
         if number == 0 and has_prefix:
             d_prefix = _reduce_prefix((part_dk, part_dv), prefix_index, prefix_k, prefix_v)
@@ -256,7 +335,7 @@ def _fused_part_grads(grad_out, grad_lse, q, parts, out, lse, scale):
     if q.dtype == torch.float64:  # the saved lse is float32: recompute both in full precision
         out, lse = _merged_forward(q, parts, scale)
     out, lse = out.to(q.dtype), lse.to(_mask_dtype(q))
-    if any(rows_seeing is not None for *_, rows_seeing in parts):
+    if _may_see_nothing(parts):
         # A row that sees no key has lse = -inf: exp(s - lse) would be NaN; with +inf its probabilities are 0.
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
     extra = _lse_gradient_terms(grad_lse, q, parts, scale) if grad_lse is not None else None
@@ -334,85 +413,104 @@ def _lse_gradient_terms(grad_lse, q, parts, scale):
 class _Composed:
     """The two parts' attention by matmul and softmax in float32 (float64 for float64 inputs), sharing one lse.
 
-    Grouped-query heads: q [B, Hq, Nq, D] is viewed as [B, Hkv, G * Nq, D] (query head h uses key/value head
-    h // G), so one batched matmul per part serves every group with the keys/values read in place.
-    ``sequence_last``: the last part is the sequence's (it has keys), whose score gradient is the bias gradient.
+    The parts' scores are laid side by side in one ``[B, Hq, Nq, P + Nk]`` matrix (prefix columns first, the
+    layout the reference draws its dropout mask in), so one softmax, one lse and one dropout serve both, and each
+    part's matmuls read their columns in place. Grouped-query heads: q ``[B, Hq, Nq, D]`` is viewed as
+    ``[B, Hkv, G * Nq, D]`` (query head h uses key/value head h // G), so one batched matmul per part serves every
+    group with the keys/values read in place. The scale is applied to q once (the scores are then plain
+    products, and dK is ``dS^T`` times the scaled q). ``sequence_last``: the last part is the sequence's (it has
+    keys), whose score gradient is the bias gradient.
     """
 
     def __init__(self, q, parts, scale, dropout_p, seed, sequence_last=False):
         self.dtype = _mask_dtype(q)
-        self.q, self.parts, self.scale, self.dropout_p = q.to(self.dtype), parts, scale, dropout_p
+        self.shape, self.parts, self.scale, self.dropout_p = q.shape, parts, scale, dropout_p
         self.sequence_last = sequence_last
+        batch, heads, q_len, head_dim = q.shape
         widths = [keys.shape[2] for keys, *_ in parts]
+        self.width = sum(widths)
         self.columns = [slice(sum(widths[:n]), sum(widths[:n + 1])) for n in range(len(widths))]
-        self.keep = None
+        self.scaled_q = _scaled_contiguous(q, scale, self.dtype)
+        self.kept = None  # dropout's kept entries, scaled by 1 / (1 - p); zero where dropped
         if dropout_p > 0.0:
             generator = torch.Generator(device=q.device)
             generator.manual_seed(int(seed))
-            self.keep = torch.rand((*q.shape[:3], sum(widths)), generator=generator, device=q.device) >= dropout_p
+            draw = torch.rand((batch, heads, q_len, self.width), generator=generator, device=q.device)
+            self.kept = torch.ge(draw, dropout_p).to(self.dtype).mul_(1.0 / (1.0 - dropout_p))
 
-    @staticmethod
-    def _grouped(x, kv_heads):
+    def _grouped(self, x, kv_heads):
+        """``x`` [B, Hq, Nq, n] (a column slice of a contiguous matrix, or contiguous) as [B, Hkv, G * Nq, n]."""
         batch, heads, rows, cols = x.shape
         return x.reshape(batch, kv_heads, heads // kv_heads * rows, cols)
 
     def _probabilities(self):
-        """(each part's probabilities [B, Hq, Nq, n], the lse [B, Hq, Nq] with -inf where a row sees no key)."""
-        batch, heads, q_len, _ = self.q.shape
-        scores = []
-        for keys, _, mask, kernel_causal, _ in self.parts:
-            part = torch.matmul(self._grouped(self.q, keys.shape[1]), keys.to(self.dtype).transpose(-1, -2))
-            part = part.view(batch, heads, q_len, keys.shape[2]) * self.scale
+        """(the probabilities [B, Hq, Nq, P + Nk], the lse [B, Hq, Nq] with -inf where a row sees no key)."""
+        batch, heads, q_len, _ = self.shape
+        scores = torch.cat([
+            torch.matmul(self._grouped(self.scaled_q, keys.shape[1]), keys.to(self.dtype).transpose(-1, -2))
+            .view(batch, heads, q_len, keys.shape[2]) for keys, *_ in self.parts], dim=-1)
+        may_see_nothing = False
+        for columns, (_, _, mask, kernel_causal, rows_seeing) in zip(self.columns, self.parts):
+            part = scores[..., columns]
             if kernel_causal:  # the square causal call the fused kernel takes without a mask
-                upper = torch.ones(q_len, q_len, dtype=torch.bool, device=part.device).triu(1)
-                part = part.masked_fill(upper, float("-inf"))
+                part.masked_fill_(torch.ones(q_len, q_len, dtype=torch.bool, device=part.device).triu_(1),
+                                  float("-inf"))
             if mask is not None:
-                part = part + mask
-            scores.append(part)
-        lse = torch.logsumexp(torch.stack([torch.logsumexp(s, -1) for s in scores]), 0)
-        shift = lse.masked_fill(lse == float("-inf"), float("inf")).unsqueeze(-1)  # then exp(s - shift) = 0
-        return [torch.exp(s - shift) for s in scores], lse
+                part += mask
+            may_see_nothing = may_see_nothing or rows_seeing is not None
+        lse = torch.logsumexp(scores, -1)
+        probs = torch.softmax(scores, -1)
+        if may_see_nothing:  # a row of -inf scores: softmax gives NaN, the row's probabilities are 0
+            probs = probs.nan_to_num_(0.0)
+        return probs, lse
 
-    def _drop(self, x, number):
-        """``x`` (probabilities or their gradient) of part ``number`` through dropout: kept entries / (1 - p)."""
-        if self.keep is None:
-            return x
-        return x * self.keep[..., self.columns[number]] / (1.0 - self.dropout_p)
+    def _dropped(self, probs):
+        return probs if self.kept is None else probs * self.kept
 
-    def _apply(self, weights, values):
-        """weights [B, Hq, Nq, n] @ values [B, Hkv, n, D] -> [B, Hq, Nq, D]."""
-        batch, heads, q_len, _ = weights.shape
-        grouped = torch.matmul(self._grouped(weights, values.shape[1]), values.to(self.dtype))
-        return grouped.view(batch, heads, q_len, values.shape[-1])
-
-    def _output(self, probs):
-        return sum(self._apply(self._drop(p, n), values) for n, (p, (_, values, *_)) in
-                   enumerate(zip(probs, self.parts)))
+    def _output(self, dropped):
+        out = None
+        for columns, (_, values, *_) in zip(self.columns, self.parts):
+            part = torch.matmul(self._grouped(dropped[..., columns], values.shape[1]), values.to(self.dtype))
+            out = part if out is None else out.add_(part)
+        return out.view(*self.shape[:3], out.shape[-1])
 
     def forward(self):
         probs, lse = self._probabilities()
-        return self._output(probs), lse
+        return self._output(self._dropped(probs)), lse
 
-    def backward(self, grad_out, grad_lse):
-        """(dq, [(dK, dV) per part], the sequence part's score gradient [B, Hq, Nq, Nk] or None)."""
+    def backward(self, grad_out, grad_lse, out=None):
+        """(dq, [(dK, dV) per part], the sequence part's score gradient [B, Hq, Nq, Nk] or None). ``out``: the
+        forward's output, whose row term rowsum(dO * out) the backward needs (recomputed when None)."""
         probs, lse = self._probabilities()
-        grad_out = grad_out.to(self.dtype)
-        row_term = (grad_out * self._output(probs)).sum(-1, keepdim=True)
+        dropped = self._dropped(probs)
+        grad_out = _scaled_contiguous(grad_out, 1.0, self.dtype)
+        out = self._output(dropped) if out is None else out.to(self.dtype)
+        row_term = (grad_out * out).sum(-1, keepdim=True)
         if grad_lse is not None:  # lse's gradient adds p_j * g to each score's gradient
             g = grad_lse.to(self.dtype).masked_fill(~torch.isfinite(lse) | ~torch.isfinite(grad_lse), 0.0)
             row_term = row_term - g.unsqueeze(-1)
-        dq = torch.zeros_like(self.q)
-        grads, score_grad = [], None
-        for number, (p, (keys, values, *_)) in enumerate(zip(probs, self.parts)):
+        batch, heads, q_len, _ = self.shape
+        grad_dropped = torch.cat([
+            torch.matmul(self._grouped(grad_out, values.shape[1]), values.to(self.dtype).transpose(-1, -2))
+            .view(batch, heads, q_len, values.shape[2]) for _, values, *_ in self.parts], dim=-1)
+        grad_probs = grad_dropped if self.kept is None else grad_dropped.mul_(self.kept)
+        grad_scores = grad_probs.sub_(row_term).mul_(probs)
+        dq, grads = None, []
+        for columns, (keys, values, *_) in zip(self.columns, self.parts):
             kv_heads = keys.shape[1]
-            grouped_grad_out = self._grouped(grad_out, kv_heads)
-            grad_p = torch.matmul(grouped_grad_out, values.to(self.dtype).transpose(-1, -2)).view(p.shape)
-            grad_scores = p * (self._drop(grad_p, number) - row_term)
-            grouped_scores = self._grouped(grad_scores, kv_heads)
-            dq += torch.matmul(grouped_scores, keys.to(self.dtype)).view(dq.shape) * self.scale
-            part_dk = torch.matmul(grouped_scores.transpose(-1, -2), self._grouped(self.q, kv_heads)) * self.scale
-            part_dv = torch.matmul(self._grouped(self._drop(p, number), kv_heads).transpose(-1, -2),
-                                   grouped_grad_out)
+            part_scores = self._grouped(grad_scores[..., columns], kv_heads)
+            part_dq = torch.matmul(part_scores, keys.to(self.dtype))
+            dq = part_dq if dq is None else dq.add_(part_dq)
+            part_dk = torch.matmul(part_scores.transpose(-1, -2), self._grouped(self.scaled_q, kv_heads))
+            part_dv = torch.matmul(self._grouped(dropped[..., columns], kv_heads).transpose(-1, -2),
+                                   self._grouped(grad_out, kv_heads))
             grads.append((part_dk, part_dv))
-            score_grad = grad_scores
-        return dq, grads, score_grad if self.sequence_last else None
+        dq = dq.view(batch, heads, q_len, dq.shape[-1]).mul_(self.scale)
+        score_grad = grad_scores[..., self.columns[-1]] if self.sequence_last else None
+        return dq, grads, score_grad
+
+
+def _scaled_contiguous(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+    """``x * scale`` in ``dtype``, contiguous (whatever x's layout), in one pass: its grouped views are then views."""
+    result = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return torch.mul(x, scale, out=result) if scale != 1.0 else result.copy_(x)

@@ -721,7 +721,21 @@ def _eager_path_serves(tensors) -> bool:
     if torch._C._len_torch_dispatch_stack() > 0:
         return False
     # the inputs share q's device (checked by _checked)
-    return tensors[0].device.type != "meta" and all(t is None or type(t) is Tensor for t in tensors)
+    if tensors[0].device.type == "meta":
+        return False
+    for t in tensors:  # a loop, not all() over a generator: this runs per layer per step
+        if t is not None and type(t) is not Tensor:
+            return False
+    return True
+
+
+def _any_requires_grad(tensors) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
@@ -731,7 +745,7 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, a
               dropout_p, backend, deterministic, sinks, softcap, prefix_bias, window_left, window_right)
     tensors = inputs[:10] + (sinks, prefix_bias)
     if EAGER_PATH and _eager_path_serves(tensors):
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        if not _any_requires_grad(tensors):
             return _forward_body(*inputs)  # nothing to differentiate: no autograd node to build
         return _EagerPrefixAttention.apply(*inputs)
     return torch.ops.ptv2_kernels.prefix_attention(*inputs)

@@ -133,7 +133,7 @@ def test_quick_start_has_the_main_job_and_the_tests():
     assert ["pip", "install", "--no-build-isolation", "-e", ".[bench]"] in main_steps
     assert main_steps[-2:] == [["python", "-m", "ptv2_kernels"], ["python", "benchmarks/run.py"]]
     assert ["pip", "install", "--no-build-isolation", "-e", ".[test]"] in test_steps
-    assert test_steps[-1] == ["python", "-m", "pytest", "tests/"]
+    assert test_steps[-1][:4] == ["python", "-m", "pytest", "tests/"]
     assert main_steps[:2] == test_steps[:2], "both commands set up the same way"
 
 

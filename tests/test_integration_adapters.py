@@ -171,7 +171,8 @@ def cached_generate(model, bank, input_ids, mask, task_ids):
         with windows_show_the_prefix(model, prefix_len), torch.no_grad():
             out = model.generate(input_ids=torch.cat([placeholder, input_ids[rows]], 1),
                                  attention_mask=torch.cat([ones, mask[rows]], 1),
-                                 past_key_values=prefix_cache(model, kv, task, prefix_len, len(rows)), **GENERATE)
+                                 **{cache_keyword(): prefix_cache(model, kv, task, prefix_len, len(rows))},
+                                 **GENERATE)
         tokens[rows] = out.sequences[:, -new:]
         for step, step_scores in enumerate(out.scores):
             if scores[step] is None:

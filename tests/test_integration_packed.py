@@ -171,7 +171,10 @@ def test_packed_batch_with_gradient_checkpointing():
     model, bank = _patched("llama", "shifted")
     packed = transformers.DataCollatorWithFlattening()(_features("llama"))
     _, loss, grads = _step(model, bank, packed)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     _, checkpointed_loss, checkpointed = _step(model, bank, packed)
     torch.testing.assert_close(checkpointed_loss, loss)

@@ -215,6 +215,44 @@ def test_writes_nothing_of_the_concatenated_size():
         assert all(shape[-2:] != (P + N, D) for shape in shapes.seen)
 
 
+def test_masks_derived_once_follow_in_place_writes():
+    """What the parts derive from a key-padding mask and from prefix_lengths is remembered across calls (every
+    layer gets the same tensors); an in-place write to either is seen, and an all-visible mask equals none."""
+    gen = torch.Generator().manual_seed(0)
+    B, H, N, D, P = 3, 2, 7, 8, 5
+    q, k, v = (torch.randn(B, H, N, D, generator=gen) for _ in range(3))
+    prefix_k, prefix_v = (torch.randn(2, H, P, D, generator=gen) for _ in range(2))
+    index, lengths = torch.tensor([0, 1, 1]), torch.tensor([5, 2])
+    mask = torch.ones(B, N, dtype=torch.bool)
+
+    def both():
+        kwargs = dict(prefix_index=index, prefix_lengths=lengths, key_padding_mask=mask)
+        return (prefix_attention(q, k, v, prefix_k, prefix_v, backend="native", **kwargs),
+                prefix_attention(q, k, v, prefix_k, prefix_v, backend="reference", **kwargs))
+
+    for change in (None, lambda: mask[1, 2:].fill_(False), lambda: lengths.fill_(0), lambda: mask.fill_(True),
+                   lambda: lengths.copy_(torch.tensor([1, 4]))):
+        if change is not None:
+            change()
+        for _ in range(2):  # derived, then remembered
+            got, want = both()
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    unmasked = prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=index, prefix_lengths=lengths,
+                                backend="native")
+    torch.testing.assert_close(both()[0], unmasked, atol=0, rtol=0)
+    # a view made afresh for each call, as a model's attention takes mask[:, 0] of its [B, 1, Nk] mask
+    base = torch.ones(B, 2, N, dtype=torch.bool)
+    for change in (None, lambda: base[:, 0, 3:].fill_(False), lambda: base[:, 1].fill_(False)):
+        if change is not None:
+            change()
+        for row in (0, 0, 1):
+            got = prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=index, key_padding_mask=base[:, row],
+                                   backend="native")
+            want = prefix_attention(q, k, v, prefix_k, prefix_v, prefix_index=index, key_padding_mask=base[:, row],
+                                    backend="reference")
+            torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Patched models: native against the reference backend
 # ----------------------------------------------------------------------------------------------------------------
