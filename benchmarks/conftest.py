@@ -50,7 +50,8 @@ def pytest_configure(config):
     providers.REQUESTED.clear()
     providers.REQUESTED.update(config.getoption("bench_provider"))
     if not env.ON_GPU:
-        # The functional run: one intra-op thread keeps a small, shared CPU from thrashing (timings mean nothing).
+        # The CPU run: one intra-op thread keeps a small, shared CPU from thrashing, and keeps a call's work on the
+        # calling thread, whose CPU time the CPU clock measures (benchmarks/timing.py).
         import torch
 
         torch.set_num_threads(1)

@@ -295,7 +295,8 @@ def render_markdown(rows: Sequence[dict], plots: Optional[dict] = None, results_
         lines += [FUNCTIONAL_BANNER, ""]
     if not devices:
         lines += ["No results yet: run `python benchmarks/run.py`.", ""]
-    lines += ["Times are medians of rounds timed with CUDA events (perf_counter on a CPU) after a warm-up, with the "
+    lines += ["Times are medians of rounds timed with CUDA events (on a CPU: the calling thread's CPU time, one "
+              "intra-op thread) after a warm-up, with the "
               "L2 cache flushed and the inputs rotated between rounds; every provider was checked against the "
               "reference before it was timed. Speedups are the baseline's median over the provider's, within one "
               f"run. FLOP and byte counts follow {DESIGN_REF} (see benchmarks/workloads.py).", ""]
