@@ -171,11 +171,15 @@ def measure(w: Workload, provider: str, make_case: Callable[[], Case], benchmark
 
 def _time(m: Measurement, case: Case, benchmark, check_seconds: float) -> None:
     setup = timing.rotating_setup(case.calls, before=case.before)
-    if env.ON_GPU:
+    # Triton's CPU interpreter runs each program in Python: its time says nothing of a CPU target, so it gets the
+    # functional rounds only.
+    cpu_target = (not env.ON_GPU and m.provider != "ptv2-triton"
+                  and any(t in timing.CPU_TARGETS for t in m.workload.targets))
+    if env.ON_GPU or cpu_target:
         seconds = min(timing.estimate(setup) for _ in range(2))
     else:  # the functional run: the check's duration bounds a call's, and every interpreted call counts
         seconds = check_seconds
-    plan = timing.plan(seconds)
+    plan = timing.plan(seconds, cpu_target=cpu_target)
     benchmark._timer = timing.device_clock  # also set through --benchmark-timer; this makes it certain
     benchmark.extra_info.update(workload=m.workload.name, provider=m.provider, device=env.device_name(),
                                 **{k: v for k, v in m.workload.params().items() if k != "targets"})
