@@ -69,7 +69,24 @@ KV_HEADS = {"gpt_neo": 2, "falcon-multi-query": 1, "falcon-one-kv-per-head": 4, 
             "falcon-eager": 2, "falcon-alibi": 1, "falcon-alibi-eager": 4, "bloom": 4}
 
 
-def decoder(name: str, seed: int = 0, **overrides):
+def falcon_alibi_in_the_mask(model) -> bool:
+    """Whether ``model`` is an ALiBi Falcon of transformers >= 5.25, whose attention goes through AttentionInterface
+    and whose ALiBi is folded into the mask: patch refuses it (no adapter serves its modules any more)."""
+    return (model.config.model_type == "falcon" and bool(model.config.alibi)
+            and not served(model, falcon_adapter))
+
+
+def decoder(name: str, seed: int = 0, refused_too: bool = False, **overrides):
+    """The tiny model ``name``; the test skips where patch refuses it with this transformers (unless
+    ``refused_too``)."""
+    model = _decoder(name, seed, **overrides)
+    if not refused_too and falcon_alibi_in_the_mask(model):
+        pytest.skip("this transformers folds Falcon's ALiBi into the attention mask, and patch refuses such a model "
+                    "(test_alibi_falcon_refused_where_its_alibi_is_in_the_mask)")
+    return model
+
+
+def _decoder(name: str, seed: int = 0, **overrides):
     family, options = DECODERS[name]
     options = {**options, **overrides}
     torch.manual_seed(seed)
@@ -110,8 +127,10 @@ def prefix_cache(model, kv, task: int, prefix_len: int, batch: int):
     """A DynamicCache holding ``task``'s prefix in every layer, for ``batch`` samples."""
     cache = transformers.DynamicCache(config=model.config)
     config = model.config
+    # Falcon's own attention (transformers < 5.25, served by the adapter) caches each group's key and value once
+    # per query head; through AttentionInterface it caches them once per group
     broadcast = config.num_attention_heads // config.num_kv_heads \
-        if getattr(config, "new_decoder_architecture", False) else 1
+        if getattr(config, "new_decoder_architecture", False) and served(model, falcon_adapter) else 1
     for layer, (prefix_k, prefix_v) in enumerate(kv):
         keys, values = (t[task, :, :prefix_len].repeat_interleave(broadcast, dim=0).to(model.dtype)
                         for t in (prefix_k, prefix_v))
@@ -321,6 +340,19 @@ def test_gpt_neo_gradient_checkpointing_with_several_tasks():
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model(**batch).loss.backward()
     assert_close_scaled(bank.encoder.embedding.weight.grad, plain, 1e-6, "prefix gradient")
+
+
+def test_alibi_falcon_refused_where_its_alibi_is_in_the_mask():
+    """transformers >= 5.25 adds Falcon's ALiBi to the sequence keys' mask before the attention: patch and
+    PrefixBank.for_model refuse such a model, saying why, before changing it."""
+    model = decoder("falcon-alibi", refused_too=True)
+    if not falcon_alibi_in_the_mask(model):
+        pytest.skip("this transformers' Falcon computes its attention itself: the family adapter serves ALiBi")
+    with pytest.raises(NotImplementedError, match="folds Falcon's ALiBi into the attention mask"):
+        ptv2_kernels.PrefixBank.for_model(model, num_tasks=2, prefix_len=3)
+    with pytest.raises(NotImplementedError, match="folds Falcon's ALiBi into the attention mask"):
+        ptv2_kernels.patch(model, seeded_bank(decoder("falcon-multi-query"), LENGTHS, 0.5))
+    assert not hasattr(model, "ptv2_prefix")
 
 
 def test_a_patched_falcon_deep_copies_and_pickles():

@@ -1,7 +1,9 @@
 """P-Tuning v2 on Falcon (its rotary and ALiBi configurations): the family adapter (BLOOM's is ``bloom.py``).
 
-Falcon's ``FalconAttention`` computes its attention itself instead of going through transformers'
-AttentionInterface, so :func:`~ptv2_kernels.integrations.hf_transformers.patch` replaces the ``forward`` of every
+Before transformers 5.25, Falcon's ``FalconAttention`` computes its attention itself instead of going through
+transformers' AttentionInterface (from 5.25 on it goes through it, and this adapter serves nothing: the model is
+patched as every such family is, and an ALiBi configuration, whose ALiBi the model then folds into the sequence
+keys' mask, is refused at patch), so :func:`~ptv2_kernels.integrations.hf_transformers.patch` replaces the ``forward`` of every
 bound module, on the instance, by a :class:`FalconPrefixForward`, and ``unpatch`` removes it. Its layers pass no
 keyword arguments down: the context of the running forward comes from the patch state.
 
@@ -56,8 +58,12 @@ def _falcon_module(cls) -> Optional[str]:
 
 
 def serves(cls) -> bool:
-    """Whether attention modules of class ``cls`` are Falcon's (or its flash-attention variant)."""
-    return _falcon_module(cls) is not None
+    """Whether attention modules of class ``cls`` are Falcon's (or its flash-attention variant) computing their
+    attention themselves. From transformers 5.25 on Falcon's attention goes through AttentionInterface and is served
+    as every such family is (its ALiBi configuration is then refused: see ``hf_transformers``)."""
+    from .hf_transformers import _calls_attention_interface
+
+    return _falcon_module(cls) is not None and not _calls_attention_interface(cls)
 
 
 def _split(module, fused: Tensor) -> tuple[Tensor, Tensor, Tensor]:

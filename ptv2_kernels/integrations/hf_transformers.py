@@ -227,6 +227,13 @@ def _refuse_listed_family(model):
     reason = _REFUSED_MODEL_TYPES.get(_model_type(model))
     if reason is not None:
         raise _unsupported(model, reason)
+    if _model_type(model) == "falcon" and getattr(model.config, "alibi", False) and any(
+            _calls_attention_interface(type(module)) and type(module).__name__ == "FalconAttention"
+            for module in model.modules()):
+        # transformers >= 5.25: the model adds ALiBi to a dense mask over the sequence keys before the attention
+        raise _unsupported(model, "with alibi=True this transformers folds Falcon's ALiBi into the attention mask "
+                                  "of the sequence keys, which the integration cannot extend to the prefix keys "
+                                  "(the family adapter of transformers < 5.25 can)")
 
 
 # Families whose adapters place ALiBi on the prefix keys of a bank with position_bias="cached".
