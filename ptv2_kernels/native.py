@@ -185,15 +185,19 @@ _remembered_parts: "collections.OrderedDict[tuple, tuple]" = collections.Ordered
 
 def _remembered(derive, tensors, *arguments):
     """``derive(*tensors, *arguments)``, remembered for the same (live, unmodified) tensors and arguments."""
-    present = [t for t in tensors if t is not None]
-    for t in present:
+    key, anchors, versions = [derive], [], []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+            continue
         if t.is_inference():
             return derive(*tensors, *arguments)
-    # A view made afresh for each call (a model's mask[:, 0]) is known by its base and where it looks in it.
-    anchors = [t if t._base is None else t._base for t in present]
-    key = (derive, *[None if t is None else (id(t if t._base is None else t._base), t.storage_offset(),
-                                             t.shape, t.stride()) for t in tensors], *arguments)
-    versions = [t._version for t in present]
+        # A view made afresh for each call (a model's mask[:, 0]) is known by its base and where it looks in it.
+        anchor = t if t._base is None else t._base
+        key.append((id(anchor), t.storage_offset(), t.shape, t.stride()))
+        anchors.append(anchor)
+        versions.append(t._version)
+    key = (*key, *arguments)
     hit = _remembered_parts.get(key)
     if hit is not None and hit[1] == versions and [ref() for ref in hit[0]] == [id(t) for t in anchors]:
         _remembered_parts.move_to_end(key)
@@ -424,21 +428,21 @@ class _Composed:
 
     def __init__(self, q, parts, scale, dropout_p, seed, sequence_last=False):
         self.dtype = _mask_dtype(q)
-        self.shape, self.parts, self.scale, self.dropout_p = q.shape, parts, scale, dropout_p
+        self.shape, self.parts, self.scale = q.shape, parts, scale
         self.sequence_last = sequence_last
-        batch, heads, q_len, head_dim = q.shape
+        batch, heads, q_len, _ = q.shape
         widths = [keys.shape[2] for keys, *_ in parts]
-        self.width = sum(widths)
         self.columns = [slice(sum(widths[:n]), sum(widths[:n + 1])) for n in range(len(widths))]
         self.scaled_q = _scaled_contiguous(q, scale, self.dtype)
         self.kept = None  # dropout's kept entries, scaled by 1 / (1 - p); zero where dropped
         if dropout_p > 0.0:
             generator = torch.Generator(device=q.device)
             generator.manual_seed(int(seed))
-            draw = torch.rand((batch, heads, q_len, self.width), generator=generator, device=q.device)
+            draw = torch.rand((batch, heads, q_len, sum(widths)), generator=generator, device=q.device)
             self.kept = torch.ge(draw, dropout_p).to(self.dtype).mul_(1.0 / (1.0 - dropout_p))
 
-    def _grouped(self, x, kv_heads):
+    @staticmethod
+    def _grouped(x, kv_heads):
         """``x`` [B, Hq, Nq, n] (a column slice of a contiguous matrix, or contiguous) as [B, Hkv, G * Nq, n]."""
         batch, heads, rows, cols = x.shape
         return x.reshape(batch, kv_heads, heads // kv_heads * rows, cols)
