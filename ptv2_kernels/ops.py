@@ -115,15 +115,12 @@ def prefix_attention(
     bias_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
     name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap=softcap, sinks=sinks,
                            prefix_bias=prefix_bias, value_dim=v.shape[-1], window_size=window_size)
-    if deterministic is None:
-        deterministic = (torch.are_deterministic_algorithms_enabled()
-                         or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)
     out, lse = _run(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, bool(causal),
-        _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, bool(deterministic), sinks, softcap,
+        _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, deterministic, sinks, softcap,
         prefix_bias, *_window_ints(window_size))
     return (out, lse) if return_lse else out
 
@@ -721,7 +718,7 @@ def _eager_path_serves(tensors) -> bool:
     if torch._C._len_torch_dispatch_stack() > 0:
         return False
     # the inputs share q's device (checked by _checked)
-    if tensors[0].device.type == "meta":
+    if tensors[0].is_meta:
         return False
     for t in tensors:  # a loop, not all() over a generator: this runs per layer per step
         if t is not None and type(t) is not Tensor:
@@ -741,14 +738,30 @@ def _any_requires_grad(tensors) -> bool:
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
          dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None, window_left=-1,
          window_right=-1):
+    """The op on checked, normalized arguments; ``deterministic`` None: the default (see :func:`_deterministic`)."""
+    tensors = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, sinks,
+               prefix_bias)
+    grad_needed = _any_requires_grad(tensors)
+    if deterministic is None:
+        deterministic = _deterministic(grad_needed)
     inputs = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
-              dropout_p, backend, deterministic, sinks, softcap, prefix_bias, window_left, window_right)
-    tensors = inputs[:10] + (sinks, prefix_bias)
+              dropout_p, backend, bool(deterministic), sinks, softcap, prefix_bias, window_left, window_right)
     if EAGER_PATH and _eager_path_serves(tensors):
-        if not _any_requires_grad(tensors):
+        if not grad_needed:
             return _forward_body(*inputs)  # nothing to differentiate: no autograd node to build
         return _EagerPrefixAttention.apply(*inputs)
     return torch.ops.ptv2_kernels.prefix_attention(*inputs)
+
+
+def _deterministic(grad_needed: bool) -> bool:
+    """The default of ``deterministic``: torch's deterministic mode or ``PTV2_DETERMINISTIC=1``. The flag orders
+    only the backward's reductions, so where no gradient can be asked for the environment, slow to read (a few
+    microseconds, per layer per step), is not read."""
+    if torch.are_deterministic_algorithms_enabled():
+        return True
+    if not grad_needed and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
+        return False
+    return os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0")
 
 
 # False: every call goes through the registered custom op (the tests compare the two paths).

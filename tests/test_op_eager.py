@@ -131,3 +131,39 @@ def test_calls_without_gradients_equal_the_custom_op(monkeypatch, case):
         custom = prefix_attention(*tensors, **options, return_lse=True, backend="native")
     assert eager[0].grad_fn is None and not eager[0].requires_grad
     assert all(torch.equal(a, b) for a, b in zip(eager, custom))
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_deterministic_default_follows_torch_and_the_environment(monkeypatch, eager):
+    """deterministic=None reaches the backward as torch's deterministic mode or PTV2_DETERMINISTIC=1 says, through
+    either path; an explicit value wins. (The environment is read only where a gradient can be asked for.)"""
+    seen = []
+    impl = backends.implementation("native")
+    original = impl.backward
+
+    def spy(*args, **kwargs):
+        seen.append(args[16])  # backward(grad_out, grad_lse, q, k, v, pk, pv, index, lengths, mask, seed, out,
+        return original(*args, **kwargs)  # lse, causal, scale, dropout_p, deterministic, ...)
+
+    monkeypatch.setattr(impl, "backward", spy)
+    monkeypatch.setattr(ops, "EAGER_PATH", eager)
+    tensors, _ = _inputs("plain")
+
+    def backward_with(**options):
+        prefix_attention(*tensors, backend="native", **options).sum().backward()
+        return seen.pop()
+
+    monkeypatch.delenv("PTV2_DETERMINISTIC", raising=False)
+    assert backward_with() is False
+    assert backward_with(deterministic=True) is True
+    for value, expected in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("PTV2_DETERMINISTIC", value)
+        assert backward_with() is expected
+    assert backward_with(deterministic=False) is False
+    monkeypatch.delenv("PTV2_DETERMINISTIC")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert backward_with() is True
+    finally:
+        torch.use_deterministic_algorithms(was)
