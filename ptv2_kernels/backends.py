@@ -1,5 +1,10 @@
 """The backends behind :func:`ptv2_kernels.prefix_attention`: which exist here, which can serve a call, and why not.
 
+The op describes a checked call once as a :class:`Problem`; each backend is a :class:`Backend` subclass that states
+what it serves (score options, values of another head dim, packed sequences) and its limits once, and lists every
+reason it cannot serve a problem (:meth:`Backend.unsupported_reasons`); :func:`choose_for` picks by those reasons,
+and an explicit backend that cannot serve raises with all of them.
+
 Every backend implements the same two functions on arguments that :func:`ptv2_kernels.prefix_attention` checked
 and normalized (a 4-D prefix bank; contiguous index tensors; one bool mask, either a 2-D key-padding mask or a dense
 mask expanded, as a view, to ``[B, Hq, Nq, Nk]``; every additive term folded into one bias):
@@ -30,7 +35,7 @@ import functools
 import importlib.util
 import os
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -63,58 +68,38 @@ class KernelLimits:
 
 TRITON_LIMITS = KernelLimits()
 NO_BIAS_REASON = "its kernels take no additive score bias (attn_bias or a float attn_mask); the triton backend does"
-# The score options (docs/design.md §4), and which backends serve each of them.
+# The score options (docs/design.md §4), as Problem names them, and what each is in a reason.
 SCORE_OPTIONS = ("softcap", "sinks", "prefix_bias", "window_size")
-SERVES_SCORE_OPTION = {"softcap": ("triton", "reference"), "sinks": ("triton", "reference"),
-                       "prefix_bias": ("triton", "reference"), "window_size": ("triton", "native", "reference")}
 _SCORE_OPTION_WHAT = {"softcap": "score softcapping (softcap)", "sinks": "attention sinks (sinks)",
                       "prefix_bias": "a bias on the prefix keys' scores (prefix_bias)",
                       "window_size": "sliding-window attention (window_size)"}
-_SCORE_OPTION_WHY = {
-    "native": {"softcap": "torch's fused CPU attention cannot cap the scores inside its softmax",
-               "sinks": "the merge of torch's fused CPU attention parts has no sink term",
-               "prefix_bias": "its prefix part runs torch's fused CPU attention without a mask"},
-    "cuda": {"softcap": "its kernels have no score cap", "sinks": "its kernels have no sink term",
-             "prefix_bias": "its kernels add no bias to the prefix keys",
-             "window_size": "its kernels have no sliding-window rule (pass the window as a bool attn_mask)"},
-}
 
 
-# Values of another head dim than the keys' (Dv != Dk: multi-head latent attention), and who serves them.
-SERVES_VALUE_HEAD_DIM = ("triton", "reference")
-_VALUE_HEAD_DIM_WHY = {
-    "native": "torch's fused CPU attention requires q, k and v to share one head dim",
-    "cuda": "its kernels read keys and values of one head dim",
-}
+class Problem(NamedTuple):
+    """What the choice of a backend reads of a call, made once from its checked, normalized arguments.
 
+    The tensors are read for their ``device``, ``dtype`` and ``shape`` only. ``bias_grad``: the additive bias
+    requires a gradient; ``softcap``, ``sinks``, ``prefix_bias`` and ``window_size``: the call's score options;
+    ``value_dim``: v's head dim (None: k's); ``packed``: (S, max_seqlen_q, max_seqlen_k) of a variable-length call,
+    whose q and k are ``[total, H, D]`` (None: a padded call, q and k ``[B, H, N, D]``)."""
 
-def value_head_dim_reasons(name: str, head_dim: int, value_dim: Optional[int]) -> list[str]:
-    """Why backend ``name`` cannot serve values of head dim ``value_dim`` with keys of ``head_dim`` (empty: it
-    serves them; ``value_dim`` None means the keys' head dim)."""
-    if value_dim is None or value_dim == head_dim:
-        return []
-    if name not in SERVES_VALUE_HEAD_DIM:
-        servers = " and ".join(SERVES_VALUE_HEAD_DIM)
-        return [f"it does not serve values of another head dim than the keys' (Dv = {value_dim}, Dk = {head_dim}): "
-                f"{_VALUE_HEAD_DIM_WHY[name]} (the {servers} backends do)"]
-    if name == "triton" and value_dim > TRITON_LIMITS.max_head_dim:
-        return [f"it supports value head dims up to {TRITON_LIMITS.max_head_dim}, got {value_dim}"]
-    return []
+    q: Tensor
+    k: Tensor
+    prefix_k: Tensor
+    dropout_p: float = 0.0
+    attn_bias: Optional[Tensor] = None
+    bias_grad: bool = False
+    softcap: Optional[float] = None
+    sinks: Optional[Tensor] = None
+    prefix_bias: Optional[Tensor] = None
+    value_dim: Optional[int] = None
+    window_size: Optional[tuple[int, int]] = None
+    packed: Optional[tuple[int, int, int]] = None
 
-
-def score_option_reasons(name: str, softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
-                         prefix_bias: Optional[Tensor] = None,
-                         window_size: Optional[tuple[int, int]] = None) -> list[str]:
-    """Why backend ``name`` cannot serve the score options a call uses (empty: it serves them)."""
-    used = [option for option, value in (("softcap", softcap), ("sinks", sinks), ("prefix_bias", prefix_bias),
-                                         ("window_size", window_size)) if value is not None]
-    reasons = []
-    for option in used:
-        if name not in SERVES_SCORE_OPTION[option]:
-            servers = " and ".join(SERVES_SCORE_OPTION[option])
-            reasons.append(f"it does not serve {_SCORE_OPTION_WHAT[option]}: {_SCORE_OPTION_WHY[name][option]} "
-                           f"(the {servers} backends do)")
-    return reasons
+    def score_options_used(self) -> list[str]:
+        """The score options the call uses, in the order of :data:`SCORE_OPTIONS`."""
+        values = (self.softcap, self.sinks, self.prefix_bias, self.window_size)
+        return [option for option, value in zip(SCORE_OPTIONS, values) if value is not None]
 
 
 def _dtype_names(dtypes) -> str:
@@ -191,11 +176,77 @@ def _release(text: str) -> tuple:
     return tuple(parts)
 
 
-def unavailable_reason(name: str) -> Optional[str]:
-    """None if backend ``name`` can run on this machine at all, else a sentence saying why it cannot."""
-    if name in ("reference", "native"):
+# ----------------------------------------------------------------------------------------------------------------
+# The backends, declared: what each serves, stated once, and every reason it cannot serve a problem
+# ----------------------------------------------------------------------------------------------------------------
+
+class Backend:
+    """A backend as the choice sees it. A subclass states what it serves as class attributes; the reasons it
+    cannot serve a problem are derived from them (:meth:`feature_reasons`) and from its own limits
+    (:meth:`limit_reasons`), all of them listed, the machine first."""
+
+    name: str = ""
+    # The score options it serves; for each other one, why not.
+    score_options: tuple = ()
+    score_option_why: dict = {}
+    # None: it serves values of another head dim than the keys' (Dv != Dk, multi-head latent attention); else why
+    # it does not.
+    value_head_dim_why: Optional[str] = None
+    # None: it serves packed sequences (the variable-length op); else why it does not. With kernels of their own
+    # (packed_kernels), or one sequence at a time.
+    packed_why: Optional[str] = None
+    packed_kernels: bool = False
+
+    def machine_reason(self) -> Optional[str]:
+        """None if the backend can run on this machine at all, else a sentence saying why it cannot."""
         return None
-    if name == "triton":
+
+    def implementation(self):
+        """The object (a module or a class) whose ``forward`` and ``backward`` implement the backend."""
+        raise NotImplementedError
+
+    def unsupported_reasons(self, problem: Problem) -> list[str]:
+        """Every reason the backend cannot serve ``problem`` (empty: it can), the machine first."""
+        reason = unavailable_reason(self.name)  # through the module's function: one place says what runs here
+        if reason is not None:
+            return [reason]
+        if problem.packed is not None and self.packed_why is not None:
+            return [self.packed_why] + self.feature_reasons(problem)
+        return self.limit_reasons(problem) + self.feature_reasons(problem)
+
+    def feature_reasons(self, problem: Problem) -> list[str]:
+        """Why it cannot serve the score options and the value head dim the problem uses."""
+        reasons = self.score_option_reasons(problem)
+        if problem.value_dim is not None:
+            reasons += self.value_dim_reasons(problem.q.shape[-1], problem.value_dim)
+        return reasons
+
+    def score_option_reasons(self, problem: Problem) -> list[str]:
+        reasons = []
+        for option in problem.score_options_used():
+            if option not in self.score_options:
+                reasons.append(f"it does not serve {_SCORE_OPTION_WHAT[option]}: {self.score_option_why[option]} "
+                               f"(the {' and '.join(SERVES_SCORE_OPTION[option])} backends do)")
+        return reasons
+
+    def value_dim_reasons(self, head_dim: int, value_dim: Optional[int]) -> list[str]:
+        if value_dim is None or value_dim == head_dim or self.value_head_dim_why is None:
+            return []
+        return [f"it does not serve values of another head dim than the keys' (Dv = {value_dim}, Dk = {head_dim}): "
+                f"{self.value_head_dim_why} (the {' and '.join(SERVES_VALUE_HEAD_DIM)} backends do)"]
+
+    def limit_reasons(self, problem: Problem) -> list[str]:
+        """Why its kernels' limits (dtypes, sizes, devices) rule the problem out."""
+        return []
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    score_options = SCORE_OPTIONS
+    packed_kernels = True
+    limits = TRITON_LIMITS
+
+    def machine_reason(self) -> Optional[str]:
         if importlib.util.find_spec("triton") is None:
             return "the triton package is not installed"
         if not (torch.cuda.is_available() or triton_interpreting()):
@@ -203,11 +254,128 @@ def unavailable_reason(name: str) -> Optional[str]:
         if not torch.cuda.is_available():
             return _interpreter_problem()
         return None
-    if name == "cuda":
+
+    def implementation(self):
+        from .triton import prefix_attention as triton_backend
+
+        return triton_backend
+
+    def value_dim_reasons(self, head_dim: int, value_dim: Optional[int]) -> list[str]:
+        if value_dim is not None and value_dim != head_dim and value_dim > self.limits.max_head_dim:
+            return [f"it supports value head dims up to {self.limits.max_head_dim}, got {value_dim}"]
+        return []
+
+    def limit_reasons(self, problem: Problem) -> list[str]:
+        q, prefix_k, prefix_bias = problem.q, problem.prefix_k, problem.prefix_bias
+        reasons = limit_reasons(self.limits, q, problem.k, prefix_k, problem.dropout_p, problem.attn_bias,
+                                packed=problem.packed)
+        if prefix_bias is not None and prefix_bias.dtype not in self.limits.dtypes:
+            reasons.append(f"it supports prefix_bias of dtype {_dtype_names(self.limits.dtypes)}, got "
+                           f"{prefix_bias.dtype}")
+        if q.device.type != "cuda":
+            if not triton_interpreting():
+                reasons.insert(0, f"it runs on CUDA tensors, got tensors on {q.device}")
+            elif torch.bfloat16 in (q.dtype, prefix_k.dtype):
+                reasons.append("Triton's CPU interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 "
+                               "or a GPU")
+        return reasons
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    score_option_why = {"softcap": "its kernels have no score cap", "sinks": "its kernels have no sink term",
+                        "prefix_bias": "its kernels add no bias to the prefix keys",
+                        "window_size": "its kernels have no sliding-window rule (pass the window as a bool "
+                                       "attn_mask)"}
+    value_head_dim_why = "its kernels read keys and values of one head dim"
+    packed_why = ("its kernels have no variable-length form (packed sequences); the triton backend has one, and "
+                  "'reference' and 'native' run one sequence at a time")
+
+    def machine_reason(self) -> Optional[str]:
         from . import cuda_backend
 
         return cuda_backend.unavailable_reason()
-    raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
+
+    def implementation(self):
+        from . import cuda_backend
+
+        return cuda_backend
+
+    def limit_reasons(self, problem: Problem) -> list[str]:
+        # the limits the extension reports, what the GPU allows; the bias is a feature the kernels lack, whatever
+        # the machine
+        from . import cuda_backend
+
+        reasons = [] if problem.attn_bias is None or cuda_backend.TAKES_BIAS else [NO_BIAS_REASON]
+        return reasons + cuda_backend.unsupported_reasons(problem.q, problem.k, problem.prefix_k, problem.dropout_p)
+
+
+class NativeBackend(Backend):
+    name = "native"
+    score_options = ("window_size",)
+    score_option_why = {"softcap": "torch's fused CPU attention cannot cap the scores inside its softmax",
+                        "sinks": "the merge of torch's fused CPU attention parts has no sink term",
+                        "prefix_bias": "its prefix part runs torch's fused CPU attention without a mask"}
+    value_head_dim_why = "torch's fused CPU attention requires q, k and v to share one head dim"
+
+    def implementation(self):
+        return native
+
+    def limit_reasons(self, problem: Problem) -> list[str]:
+        return native.unsupported_reasons(problem.q, problem.prefix_k, problem.dropout_p, problem.attn_bias,
+                                          problem.bias_grad)
+
+
+class ReferenceOracle(Backend):
+    """The reference serves every problem: it is the oracle the others are tested against."""
+
+    name = "reference"
+    score_options = SCORE_OPTIONS
+
+    def implementation(self):
+        return ReferenceBackend
+
+    def unsupported_reasons(self, problem: Problem) -> list[str]:
+        return []
+
+
+# The backends by name, in the order of NAMES.
+REGISTRY = {backend.name: backend for backend in (TritonBackend(), CudaBackend(), NativeBackend(),
+                                                  ReferenceOracle())}
+# Which backends serve each score option, values of another head dim than the keys', and packed sequences with
+# kernels of their own (the others serve packed sequences one at a time, or not).
+SERVES_SCORE_OPTION = {option: tuple(b.name for b in REGISTRY.values() if option in b.score_options)
+                       for option in SCORE_OPTIONS}
+SERVES_VALUE_HEAD_DIM = tuple(b.name for b in REGISTRY.values() if b.value_head_dim_why is None)
+VARLEN_KERNELS = tuple(b.name for b in REGISTRY.values() if b.packed_kernels)
+NO_VARLEN_REASON = REGISTRY["cuda"].packed_why
+
+
+def _backend(name: str) -> Backend:
+    backend = REGISTRY.get(name)
+    if backend is None:
+        raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {name!r}")
+    return backend
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    """None if backend ``name`` can run on this machine at all, else a sentence saying why it cannot."""
+    return _backend(name).machine_reason()
+
+
+def value_head_dim_reasons(name: str, head_dim: int, value_dim: Optional[int]) -> list[str]:
+    """Why backend ``name`` cannot serve values of head dim ``value_dim`` with keys of ``head_dim`` (empty: it
+    serves them; ``value_dim`` None means the keys' head dim)."""
+    return _backend(name).value_dim_reasons(head_dim, value_dim)
+
+
+def score_option_reasons(name: str, softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
+                         prefix_bias: Optional[Tensor] = None,
+                         window_size: Optional[tuple[int, int]] = None) -> list[str]:
+    """Why backend ``name`` cannot serve the score options a call uses (empty: it serves them)."""
+    problem = Problem(None, None, None, softcap=softcap, sinks=sinks, prefix_bias=prefix_bias,
+                      window_size=window_size)
+    return _backend(name).score_option_reasons(problem)
 
 
 def unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
@@ -215,40 +383,10 @@ def unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropo
                         softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
                         prefix_bias: Optional[Tensor] = None, value_dim: Optional[int] = None,
                         window_size: Optional[tuple[int, int]] = None) -> list[str]:
-    """Every reason backend ``name`` cannot serve a call with these inputs (empty: it can), the machine first.
-    ``bias_grad``: the additive bias requires a gradient; ``softcap``, ``sinks``, ``prefix_bias`` and
-    ``window_size``: the call's score options; ``value_dim``: v's head dim (None: k's)."""
-    reason = unavailable_reason(name)
-    if reason is not None:
-        return [reason]
-    if name == "reference":
-        return []
-    options = (score_option_reasons(name, softcap, sinks, prefix_bias, window_size)
-               + value_head_dim_reasons(name, q.shape[-1], value_dim))
-    if name == "native":
-        return native.unsupported_reasons(q, prefix_k, dropout_p, attn_bias, bias_grad) + options
-    if name == "cuda":
-        from . import cuda_backend
-
-        # features the kernels lack, whatever the machine; then what the extension and the GPU say
-        reasons = [] if attn_bias is None or cuda_backend.TAKES_BIAS else [NO_BIAS_REASON]
-        return reasons + options + cuda_backend.unsupported_reasons(q, k, prefix_k, dropout_p)
-    reasons = limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, attn_bias)
-    if prefix_bias is not None and prefix_bias.dtype not in TRITON_LIMITS.dtypes:
-        reasons.append(f"it supports prefix_bias of dtype {_dtype_names(TRITON_LIMITS.dtypes)}, got "
-                       f"{prefix_bias.dtype}")
-    return _triton_reasons(reasons, q, prefix_k) + options
-
-
-def _triton_reasons(reasons: list, q: Tensor, prefix_k: Tensor) -> list[str]:
-    """``reasons`` (the Triton limits a call exceeds) with what the device or the interpreter adds."""
-    if q.device.type != "cuda":
-        if not triton_interpreting():
-            reasons.insert(0, f"it runs on CUDA tensors, got tensors on {q.device}")
-        elif torch.bfloat16 in (q.dtype, prefix_k.dtype):
-            reasons.append("Triton's CPU interpreter computes tl.dot on bfloat16 wrongly; use float16/float32 or a "
-                           "GPU")
-    return reasons
+    """Every reason backend ``name`` cannot serve a call with these inputs (empty: it can), the machine first
+    (the arguments are :class:`Problem`'s)."""
+    return _backend(name).unsupported_reasons(Problem(q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap,
+                                                      sinks, prefix_bias, value_dim, window_size))
 
 
 def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
@@ -258,100 +396,60 @@ def unsupported_reason(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropou
                                          **score_options)) or None
 
 
-def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
-           attn_bias: Optional[Tensor] = None, bias_grad: bool = False, **score_options) -> str:
-    """The backend that serves this call: ``requested`` if it can (else ValueError saying why), or for "auto" the
-    fastest one that supports the case. Off CUDA that is torch's fused attention (``native``) where it can serve,
-    else the reference (Triton's interpreter is for tests). ``score_options``: the call's ``softcap``, ``sinks``,
-    ``prefix_bias`` and ``window_size``, and v's head dim ``value_dim`` (see :func:`unsupported_reasons`)."""
-    if requested == "auto":
-        if q.device.type != "cuda":
-            if unsupported_reason("native", q, k, prefix_k, dropout_p, attn_bias, bias_grad, **score_options) is None:
-                return "native"
-            return "reference"
-        # Triton first until a GPU benchmark shows the CUDA kernels faster; CUDA where Triton cannot serve.
-        reasons = {}
-        for name in ("triton", "cuda"):
-            reasons[name] = unsupported_reason(name, q, k, prefix_k, dropout_p, attn_bias, **score_options)
-            if reasons[name] is None:
-                return name
-        # Correct but slow (materialized scores): say so rather than fall back in silence.
-        warnings.warn("ptv2_kernels: backend='auto' runs the PyTorch reference for this call on "
-                      f"{q.device}, no fused kernel can serve it (triton: {reasons['triton']}; cuda: "
-                      f"{reasons['cuda']})", RuntimeWarning, stacklevel=3)
-        return "reference"
-    reason = unsupported_reason(requested, q, k, prefix_k, dropout_p, attn_bias, bias_grad, **score_options)
-    if reason is not None:
-        raise ValueError(f"backend={requested!r} cannot serve this call: {reason}")
-    return requested
-
-
-# The backends with kernels of their own for packed sequences; the others serve them one sequence at a time.
-VARLEN_KERNELS = ("triton",)
-NO_VARLEN_REASON = ("its kernels have no variable-length form (packed sequences); the triton backend has one, and "
-                    "'reference' and 'native' run one sequence at a time")
-
-
 def varlen_unsupported_reasons(name: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],
                                dropout_p: float = 0.0, *, softcap: Optional[float] = None,
                                sinks: Optional[Tensor] = None, value_dim: Optional[int] = None,
                                window_size: Optional[tuple[int, int]] = None) -> list[str]:
     """Every reason backend ``name`` cannot serve a variable-length call (q, k ``[total, H, Dk]``; ``packed`` =
     (S, max_seqlen_q, max_seqlen_k); ``value_dim``: v's head dim, None for k's), the machine first."""
-    reason = unavailable_reason(name)
-    if reason is not None:
-        return [reason]
-    if name == "reference":
-        return []
-    options = (score_option_reasons(name, softcap, sinks, window_size=window_size)
-               + value_head_dim_reasons(name, q.shape[-1], value_dim))
-    if name == "native":
-        return native.unsupported_reasons(q, prefix_k, dropout_p, None, False) + options
-    if name == "cuda":
-        return [NO_VARLEN_REASON] + options
-    return _triton_reasons(limit_reasons(TRITON_LIMITS, q, k, prefix_k, dropout_p, packed=packed), q,
-                           prefix_k) + options
+    return _backend(name).unsupported_reasons(Problem(q, k, prefix_k, dropout_p, softcap=softcap, sinks=sinks,
+                                                      value_dim=value_dim, window_size=window_size, packed=packed))
+
+
+def choose(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, dropout_p: float = 0.0,
+           attn_bias: Optional[Tensor] = None, bias_grad: bool = False, **score_options) -> str:
+    """:func:`choose_for` a call with these inputs (the arguments are :class:`Problem`'s)."""
+    return choose_for(requested, Problem(q, k, prefix_k, dropout_p, attn_bias, bias_grad, **score_options))
 
 
 def choose_varlen(requested: str, q: Tensor, k: Tensor, prefix_k: Tensor, packed: tuple[int, int, int],
                   dropout_p: float = 0.0, **score_options) -> str:
-    """The backend of a variable-length call: ``requested`` if it can serve it (else ValueError saying why), or
-    for "auto" Triton on CUDA, torch's fused CPU attention per sequence (``native``) elsewhere, the reference
-    where neither can (with a warning on CUDA, as :func:`choose` does)."""
-    if requested == "auto":
-        order = ("triton",) if q.device.type == "cuda" else ("native",)
-        reasons = {}
-        for name in order:
-            reasons[name] = "; ".join(varlen_unsupported_reasons(name, q, k, prefix_k, packed, dropout_p,
-                                                                 **score_options))
-            if not reasons[name]:
-                return name
-        if q.device.type == "cuda":
-            warnings.warn("ptv2_kernels: backend='auto' runs the PyTorch reference for this variable-length call "
-                          f"on {q.device}, no fused kernel can serve it (triton: {reasons['triton']})",
-                          RuntimeWarning, stacklevel=3)
-        return "reference"
-    reason = "; ".join(varlen_unsupported_reasons(requested, q, k, prefix_k, packed, dropout_p, **score_options))
-    if reason:
-        raise ValueError(f"backend={requested!r} cannot serve this variable-length call: {reason}")
-    return requested
+    """:func:`choose_for` a variable-length call with these inputs (see :func:`varlen_unsupported_reasons`)."""
+    return choose_for(requested, Problem(q, k, prefix_k, dropout_p, packed=packed, **score_options))
+
+
+def choose_for(requested: str, problem: Problem) -> str:
+    """The backend that serves ``problem``: ``requested`` if it can (else ValueError listing every reason why
+    not), or for "auto" the fastest one that can. Off CUDA that is torch's fused attention (``native``) where it
+    can serve, else the reference (Triton's interpreter is for tests). On CUDA, Triton first until a GPU
+    benchmark shows the CUDA kernels faster, CUDA where Triton cannot serve, and the reference, with a warning
+    that says why, where neither can."""
+    what = "call" if problem.packed is None else "variable-length call"
+    if requested != "auto":
+        reason = "; ".join(_backend(requested).unsupported_reasons(problem))
+        if reason:
+            raise ValueError(f"backend={requested!r} cannot serve this {what}: {reason}")
+        return requested
+    if problem.q.device.type != "cuda":
+        return "native" if not REGISTRY["native"].unsupported_reasons(problem) else "reference"
+    reasons = {}
+    for name in ("triton", "cuda") if problem.packed is None else ("triton",):
+        reasons[name] = "; ".join(REGISTRY[name].unsupported_reasons(problem))
+        if not reasons[name]:
+            return name
+    # Correct but slow (materialized scores): say so rather than fall back in silence.
+    declined = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+    warnings.warn(f"ptv2_kernels: backend='auto' runs the PyTorch reference for this {what} on {problem.q.device}, "
+                  f"no fused kernel can serve it ({declined})", RuntimeWarning, stacklevel=3)
+    return "reference"
 
 
 def implementation(name: str):
     """The object (a module or a class) whose ``forward`` and ``backward`` implement backend ``name``."""
-    if name == "triton":
-        from .triton import prefix_attention as triton_backend
-
-        return triton_backend
-    if name == "cuda":
-        from . import cuda_backend
-
-        return cuda_backend
-    if name == "native":
-        return native
-    if name == "reference":
-        return ReferenceBackend
-    raise ValueError(f"no implementation of backend {name!r}")
+    backend = REGISTRY.get(name)
+    if backend is None:
+        raise ValueError(f"no implementation of backend {name!r}")
+    return backend.implementation()
 
 
 class ReferenceBackend:

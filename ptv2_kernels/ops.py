@@ -113,8 +113,8 @@ def prefix_attention(
     if prefix_bias is not None:
         prefix_bias = _checked_bias("prefix_bias", prefix_bias, (*q.shape[:3], prefix_k.shape[2]), q.device)
     bias_grad = attn_bias is not None and attn_bias.requires_grad and torch.is_grad_enabled()
-    name = backends.choose(backend, q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap=softcap, sinks=sinks,
-                           prefix_bias=prefix_bias, value_dim=v.shape[-1], window_size=window_size)
+    name = backends.choose_for(backend, backends.Problem(q, k, prefix_k, dropout_p, attn_bias, bias_grad, softcap,
+                                                         sinks, prefix_bias, v.shape[-1], window_size))
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)

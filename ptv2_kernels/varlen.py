@@ -96,8 +96,9 @@ def prefix_attention_varlen(
     softcap, sinks = _checked_score_options(softcap, sinks, q.shape[1], q.device)
     window_size = _checked_window_size(window_size, causal)
     packed = (cu_seqlens_q.numel() - 1, int(max_seqlen_q), int(max_seqlen_k))
-    name = backends.choose_varlen(backend, q, k, prefix_k, packed, dropout_p, softcap=softcap, sinks=sinks,
-                                  value_dim=v.shape[-1], window_size=window_size)
+    name = backends.choose_for(backend, backends.Problem(q, k, prefix_k, dropout_p, softcap=softcap, sinks=sinks,
+                                                         value_dim=v.shape[-1], window_size=window_size,
+                                                         packed=packed))
     if deterministic is None:
         deterministic = (torch.are_deterministic_algorithms_enabled()
                          or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))

@@ -54,12 +54,8 @@ def impl(request, monkeypatch):
     reason = cuda_sim.unavailable_reason()
     if reason is not None:
         pytest.skip(f"CUDA host simulation unavailable: {reason}")
-    original_reason, original_impl = backends.unsupported_reason, backends.implementation
-
-    def unsupported_reason(name, *args, **kwargs):
-        return None if name == "cuda" else original_reason(name, *args, **kwargs)
-
-    monkeypatch.setattr(backends, "unsupported_reason", unsupported_reason)
+    original_impl = backends.implementation
+    monkeypatch.setattr(backends.CudaBackend, "unsupported_reasons", lambda self, problem: [])
     monkeypatch.setattr(backends, "implementation",
                         lambda name: cuda_sim.SimBackend if name == "cuda" else original_impl(name))
     monkeypatch.setattr(cuda_sim.SimBackend, "algo", 0)

@@ -619,3 +619,36 @@ def test_an_explicit_backend_lists_every_reason_it_cannot_serve():
             stated = cuda_backend.limits()
             assert (stated.max_head_dim, stated.max_grid_dim, stated.size_bits) == (256, 65535, 31)
             assert not stated.takes_bias and stated.dtypes == cuda_backend.DTYPES
+
+
+def test_an_explicit_backend_lists_every_reason_it_cannot_serve():
+    """Each backend states what it serves once; a call that needs several things it lacks gets all of them, from
+    the backend's own list and in the error of the op."""
+    args = _valid()
+    native = backends.REGISTRY["native"]
+    problem = backends.Problem(args["q"], args["k"], args["prefix_k"], softcap=30.0, sinks=torch.zeros(HQ),
+                               prefix_bias=torch.zeros(1, 1, 1, P), value_dim=D + 8)
+    reasons = native.unsupported_reasons(problem)
+    assert len(reasons) == 4
+    for word, reason in zip(("softcap", "sinks", "prefix_bias", "head dim"), reasons):
+        assert word in reason
+    assert backends.REGISTRY["reference"].unsupported_reasons(problem) == []
+    args.update(backend="native", softcap=30.0, sinks=torch.zeros(HQ), prefix_bias=torch.zeros(1, 1, 1, P))
+    message = _raises(args, ValueError, "backend")
+    assert all(word in message for word in ("softcap", "sinks", "prefix_bias"))
+
+
+def test_every_backend_is_declared_once():
+    """The registry holds one declaration per backend name, and the tables derived from it agree with the
+    declarations (which backend serves which score option, which take values of another head dim)."""
+    assert tuple(backends.REGISTRY) == backends.NAMES
+    for name, backend in backends.REGISTRY.items():
+        assert backend.name == name
+        for option in backends.SCORE_OPTIONS:
+            served = option in backend.score_options
+            assert served == (name in backends.SERVES_SCORE_OPTION[option])
+            assert served or option in backend.score_option_why  # a reason for each option it lacks
+        assert (backend.value_head_dim_why is None) == (name in backends.SERVES_VALUE_HEAD_DIM)
+    assert backends.implementation("reference") is backends.ReferenceBackend
+    with pytest.raises(ValueError, match="backend"):
+        backends.implementation("flash")
