@@ -424,24 +424,63 @@ def choose_for(requested: str, problem: Problem) -> str:
     can serve, else the reference (Triton's interpreter is for tests). On CUDA, Triton first until a GPU
     benchmark shows the CUDA kernels faster, CUDA where Triton cannot serve, and the reference, with a warning
     that says why, where neither can."""
-    what = "call" if problem.packed is None else "variable-length call"
     if requested != "auto":
         reason = "; ".join(_backend(requested).unsupported_reasons(problem))
         if reason:
+            what = "call" if problem.packed is None else "variable-length call"
             raise ValueError(f"backend={requested!r} cannot serve this {what}: {reason}")
         return requested
+    key = _choice_key(problem)
+    name = _AUTO_CHOICES.get(key)
+    if name is None:
+        name, warned = _choose_auto(problem)
+        if not warned:  # a fallback that warns is chosen afresh, and warns, each time
+            _AUTO_CHOICES[key] = name
+            if len(_AUTO_CHOICES) > _AUTO_CHOICE_CAPACITY:
+                del _AUTO_CHOICES[next(iter(_AUTO_CHOICES))]
+    return name
+
+
+# What auto chose for each problem key (see _choice_key): made once per key and reused by every layer of a forward
+# and every decode step, where the reasons would otherwise be derived again per call.
+_AUTO_CHOICE_CAPACITY = 256
+_AUTO_CHOICES: dict = {}
+
+
+def _choice_key(problem: Problem) -> tuple:
+    """Everything the backends' reasons read of a problem: the device, the dtypes, the sizes, which options it uses
+    (dropout, a bias and whether it needs a gradient, the score options) and its packing. Two problems of one key
+    get the same reasons from every backend.
+
+    The sequence length grows by one each decode step; without dropout the reasons read it only against a power
+    of two (every length below 2**size_bits), so its bit length stands for it and one key serves every step."""
+    q, prefix_k, attn_bias, prefix_bias = problem.q, problem.prefix_k, problem.attn_bias, problem.prefix_bias
+    if problem.packed is None:
+        sizes, k_len = q.shape, problem.k.shape[2]
+        keys = k_len if problem.dropout_p > 0.0 else k_len.bit_length()
+    else:  # [total, H, D]: the packing's longest lengths stand for the sizes
+        sizes, keys = q.shape[1:], None
+    return (q.device, q.dtype, prefix_k.dtype, tuple(sizes), keys, tuple(prefix_k.shape), problem.value_dim,
+            problem.dropout_p > 0.0, None if attn_bias is None else attn_bias.dtype, problem.bias_grad,
+            problem.softcap is None, problem.sinks is None, None if prefix_bias is None else prefix_bias.dtype,
+            problem.window_size is None, problem.packed)
+
+
+def _choose_auto(problem: Problem) -> tuple[str, bool]:
+    """(auto's backend for ``problem``, whether choosing it warned)."""
     if problem.q.device.type != "cuda":
-        return "native" if not REGISTRY["native"].unsupported_reasons(problem) else "reference"
+        return ("native" if not REGISTRY["native"].unsupported_reasons(problem) else "reference"), False
     reasons = {}
     for name in ("triton", "cuda") if problem.packed is None else ("triton",):
         reasons[name] = "; ".join(REGISTRY[name].unsupported_reasons(problem))
         if not reasons[name]:
-            return name
+            return name, False
     # Correct but slow (materialized scores): say so rather than fall back in silence.
+    what = "call" if problem.packed is None else "variable-length call"
     declined = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
     warnings.warn(f"ptv2_kernels: backend='auto' runs the PyTorch reference for this {what} on {problem.q.device}, "
-                  f"no fused kernel can serve it ({declined})", RuntimeWarning, stacklevel=3)
-    return "reference"
+                  f"no fused kernel can serve it ({declined})", RuntimeWarning, stacklevel=4)
+    return "reference", True
 
 
 def implementation(name: str):

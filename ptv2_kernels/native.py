@@ -266,7 +266,7 @@ def _merged_forward(q, parts, scale, out=None, lse=None):
         (prefix_out, prefix_lse), (sequence_out, sequence_lse) = results
         prefix_weight = torch.sub(prefix_lse, sequence_lse).sigmoid_().unsqueeze_(-1)  # in place: no new view
         if out.dtype == prefix_weight.dtype:
-            torch.lerp(sequence_out, prefix_out.to(out.dtype), prefix_weight, out=out)
+            torch.lerp(sequence_out, prefix_out, prefix_weight, out=out)  # both parts are in q's dtype
         else:  # float16/bfloat16: merged in float32, rounded once
             out.copy_(torch.lerp(sequence_out.float(), prefix_out.float(), prefix_weight))
         if lse.dtype == prefix_lse.dtype:

@@ -556,8 +556,9 @@ def test_auto_says_when_a_cuda_call_falls_back_to_the_reference():
     """CUDA tensors that no fused kernel can take (float64 here) go to the reference under auto, with a warning
     that says why each kernel backend declined. A stand-in for a CUDA tensor lets this run without a GPU."""
     cuda_like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64, shape=(1, 1, 4, 16))
-    with pytest.warns(RuntimeWarning, match=r"runs the PyTorch reference .*\(triton: .*; cuda: .*\)"):
-        assert backends.choose("auto", cuda_like, cuda_like, cuda_like) == "reference"
+    for _ in range(2):  # a fallback that warns is not remembered: it warns each time
+        with pytest.warns(RuntimeWarning, match=r"runs the PyTorch reference .*\(triton: .*; cuda: .*\)"):
+            assert backends.choose("auto", cuda_like, cuda_like, cuda_like) == "reference"
 
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float64, D), (torch.float32, 300)])
@@ -652,3 +653,24 @@ def test_every_backend_is_declared_once():
     assert backends.implementation("reference") is backends.ReferenceBackend
     with pytest.raises(ValueError, match="backend"):
         backends.implementation("flash")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32])
+@pytest.mark.parametrize("options", [{}, dict(softcap=5.0), dict(dropout_p=0.1), dict(value_dim=D + 8),
+                                     dict(window_size=(2, 0))], ids=["plain", "softcap", "dropout", "dv", "window"])
+def test_auto_choice_is_remembered_per_problem_key(dtype, options):
+    """auto chooses once per problem key and every later call of that key (the other layers, the next decode
+    steps) gets the same backend as a fresh choice; a decode step's longer sequence keeps its key."""
+    q, prefix = torch.zeros(B, HQ, 1, D, dtype=dtype), torch.zeros(T, HKV, P, D)
+    fresh = None
+    for k_len in range(NK, NK + 12):  # a growing cache
+        problem = backends.Problem(q, torch.zeros(B, HKV, k_len, D, dtype=dtype), prefix, **options)
+        expected, warned = backends._choose_auto(problem)
+        assert not warned
+        assert backends.choose_for("auto", problem) == expected
+        assert backends.choose_for("auto", problem) == expected
+        fresh = fresh or expected
+        assert expected == fresh
+    keys = {backends._choice_key(backends.Problem(q, torch.zeros(B, HKV, k_len, D), prefix, **options))
+            for k_len in range(17, 32)}  # lengths of one bit length
+    assert len(keys) == (15 if options.get("dropout_p") else 1)  # dropout's reasons read the exact length
