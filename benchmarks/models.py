@@ -250,7 +250,10 @@ def _prefill(w: Workload, model, batch, extra_mask: int = 0):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
     next_ids = out.logits[:, -1:].argmax(-1)
     mask = torch.ones(w.batch, extra_mask + w.seq_len + 1, dtype=torch.long, device=env.DEVICE)
-    return out.past_key_values, {"input_ids": next_ids, "attention_mask": mask}
+    cache = getattr(out, "cache", None)  # transformers >= 5.24; before, past_key_values (deprecated since)
+    if cache is None:
+        cache = out.past_key_values
+    return cache, {"input_ids": next_ids, "attention_mask": mask}
 
 
 def _snapshot(cache):
