@@ -430,6 +430,9 @@ def choose_for(requested: str, problem: Problem) -> str:
             what = "call" if problem.packed is None else "variable-length call"
             raise ValueError(f"backend={requested!r} cannot serve this {what}: {reason}")
         return requested
+    if torch.compiler.is_compiling():
+        # traced once per graph; a global memo that changes between steps would make torch.compile recompile
+        return _choose_auto(problem)[0]
     key = _choice_key(problem)
     name = _AUTO_CHOICES.get(key)
     if name is None:
