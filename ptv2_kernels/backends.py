@@ -348,7 +348,6 @@ SERVES_SCORE_OPTION = {option: tuple(b.name for b in REGISTRY.values() if option
                        for option in SCORE_OPTIONS}
 SERVES_VALUE_HEAD_DIM = tuple(b.name for b in REGISTRY.values() if b.value_head_dim_why is None)
 VARLEN_KERNELS = tuple(b.name for b in REGISTRY.values() if b.packed_kernels)
-NO_VARLEN_REASON = REGISTRY["cuda"].packed_why
 
 
 def _backend(name: str) -> Backend:

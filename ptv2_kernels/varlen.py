@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import operator
-import os
 import weakref
 from typing import Optional, Union
 
@@ -99,17 +98,17 @@ def prefix_attention_varlen(
     name = backends.choose_for(backend, backends.Problem(q, k, prefix_k, dropout_p, softcap=softcap, sinks=sinks,
                                                          value_dim=v.shape[-1], window_size=window_size,
                                                          packed=packed))
-    if deterministic is None:
-        deterministic = (torch.are_deterministic_algorithms_enabled()
-                         or os.environ.get("PTV2_DETERMINISTIC", "0") not in ("", "0"))
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device=q.device)
+    grad_needed = ops._any_requires_grad((q, k, v, prefix_k, prefix_v, sinks))
+    if deterministic is None:
+        deterministic = ops._deterministic(grad_needed)
     inputs = (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed,
               int(max_seqlen_q), int(max_seqlen_k), bool(causal), _scale_or_default(scale, q.shape[-1]),
               float(dropout_p), name, bool(deterministic), sinks, softcap, *_window_ints(window_size))
     if ops.EAGER_PATH and _eager_path_serves(inputs[:10] + (sinks,)):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs[:5] + (sinks,)):
+        if grad_needed:
             out, lse = _EagerVarlen.apply(*inputs)
         else:
             out, lse = _forward_body(*inputs)
