@@ -55,6 +55,9 @@ if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < SURVEY
                 f"{transformers.__version__}", allow_module_level=True)
 
 REL = 1e-5
+# Prefix gradients come back through every layer's float32 backward, which compounds rounding more than a forward:
+# float64 models agree to ~1e-15, float32 ones to ~2e-5 of the gradient's scale (Gemma4 on an AVX-512 CPU).
+GRAD_REL = 1e-4
 PREFIX_LENGTHS = [3, 2]  # task 0 and task 1
 TASKS = torch.tensor([1, 0, 1])  # the batch's samples' tasks
 NEW_TOKENS = 3
@@ -464,7 +467,7 @@ def _check_against_cache_oracle(original, model, bank, batch: dict, mixed: torch
     expected = _logits(cache_oracle_logits(oracle, oracle_bank, batch, TASKS), batch)
     assert_close_scaled(mixed, expected.detach(), REL, "logits")
     _weighted(expected).backward()
-    assert_close_scaled(_embedding_grad(bank), _embedding_grad(oracle_bank), REL, "prefix gradient")
+    assert_close_scaled(_embedding_grad(bank), _embedding_grad(oracle_bank), GRAD_REL, "prefix gradient")
     sequences, logits = cache_oracle_generate(oracle, oracle_bank, batch, TASKS)
     _compare_generate(_generate(model, batch, task_ids=TASKS), sequences, logits)
 
@@ -482,7 +485,7 @@ def _check_against_attention_oracle(family: Family, original, bank, batch: dict)
     assert_close_scaled(actual, expected.detach(), REL, "logits")
     _weighted(actual).backward()
     _weighted(expected).backward()
-    assert_close_scaled(_embedding_grad(ours_bank), _embedding_grad(oracle_bank), REL, "prefix gradient")
+    assert_close_scaled(_embedding_grad(ours_bank), _embedding_grad(oracle_bank), GRAD_REL, "prefix gradient")
     if family.kind != "encoder":
         with torch.no_grad():
             set_tasks(TASKS)
@@ -509,6 +512,7 @@ def _check_works(family: Family, model):
     batch = _batch(family)
     with torch.no_grad():
         unpatched = _logits(model(**batch), batch)
+    trainable = {name: param.requires_grad for name, param in model.named_parameters()}
     bank = _random_bank(model, family.position_bias)
     ptv2_kernels.patch(model, bank, backend="reference")
     mixed = _check_training(family, model, bank, batch)
@@ -519,6 +523,11 @@ def _check_works(family: Family, model):
     elif family.check == "attention":
         _check_against_attention_oracle(family, original, bank, batch)
     ptv2_kernels.unpatch(model)
+    # freeze_backbone's flags are the training check's doing, which unpatch leaves alone; they are reset so that the
+    # comparison runs the same kernels: some of torch's CPU kernels round otherwise for weights that need no grad
+    # (RecurrentGemma's on an AVX-512 CPU differ by 2e-7 with a frozen backbone, under no_grad).
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable[name])
     with torch.no_grad():
         restored = _logits(model(**batch), batch)
     assert torch.equal(restored, unpatched), "unpatch did not restore the unpatched outputs"
