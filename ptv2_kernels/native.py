@@ -22,9 +22,11 @@ softmax, dropout, matmul): the prefix scores ``[B, Hq, Nq, P]`` and the sequence
 laid side by side in one score matrix (one softmax, one log-sum-exp, one dropout), each part's matmuls reading
 their columns in place; grouped-query heads multiply their key/value head without a copy, and the dropout mask is
 drawn from the call's seed in the layout the reference draws it (``[B, Hq, Nq, P + Nk]``, prefix columns first),
-so that a call with dropout equals the reference backend's with the same seed. The backward is written out (the
-custom op runs with autograd off), the bias gradient being the sequence columns' score gradient. Still nothing of
-the size of the concatenated keys/values is written: the scores are the math composition's own.
+so that a call with dropout equals the reference backend's with the same seed. The op's backward is written out
+(the custom op runs with autograd off), the bias gradient being the sequence columns' score gradient; in eager mode
+autograd records the composition instead (:func:`differentiable_forward`), and its backward, which keeps the
+forward's probabilities and mask as torch's own SDPA does, runs in autograd's engine. Still nothing of the size of
+the concatenated keys/values is written: the scores are the math composition's own.
 
 A model hands every layer the same mask and index tensors, so what the parts derive from them (the additive
 masks, which rows see a key) is derived once and remembered for the following calls (see :func:`_remembered`).
@@ -36,6 +38,7 @@ then falls back to the reference.
 from __future__ import annotations
 
 import collections
+import threading
 import weakref
 from typing import Optional
 
@@ -243,6 +246,29 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
     return out, lse
 
 
+def differentiable_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
+                           dropout_p, *, attn_bias=None, bias_grad=False, window_size=None, need_lse=True):
+    """(out, lse) as :func:`forward` gives them, made of differentiable torch operations for autograd to record,
+    or None where the fused parts serve the call better.
+
+    With dropout or a bias that needs a gradient this backend computes by torch's math composition
+    (:class:`_Composed`), whose backward in :func:`backward` recomputes the probabilities and runs a few dozen
+    small operations from Python. In eager mode autograd can differentiate the composition itself instead: its
+    backward then runs in autograd's engine on what the forward kept (the probabilities and the dropout mask, as
+    torch's SDPA keeps them on a CPU). The formulas and the dropout mask (drawn from ``seed``) are the same; the
+    rounding of the gradients may differ in the last bits. ``need_lse`` False: the lse comes back as None."""
+    if (dropout_p == 0.0 and not bias_grad) or q.numel() == 0 or k.shape[2] == 0 or prefix_k.shape[2] == 0:
+        return None  # (without one of the parts an input would get no gradient at all, not zeros)
+    parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
+                   window_size)
+    if not parts:
+        return None
+    out, lse = _Composed(q, parts, scale, dropout_p, seed).forward(need_lse)
+    # the op's layout: [B, Nq, Hq, Dv] memory viewed as [B, Hq, Nq, Dv], in q's dtype; the lse in float32
+    return (_as(out, q.dtype).transpose(1, 2).contiguous().transpose(1, 2),
+            None if lse is None else _as(lse, torch.float32))
+
+
 def _merged_forward(q, parts, scale, out=None, lse=None):
     """The merged output and lse of the parts' fused forwards, written into ``out`` and ``lse`` when given (else
     new tensors: the output in q's dtype, the lse in float32, float64 for float64 inputs).
@@ -443,10 +469,10 @@ class _Composed:
         self.scaled_q = _scaled_contiguous(q, scale, self.dtype)
         self.kept = None  # dropout's kept entries, scaled by 1 / (1 - p); zero where dropped
         if dropout_p > 0.0:
-            generator = torch.Generator(device=q.device)
-            generator.manual_seed(int(seed))
-            draw = torch.rand((batch, heads, q_len, sum(widths)), generator=generator, device=q.device)
-            self.kept = torch.ge(draw, dropout_p).to(self.dtype).mul_(1.0 / (1.0 - dropout_p))
+            draw = torch.rand((batch, heads, q_len, sum(widths)), generator=_seeded_generator(seed, q.device),
+                              device=q.device)
+            # the reference's mask (draw >= p), as 0 / 1 in the draw's float32, then scaled: no bool tensor between
+            self.kept = _as(draw.ge_(dropout_p), self.dtype).mul_(1.0 / (1.0 - dropout_p))
 
     @staticmethod
     def _grouped(x, kv_heads):
@@ -454,26 +480,33 @@ class _Composed:
         batch, heads, rows, cols = x.shape
         return x.reshape(batch, kv_heads, heads // kv_heads * rows, cols)
 
-    def _probabilities(self):
-        """(the probabilities [B, Hq, Nq, P + Nk], the lse [B, Hq, Nq] with -inf where a row sees no key)."""
+    def _probabilities(self, need_lse=True):
+        """(the probabilities [B, Hq, Nq, P + Nk], the lse [B, Hq, Nq] with -inf where a row sees no key, or None
+        when not ``need_lse``).
+
+        Written out of place, so that autograd can differentiate it (see :func:`differentiable_forward`)."""
         batch, heads, q_len, _ = self.shape
-        scores = torch.cat([
-            torch.matmul(self._grouped(self.scaled_q, keys.shape[1]), keys.to(self.dtype).transpose(-1, -2))
-            .view(batch, heads, q_len, keys.shape[2]) for keys, *_ in self.parts], dim=-1)
-        may_see_nothing = False
-        for columns, (_, _, mask, kernel_causal, rows_seeing) in zip(self.columns, self.parts):
-            part = scores[..., columns]
+        pieces, seeing = [], []
+        for keys, _, mask, kernel_causal, rows_seeing in self.parts:
+            part = torch.matmul(self._grouped(self.scaled_q, keys.shape[1]), _as(keys, self.dtype).transpose(-1, -2))
+            part = part.view(batch, heads, q_len, keys.shape[2])
             if kernel_causal:  # the square causal call the fused kernel takes without a mask
-                part.masked_fill_(torch.ones(q_len, q_len, dtype=torch.bool, device=part.device).triu_(1),
-                                  float("-inf"))
+                part = part.masked_fill(torch.ones(q_len, q_len, dtype=torch.bool, device=part.device).triu_(1),
+                                        float("-inf"))
             if mask is not None:
-                part += mask
-            may_see_nothing = may_see_nothing or rows_seeing is not None
-        lse = torch.logsumexp(scores, -1)
-        probs = torch.softmax(scores, -1)
-        if may_see_nothing:  # a row of -inf scores: softmax gives NaN, the row's probabilities are 0
-            probs = probs.nan_to_num_(0.0)
-        return probs, lse
+                part = part + mask
+            pieces.append(part)
+            seeing.append(rows_seeing)
+        scores = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        if any(rows is None for rows in seeing):  # every row sees a key of some part
+            return torch.softmax(scores, -1), torch.logsumexp(scores, -1) if need_lse else None
+        # A row that sees no key of any part has only -inf scores, where softmax and logsumexp (and their
+        # gradients) give NaN: such rows are computed on zeros instead, then get probabilities 0 and lse -inf.
+        sees = seeing[0] if len(seeing) == 1 else seeing[0] | seeing[1]
+        hidden = ~sees.unsqueeze(-1)
+        scores = scores.masked_fill(hidden, 0.0)
+        return (torch.softmax(scores, -1).masked_fill(hidden, 0.0),
+                torch.logsumexp(scores, -1).masked_fill(hidden.squeeze(-1), float("-inf")) if need_lse else None)
 
     def _dropped(self, probs):
         return probs if self.kept is None else probs * self.kept
@@ -481,12 +514,12 @@ class _Composed:
     def _output(self, dropped):
         out = None
         for columns, (_, values, *_) in zip(self.columns, self.parts):
-            part = torch.matmul(self._grouped(dropped[..., columns], values.shape[1]), values.to(self.dtype))
-            out = part if out is None else out.add_(part)
+            part = torch.matmul(self._grouped(dropped[..., columns], values.shape[1]), _as(values, self.dtype))
+            out = part if out is None else out.add_(part)  # a matmul's result: autograd allows it in place
         return out.view(*self.shape[:3], out.shape[-1])
 
-    def forward(self):
-        probs, lse = self._probabilities()
+    def forward(self, need_lse=True):
+        probs, lse = self._probabilities(need_lse)
         return self._output(self._dropped(probs)), lse
 
     def backward(self, grad_out, grad_lse, out=None):
@@ -495,14 +528,14 @@ class _Composed:
         probs, lse = self._probabilities()
         dropped = self._dropped(probs)
         grad_out = _scaled_contiguous(grad_out, 1.0, self.dtype)
-        out = self._output(dropped) if out is None else out.to(self.dtype)
+        out = self._output(dropped) if out is None else _as(out, self.dtype)
         row_term = (grad_out * out).sum(-1, keepdim=True)
         if grad_lse is not None:  # lse's gradient adds p_j * g to each score's gradient
             g = grad_lse.to(self.dtype).masked_fill(~torch.isfinite(lse) | ~torch.isfinite(grad_lse), 0.0)
             row_term = row_term - g.unsqueeze(-1)
         batch, heads, q_len, _ = self.shape
         grad_dropped = torch.cat([
-            torch.matmul(self._grouped(grad_out, values.shape[1]), values.to(self.dtype).transpose(-1, -2))
+            torch.matmul(self._grouped(grad_out, values.shape[1]), _as(values, self.dtype).transpose(-1, -2))
             .view(batch, heads, q_len, values.shape[2]) for _, values, *_ in self.parts], dim=-1)
         grad_probs = grad_dropped if self.kept is None else grad_dropped.mul_(self.kept)
         grad_scores = grad_probs.sub_(row_term).mul_(probs)
@@ -510,7 +543,7 @@ class _Composed:
         for columns, (keys, values, *_) in zip(self.columns, self.parts):
             kv_heads = keys.shape[1]
             part_scores = self._grouped(grad_scores[..., columns], kv_heads)
-            part_dq = torch.matmul(part_scores, keys.to(self.dtype))
+            part_dq = torch.matmul(part_scores, _as(keys, self.dtype))
             dq = part_dq if dq is None else dq.add_(part_dq)
             part_dk = torch.matmul(part_scores.transpose(-1, -2), self._grouped(self.scaled_q, kv_heads))
             part_dv = torch.matmul(self._grouped(dropped[..., columns], kv_heads).transpose(-1, -2),
@@ -521,7 +554,30 @@ class _Composed:
         return dq, grads, score_grad
 
 
+# One generator per device and thread, seeded afresh for each call: making one costs microseconds, and a thread's
+# own cannot be reseeded by another between its seeding and its draw.
+_GENERATORS = threading.local()
+
+
+def _seeded_generator(seed: Tensor, device: torch.device) -> torch.Generator:
+    """A generator of ``device`` seeded with ``seed`` (the call's dropout seed, a CPU tensor here)."""
+    generators = _GENERATORS.__dict__
+    generator = generators.get(device)
+    if generator is None:
+        generator = generators[device] = torch.Generator(device=device)
+    return generator.manual_seed(int(seed))
+
+
 def _scaled_contiguous(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
-    """``x * scale`` in ``dtype``, contiguous (whatever x's layout), in one pass: its grouped views are then views."""
+    """``x * scale`` in ``dtype``, contiguous (whatever x's layout), in one pass: its grouped views are then views.
+    Differentiable where x needs a gradient and autograd records (then in up to two passes)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        x = _as(x, dtype).contiguous()
+        return x * scale if scale != 1.0 else x
     result = torch.empty(x.shape, dtype=dtype, device=x.device)
     return torch.mul(x, scale, out=result) if scale != 1.0 else result.copy_(x)
+
+
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.to(dtype)`` without the call where x has that dtype (this runs per part per layer)."""
+    return x if x.dtype == dtype else x.to(dtype)

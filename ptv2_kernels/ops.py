@@ -121,7 +121,7 @@ def prefix_attention(
     out, lse = _run(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, bool(causal),
         _scale_or_default(scale, q.shape[-1]), float(dropout_p), name, deterministic, sinks, softcap,
-        prefix_bias, *_window_ints(window_size))
+        prefix_bias, *_window_ints(window_size), need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -737,8 +737,9 @@ def _any_requires_grad(tensors) -> bool:
 
 def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
          dropout_p, backend, deterministic, sinks=None, softcap=None, prefix_bias=None, window_left=-1,
-         window_right=-1):
-    """The op on checked, normalized arguments; ``deterministic`` None: the default (see :func:`_deterministic`)."""
+         window_right=-1, need_lse=True):
+    """The op on checked, normalized arguments; ``deterministic`` None: the default (see :func:`_deterministic`).
+    ``need_lse`` False: the caller discards the lse, which may then come back as None."""
     tensors = (q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, sinks,
                prefix_bias)
     grad_needed = _any_requires_grad(tensors)
@@ -749,8 +750,29 @@ def _run(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, a
     if EAGER_PATH and _eager_path_serves(tensors):
         if not grad_needed:
             return _forward_body(*inputs)  # nothing to differentiate: no autograd node to build
+        recorded = _recorded_forward(*inputs, need_lse=need_lse)
+        if recorded is not None:
+            return recorded
         return _EagerPrefixAttention.apply(*inputs)
     return torch.ops.ptv2_kernels.prefix_attention(*inputs)
+
+
+def _recorded_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal,
+                      scale, dropout_p, backend, deterministic, sinks, softcap, prefix_bias, window_left,
+                      window_right, need_lse=True):
+    """The forward as differentiable torch operations that autograd records, where the backend offers them for the
+    call (``differentiable_forward``: native's math composition, for dropout and bias gradients), else None.
+    Eager mode only: the custom op is what torch.compile traces, and its backward computes the same formulas."""
+    recorded = getattr(backends.implementation(backend), "differentiable_forward", None)
+    if recorded is None or sinks is not None or softcap is not None or prefix_bias is not None:
+        return None
+    bias_grad = attn_bias is not None and attn_bias.requires_grad
+    if dropout_p == 0.0 and not bias_grad:
+        return None
+    _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
+    return recorded(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
+                    dropout_p, attn_bias=_expanded_bias(attn_bias, q, k.shape[2]), bias_grad=bias_grad,
+                    window_size=_window_or_none(window_left, window_right), need_lse=need_lse)
 
 
 def _deterministic(grad_needed: bool) -> bool:
