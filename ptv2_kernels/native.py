@@ -126,11 +126,13 @@ def _sequence_mask(q, k, attn_mask, attn_bias, causal, window_size=None):
     return mask, False, rows_seeing
 
 
-def _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths):
+def _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths, broadcast=False):
     """(keys, values [B, Hkv, P, D] in q's dtype, additive mask [B, 1, 1, P] or None, [B, 1, 1] rows that see a
-    prefix key or None)."""
+    prefix key or None). ``broadcast``: a batch-shared prefix stays [1, Hkv, P, D] (matmul broadcasts it)."""
     batch = q.shape[0]
-    if prefix_index is None:
+    if prefix_index is None and broadcast:
+        keys, values = prefix_k, prefix_v
+    elif prefix_index is None:
         # (-1 keeps a size: cheaper than passing the sizes, this runs per layer per step)
         keys, values = prefix_k.expand(batch, -1, -1, -1), prefix_v.expand(batch, -1, -1, -1)
     else:
@@ -260,7 +262,7 @@ def differentiable_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_len
     if (dropout_p == 0.0 and not bias_grad) or q.numel() == 0 or k.shape[2] == 0 or prefix_k.shape[2] == 0:
         return None  # (without one of the parts an input would get no gradient at all, not zeros)
     parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
-                   window_size)
+                   window_size, broadcast=True)
     if not parts:
         return None
     out, lse = _Composed(q, parts, scale, dropout_p, seed).forward(need_lse)
@@ -307,12 +309,15 @@ def _merged_forward(q, parts, scale, out=None, lse=None):
     return out, lse
 
 
-def _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, window_size=None):
+def _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, window_size=None,
+           broadcast=False):
     """The parts a call splits into, each (keys, values, mask, kernel causal flag, rows that see a key): the
-    prefix (when it has keys) and the sequence (when it has keys)."""
+    prefix (when it has keys) and the sequence (when it has keys). ``broadcast``: a batch-shared prefix is not
+    expanded to the batch (for the composition's matmuls, not the fused kernels)."""
     parts = []
     if prefix_k.shape[2] > 0:
-        keys, values, mask, rows_seeing = _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths)
+        keys, values, mask, rows_seeing = _prefix_part(q, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                                       broadcast)
         parts.append((keys, values, mask, False, rows_seeing))
     if k.shape[2] > 0:
         mask, kernel_causal, rows_seeing = _sequence_mask(q, k, attn_mask, attn_bias, causal, window_size)
@@ -464,9 +469,11 @@ class _Composed:
         self.shape, self.parts, self.scale = q.shape, parts, scale
         self.sequence_last = sequence_last
         batch, heads, q_len, _ = q.shape
-        widths = [keys.shape[2] for keys, *_ in parts]
+        widths = self.widths = [keys.shape[2] for keys, *_ in parts]
         self.columns = [slice(sum(widths[:n]), sum(widths[:n + 1])) for n in range(len(widths))]
-        self.scaled_q = _scaled_contiguous(q, scale, self.dtype)
+        # contiguous where grouped-query heads view it as [B, Hkv, G * Nq, D]
+        self.scaled_q = _scaled_contiguous(q, scale, self.dtype, contiguous=any(
+            keys.shape[1] != q.shape[1] for keys, *_ in parts))
         self.kept = None  # dropout's kept entries, scaled by 1 / (1 - p); zero where dropped
         if dropout_p > 0.0:
             draw = torch.rand((batch, heads, q_len, sum(widths)), generator=_seeded_generator(seed, q.device),
@@ -476,20 +483,25 @@ class _Composed:
 
     @staticmethod
     def _grouped(x, kv_heads):
-        """``x`` [B, Hq, Nq, n] (a column slice of a contiguous matrix, or contiguous) as [B, Hkv, G * Nq, n]."""
+        """``x`` [B, Hq, Nq, n] (a column slice of a contiguous matrix, or contiguous) as [B, Hkv, G * Nq, n]; x
+        itself without groups (under autograd each reshape is one more node)."""
         batch, heads, rows, cols = x.shape
-        return x.reshape(batch, kv_heads, heads // kv_heads * rows, cols)
+        return x if heads == kv_heads else x.reshape(batch, kv_heads, heads // kv_heads * rows, cols)
+
+    def _ungrouped(self, x):
+        """A product [B, Hkv, G * Nq, n] of grouped operands as [B, Hq, Nq, n]."""
+        return x if x.shape[1] == self.shape[1] else x.view(*self.shape[:3], x.shape[-1])
 
     def _probabilities(self, need_lse=True):
         """(the probabilities [B, Hq, Nq, P + Nk], the lse [B, Hq, Nq] with -inf where a row sees no key, or None
         when not ``need_lse``).
 
         Written out of place, so that autograd can differentiate it (see :func:`differentiable_forward`)."""
-        batch, heads, q_len, _ = self.shape
+        q_len = self.shape[2]
         pieces, seeing = [], []
         for keys, _, mask, kernel_causal, rows_seeing in self.parts:
-            part = torch.matmul(self._grouped(self.scaled_q, keys.shape[1]), _as(keys, self.dtype).transpose(-1, -2))
-            part = part.view(batch, heads, q_len, keys.shape[2])
+            part = self._ungrouped(torch.matmul(self._grouped(self.scaled_q, keys.shape[1]),
+                                                _as(keys, self.dtype).transpose(-1, -2)))
             if kernel_causal:  # the square causal call the fused kernel takes without a mask
                 part = part.masked_fill(torch.ones(q_len, q_len, dtype=torch.bool, device=part.device).triu_(1),
                                         float("-inf"))
@@ -513,10 +525,12 @@ class _Composed:
 
     def _output(self, dropped):
         out = None
-        for columns, (_, values, *_) in zip(self.columns, self.parts):
-            part = torch.matmul(self._grouped(dropped[..., columns], values.shape[1]), _as(values, self.dtype))
+        # one split, not a slice per part: under autograd their backward is one cat, not a zero-filled matrix each
+        pieces = dropped.split(self.widths, dim=-1) if len(self.parts) > 1 else (dropped,)
+        for piece, (_, values, *_) in zip(pieces, self.parts):
+            part = torch.matmul(self._grouped(piece, values.shape[1]), _as(values, self.dtype))
             out = part if out is None else out.add_(part)  # a matmul's result: autograd allows it in place
-        return out.view(*self.shape[:3], out.shape[-1])
+        return self._ungrouped(out)
 
     def forward(self, need_lse=True):
         probs, lse = self._probabilities(need_lse)
@@ -533,10 +547,10 @@ class _Composed:
         if grad_lse is not None:  # lse's gradient adds p_j * g to each score's gradient
             g = grad_lse.to(self.dtype).masked_fill(~torch.isfinite(lse) | ~torch.isfinite(grad_lse), 0.0)
             row_term = row_term - g.unsqueeze(-1)
-        batch, heads, q_len, _ = self.shape
         grad_dropped = torch.cat([
-            torch.matmul(self._grouped(grad_out, values.shape[1]), _as(values, self.dtype).transpose(-1, -2))
-            .view(batch, heads, q_len, values.shape[2]) for _, values, *_ in self.parts], dim=-1)
+            self._ungrouped(torch.matmul(self._grouped(grad_out, values.shape[1]),
+                                         _as(values, self.dtype).transpose(-1, -2))) for _, values, *_ in self.parts],
+            dim=-1)
         grad_probs = grad_dropped if self.kept is None else grad_dropped.mul_(self.kept)
         grad_scores = grad_probs.sub_(row_term).mul_(probs)
         dq, grads = None, []
@@ -549,7 +563,7 @@ class _Composed:
             part_dv = torch.matmul(self._grouped(dropped[..., columns], kv_heads).transpose(-1, -2),
                                    self._grouped(grad_out, kv_heads))
             grads.append((part_dk, part_dv))
-        dq = dq.view(batch, heads, q_len, dq.shape[-1]).mul_(self.scale)
+        dq = self._ungrouped(dq).mul_(self.scale)
         score_grad = grad_scores[..., self.columns[-1]] if self.sequence_last else None
         return dq, grads, score_grad
 
@@ -568,11 +582,13 @@ def _seeded_generator(seed: Tensor, device: torch.device) -> torch.Generator:
     return generator.manual_seed(int(seed))
 
 
-def _scaled_contiguous(x: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
+def _scaled_contiguous(x: Tensor, scale: float, dtype: torch.dtype, contiguous: bool = True) -> Tensor:
     """``x * scale`` in ``dtype``, contiguous (whatever x's layout), in one pass: its grouped views are then views.
-    Differentiable where x needs a gradient and autograd records (then in up to two passes)."""
+    Differentiable where x needs a gradient and autograd records (then in up to two passes, in one and in x's
+    layout where it need not be ``contiguous``)."""
     if x.requires_grad and torch.is_grad_enabled():
-        x = _as(x, dtype).contiguous()
+        x = _as(x, dtype)
+        x = x.contiguous() if contiguous else x
         return x * scale if scale != 1.0 else x
     result = torch.empty(x.shape, dtype=dtype, device=x.device)
     return torch.mul(x, scale, out=result) if scale != 1.0 else result.copy_(x)
