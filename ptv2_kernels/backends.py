@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from . import native, reference
+from ._memo import Memo
 
 NAMES = ("triton", "cuda", "native", "reference")
 
@@ -437,16 +438,13 @@ def choose_for(requested: str, problem: Problem) -> str:
     if name is None:
         name, warned = _choose_auto(problem)
         if not warned:  # a fallback that warns is chosen afresh, and warns, each time
-            _AUTO_CHOICES[key] = name
-            if len(_AUTO_CHOICES) > _AUTO_CHOICE_CAPACITY:
-                del _AUTO_CHOICES[next(iter(_AUTO_CHOICES))]
+            _AUTO_CHOICES.put(key, name)
     return name
 
 
 # What auto chose for each problem key (see _choice_key): made once per key and reused by every layer of a forward
 # and every decode step, where the reasons would otherwise be derived again per call.
-_AUTO_CHOICE_CAPACITY = 256
-_AUTO_CHOICES: dict = {}
+_AUTO_CHOICES = Memo(capacity=256)
 
 
 def _choice_key(problem: Problem) -> tuple:

@@ -37,13 +37,14 @@ then falls back to the reference.
 
 from __future__ import annotations
 
-import collections
 import threading
 import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._memo import Memo
 
 __all__ = ["forward", "backward", "unsupported_reasons", "DTYPES"]
 
@@ -188,8 +189,7 @@ class _IdOf:
 # the rows that see a key) is remembered for the next calls, keyed by the tensors (by weak reference: a freed
 # tensor's id may be reused) and their versions (an in-place write bumps it). Inference tensors have no version:
 # theirs is derived every time.
-_REMEMBERED_CAPACITY = 8
-_remembered_parts: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_remembered_parts = Memo(capacity=8)
 
 
 def _remembered(derive, tensors, *arguments):
@@ -209,13 +209,9 @@ def _remembered(derive, tensors, *arguments):
     key = (*key, *arguments)
     hit = _remembered_parts.get(key)
     if hit is not None and hit[1] == versions and [ref() for ref in hit[0]] == [id(t) for t in anchors]:
-        _remembered_parts.move_to_end(key)
         return hit[2]
     value = derive(*tensors, *arguments)
-    _remembered_parts[key] = ([_IdOf(t) for t in anchors], versions, value)
-    _remembered_parts.move_to_end(key)
-    while len(_remembered_parts) > _REMEMBERED_CAPACITY:
-        _remembered_parts.popitem(last=False)
+    _remembered_parts.put(key, ([_IdOf(t) for t in anchors], versions, value))
     return value
 
 

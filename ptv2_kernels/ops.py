@@ -10,7 +10,6 @@ per-call cost; both paths share their bodies and autograd rule.
 
 from __future__ import annotations
 
-import collections
 import math
 import os
 import weakref
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from ._memo import Memo
 
 __all__ = ["prefix_attention", "BACKENDS"]
 
@@ -324,8 +324,7 @@ def _checked_index_tensor(name, t, shape, device) -> Tensor:
 # versions, which in-place writes bump) are remembered and not read again. While a CUDA graph is being captured
 # nothing can be read; the kernels never read out of bounds regardless: an index out of range gives NaN rows, a
 # length is clamped to [0, P].
-_CHECKED_CAPACITY = 8
-_checked_values: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_checked_values = Memo(capacity=8)
 
 
 def _check_index_values(prefix_index, num_prefixes, prefix_lengths, prefix_len):
@@ -342,7 +341,6 @@ def _check_index_values(prefix_index, num_prefixes, prefix_lengths, prefix_len):
         remembered = _checked_values.get(slot)
         if (remembered is not None and _deref(remembered[0]) is prefix_index
                 and _deref(remembered[1]) is prefix_lengths and remembered[2] == state):
-            _checked_values.move_to_end(slot)
             return
     # One read of the device (min and max of both tensors together), not four.
     extremes = [t.aminmax() for t in (prefix_index, prefix_lengths) if t is not None and t.numel()]
@@ -359,10 +357,7 @@ def _check_index_values(prefix_index, num_prefixes, prefix_lengths, prefix_len):
                 raise ValueError(f"prefix_lengths entries must be in [0, P] with P = {prefix_len}, got "
                                  f"{low if low < 0 else high}")
     if cacheable:
-        _checked_values[slot] = (_weak(prefix_index), _weak(prefix_lengths), state)
-        _checked_values.move_to_end(slot)
-        while len(_checked_values) > _CHECKED_CAPACITY:
-            _checked_values.popitem(last=False)
+        _checked_values.put(slot, (_weak(prefix_index), _weak(prefix_lengths), state))
 
 
 def _version(t):

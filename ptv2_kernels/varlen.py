@@ -14,7 +14,6 @@ and in eager mode a plain ``autograd.Function`` runs the same bodies.
 
 from __future__ import annotations
 
-import collections
 import operator
 import weakref
 from typing import Optional, Union
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import backends, ops
+from ._memo import Memo
 from .ops import (_check_index_values, _checked_bank, _checked_options, _checked_qkv, _checked_score_options,
                   _checked_window_size, _eager_path_serves, _scale_or_default, _score_options, _window_ints,
                   _window_or_none)
@@ -178,8 +178,7 @@ def _checked_cu_seqlens(name, t, device) -> Tensor:
 # As for prefix_index, reading the cumulative lengths costs a device synchronization: the last few checked (with
 # their versions) are remembered, since every layer of a model gets the same tensors. Inside a CUDA graph capture
 # nothing is read; the kernels clamp every sequence to the packed tensors regardless.
-_CHECKED_CAPACITY = 8
-_checked_cu: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_checked_cu = Memo(capacity=8)
 
 
 def _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
@@ -192,7 +191,6 @@ def _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_s
         remembered = _checked_cu.get(slot)
         if (remembered is not None and remembered[0]() is cu_seqlens_q and remembered[1]() is cu_seqlens_k
                 and remembered[2] == state):
-            _checked_cu.move_to_end(slot)
             return
     # One read of the device: first and last entry, smallest and largest step, of both.
     summary = []
@@ -213,9 +211,7 @@ def _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_s
             raise ValueError(f"max_seqlen_{other} ({longest}) must be at least the longest sequence's length, "
                              f"got a sequence of {high} in {name}")
     if cacheable:
-        _checked_cu[slot] = (weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), state)
-        while len(_checked_cu) > _CHECKED_CAPACITY:
-            _checked_cu.popitem(last=False)
+        _checked_cu.put(slot, (weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), state))
 
 
 # ----------------------------------------------------------------------------------------------------------------
