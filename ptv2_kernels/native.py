@@ -358,21 +358,21 @@ def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, pref
         if grad_bias is not None and grad_bias.numel():  # a non-empty bias has sequence keys: that part's scores
             grad_bias.copy_(sequence_score_grad)
     else:
-        dq, part_grads = _fused_part_grads(_in_kernel_layout(grad_out.to(q.dtype)), grad_lse, q, parts, out, lse,
+        dq, part_grads = _fused_part_grads(_in_kernel_layout(_as(grad_out, q.dtype)), grad_lse, q, parts, out, lse,
                                            scale)
     for number, (part_dk, part_dv) in enumerate(part_grads):
         if number == 0 and has_prefix:
             d_prefix = _reduce_prefix((part_dk, part_dv), prefix_index, prefix_k, prefix_v)
         else:
             dk, dv = part_dk, part_dv
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_prefix
+    return _as(dq, q.dtype), _as(dk, k.dtype), _as(dv, v.dtype), *d_prefix
 
 
 def _fused_part_grads(grad_out, grad_lse, q, parts, out, lse, scale):
     """(dq summed over the parts, [(dK, dV) per part]) by each part's fused backward with the merged out and lse."""
     if q.dtype == torch.float64:  # the saved lse is float32: recompute both in full precision
         out, lse = _merged_forward(q, parts, scale)
-    out, lse = out.to(q.dtype), lse.to(_mask_dtype(q))
+    out, lse = _as(out, q.dtype), _as(lse, _mask_dtype(q))
     if _may_see_nothing(parts):
         # A row that sees no key has lse = -inf: exp(s - lse) would be NaN; with +inf its probabilities are 0.
         lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
@@ -382,7 +382,7 @@ def _fused_part_grads(grad_out, grad_lse, q, parts, out, lse, scale):
         part_dq, part_dk, part_dv = _fused_backward(grad_out, q, keys, values, out, lse, 0.0, kernel_causal,
                                                     attn_mask=mask, scale=scale)
         # the parts' dq summed in float32 (float64), each fused backward's result being a fresh tensor
-        dq = part_dq.to(_mask_dtype(q)) if dq is None else dq.add_(part_dq)
+        dq = _as(part_dq, _mask_dtype(q)) if dq is None else dq.add_(part_dq)
         if extra is not None:
             dq += extra.dq[number]
             part_dk = part_dk + extra.dk[number]
@@ -408,11 +408,11 @@ def _reduce_prefix(per_sample, prefix_index, prefix_k, prefix_v):
     for bank, grad in zip((prefix_k, prefix_v), per_sample):
         accumulate = torch.promote_types(torch.float32, bank.dtype)
         if prefix_index is None:
-            total = grad.to(accumulate).sum(0, keepdim=True)
+            total = _as(grad, accumulate).sum(0, keepdim=True)
         else:
             total = torch.zeros(bank.shape, dtype=accumulate, device=bank.device)
-            total.index_add_(0, prefix_index.long(), grad.to(accumulate))
-        reduced.append(total.to(bank.dtype))
+            total.index_add_(0, _as(prefix_index, torch.int64), _as(grad, accumulate))
+        reduced.append(_as(total, bank.dtype))
     return reduced
 
 
