@@ -531,11 +531,7 @@ def _reference_masks(attn_mask) -> dict:
 
 def _generator(seed, q):
     """The generator the reference backend draws its dropout mask from, made again from the seed in backward."""
-    if seed is None:
-        return None
-    generator = torch.Generator(device=q.device)
-    generator.manual_seed(int(seed))
-    return generator
+    return None if seed is None else reference.seeded_generator(seed, q.device)
 
 
 def _in_output_layout(out: Tensor) -> Tensor:

@@ -37,7 +37,6 @@ then falls back to the reference.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Optional
 
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ._memo import Memo
+from .reference import seeded_generator
 
 __all__ = ["forward", "backward", "unsupported_reasons", "DTYPES"]
 
@@ -259,8 +259,6 @@ def differentiable_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_len
         return None  # (without one of the parts an input would get no gradient at all, not zeros)
     parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
                    window_size, broadcast=True)
-    if not parts:
-        return None
     out, lse = _Composed(q, parts, scale, dropout_p, seed).forward(need_lse)
     # the op's layout: [B, Nq, Hq, Dv] memory viewed as [B, Hq, Nq, Dv], in q's dtype; the lse in float32
     return (_as(out, q.dtype).transpose(1, 2).contiguous().transpose(1, 2),
@@ -472,7 +470,7 @@ class _Composed:
             keys.shape[1] != q.shape[1] for keys, *_ in parts))
         self.kept = None  # dropout's kept entries, scaled by 1 / (1 - p); zero where dropped
         if dropout_p > 0.0:
-            draw = torch.rand((batch, heads, q_len, sum(widths)), generator=_seeded_generator(seed, q.device),
+            draw = torch.rand((batch, heads, q_len, sum(widths)), generator=seeded_generator(seed, q.device),
                               device=q.device)
             # the reference's mask (draw >= p), as 0 / 1 in the draw's float32, then scaled: no bool tensor between
             self.kept = _as(draw.ge_(dropout_p), self.dtype).mul_(1.0 / (1.0 - dropout_p))
@@ -562,20 +560,6 @@ class _Composed:
         dq = self._ungrouped(dq).mul_(self.scale)
         score_grad = grad_scores[..., self.columns[-1]] if self.sequence_last else None
         return dq, grads, score_grad
-
-
-# One generator per device and thread, seeded afresh for each call: making one costs microseconds, and a thread's
-# own cannot be reseeded by another between its seeding and its draw.
-_GENERATORS = threading.local()
-
-
-def _seeded_generator(seed: Tensor, device: torch.device) -> torch.Generator:
-    """A generator of ``device`` seeded with ``seed`` (the call's dropout seed, a CPU tensor here)."""
-    generators = _GENERATORS.__dict__
-    generator = generators.get(device)
-    if generator is None:
-        generator = generators[device] = torch.Generator(device=device)
-    return generator.manual_seed(int(seed))
 
 
 def _scaled_contiguous(x: Tensor, scale: float, dtype: torch.dtype, contiguous: bool = True) -> Tensor:

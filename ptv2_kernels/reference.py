@@ -9,12 +9,29 @@ docs/design.md §4, and autograd gives its gradients for free, so every test and
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["attention_ref", "attention_ref_backward", "attention_ref_varlen"]
+__all__ = ["attention_ref", "attention_ref_backward", "attention_ref_varlen", "seeded_generator"]
+
+
+# One generator per device and thread, seeded afresh for each call: making one costs microseconds, and a thread's
+# own cannot be reseeded by another between its seeding and its draw.
+_GENERATORS = threading.local()
+
+
+def seeded_generator(seed: Tensor, device: torch.device) -> torch.Generator:
+    """The generator a call's dropout mask is drawn from: one of ``device``, seeded with ``seed`` (the call's
+    dropout seed, an integer tensor). The reference backend and native draw their masks from it, in forward and
+    again in backward; it is shared by the calls of a thread, so draw from it before the next call seeds it."""
+    generators = _GENERATORS.__dict__
+    generator = generators.get(device)
+    if generator is None:
+        generator = generators[device] = torch.Generator(device=device)
+    return generator.manual_seed(int(seed))
 
 
 def attention_ref(
