@@ -31,12 +31,18 @@ the concatenated keys/values is written: the scores are the math composition's o
 A model hands every layer the same mask and index tensors, so what the parts derive from them (the additive
 masks, which rows see a key) is derived once and remembered for the following calls (see :func:`_remembered`).
 
+The call a model makes at every layer (both parts have keys, no dropout, no bias gradient, no lse gradient) runs
+its forward and backward in C++ where the extension ``ptv2_kernels._native`` is built (``csrc/native/``: the same
+two fused calls and the same merge formula, without the per-call Python work); :func:`host_path` says which.
+
 What the backend cannot do is stated in :func:`unsupported_reasons` (other devices, other dtypes), and ``auto``
 then falls back to the reference.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import weakref
 from typing import Optional
 
@@ -46,7 +52,7 @@ from torch import Tensor
 from ._memo import Memo
 from .reference import seeded_generator
 
-__all__ = ["forward", "backward", "unsupported_reasons", "DTYPES"]
+__all__ = ["forward", "backward", "unsupported_reasons", "host_path", "DTYPES"]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -55,6 +61,40 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _fused = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu",
                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
 _fused_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _load_compiled():
+    """(the extension ptv2_kernels._native, None), or (None, why it is not used)."""
+    try:
+        if importlib.util.find_spec("ptv2_kernels._native") is None:
+            return None, "the extension ptv2_kernels._native is not built"
+        return importlib.import_module("ptv2_kernels._native"), None
+    except Exception as error:  # noqa: BLE001 - an ABI or loader error: report it, keep the Python path
+        return None, f"the extension ptv2_kernels._native does not load ({type(error).__name__}: {error})"
+
+
+# None: every call runs from Python (the tests set it so to compare the two paths).
+_compiled, _compiled_problem = _load_compiled()
+
+
+def host_path() -> str:
+    """Where the common calls' host work runs: "C++ (ptv2_kernels._native)" or "Python (<why not C++>)"."""
+    if _compiled is not None:
+        return "C++ (ptv2_kernels._native)"
+    return f"Python ({_compiled_problem or 'the compiled path is switched off'})"
+
+
+def _compiled_serves(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
+    """Whether the compiled path serves a call without dropout: both parts have keys and there are queries."""
+    return _compiled is not None and k.shape[2] > 0 and prefix_k.shape[2] > 0 and q.numel() > 0
+
+
+def _compiled_masks(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, window_size):
+    """The compiled path's mask arguments: the prefix part's (mask, rows seeing) and the sequence part's (mask,
+    kernel causal flag, rows seeing), derived as for the Python path."""
+    prefix = (None, None) if prefix_lengths is None else _remembered(
+        _prefix_length_part, (prefix_lengths, prefix_index), _mask_dtype(q), q.shape[0], prefix_k.shape[2])
+    return (*prefix, *_sequence_mask(q, k, attn_mask, attn_bias, causal, window_size))
 
 
 def unsupported_reasons(q: Tensor, prefix_k: Tensor, dropout_p: float, attn_bias: Optional[Tensor],
@@ -225,6 +265,10 @@ def _part_lse(lse: Tensor, rows_seeing: Optional[Tensor]) -> Tensor:
 
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
             attn_bias=None, window_size=None):
+    if dropout_p == 0.0 and _compiled_serves(q, k, prefix_k):
+        return _compiled.forward(q, k, v, prefix_k, prefix_v, prefix_index,
+                                 *_compiled_masks(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
+                                                  causal, window_size), scale)
     batch, q_heads, q_len, head_dim = q.shape
     # [B, Nq, Hq, D] memory viewed as [B, Hq, Nq, D], made in one call
     out = torch.empty_strided((batch, q_heads, q_len, head_dim), (q_len * q_heads * head_dim, head_dim,
@@ -339,6 +383,10 @@ def _merge_weights(lses):
 
 def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
              lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, window_size=None):
+    if dropout_p == 0.0 and grad_bias is None and grad_lse is None and _compiled_serves(q, k, prefix_k):
+        return _compiled.backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index,
+                                  *_compiled_masks(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
+                                                   causal, window_size), out, lse, scale)
     parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
                    window_size)
     # what no part writes: the sequence's gradients without sequence keys, the prefix's without prefix keys

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ptv2_kernels import backends, prefix_attention
+from ptv2_kernels import backends, native, prefix_attention
 
 from . import kernel_cases
 from .hf_models import (ShapeRecorder, decoder_model, encoder_model, logits_of, loss_of, patch_with_random_bank,
@@ -31,6 +31,109 @@ def test_matches_reference(case, dtype):
     """The kernel backends' grid: masks, causal with Nq != Nk, GQA, banks with indices and lengths (strided and
     stride-0 index layouts), layouts, head dims, P = 0; lse and its gradient included."""
     check_against_reference(case, dtype, backend="native")
+
+
+needs_compiled_path = pytest.mark.skipif(native._compiled is None, reason=native.host_path())
+
+# The common call (no dropout, no bias or lse gradient) with its compiled forward and backward: a model's training
+# step, where only out carries a gradient. The grid's cases, edge cases and the other dtypes.
+WITHOUT_LSE_GRAD = GRID + [
+    pytest.param(Case(q_len=11, k_len=5, causal=True, num_prefixes=2, lengths=True), torch.float32,
+                 id="causal-more-queries"),
+    pytest.param(Case(prefix_len=4, mask="padding", causal=True, q_len=6, k_len=6, num_prefixes=3, lengths=True,
+                      prefix_dtype=torch.float32), torch.float16, id="float32-bank-float16-q"),
+    pytest.param(Case(num_prefixes=3, lengths=True, mask="padding", causal=True), torch.float64, id="float64"),
+    pytest.param(Case(num_prefixes=3, lengths=True, mask="dense", q_len=1), torch.bfloat16, id="bfloat16-decode"),
+    pytest.param(Case(mask="sdpa_float", causal=True, q_len=9, k_len=13), torch.float32, id="float-mask"),
+    pytest.param(Case(layout="packed", prefix_layout="strided", num_prefixes=2, index_layout="expanded", q_len=24,
+                      k_len=24),
+                 torch.float32, id="packed-strided"),
+]
+
+
+def _out_grad_run(inputs, kwargs, seed=1):
+    """(out, grads of q, k, v, prefix_k, prefix_v) with a loss on out alone, through the native backend."""
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    out = prefix_attention(*leaves, **kwargs, backend="native")
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=gen).to(out.dtype)
+    return out, torch.autograd.grad(out, leaves, grad_out), grad_out
+
+
+@pytest.mark.parametrize("case, dtype", WITHOUT_LSE_GRAD)
+def test_gradient_of_out_alone_matches_reference(case, dtype):
+    """The call a model makes, forward and backward, against the float64 oracle (the compiled path where it is
+    built: the grid's other tests give lse a gradient too, which the Python path serves)."""
+    inputs, kwargs = make_inputs(case, dtype)
+    out, grads, grad_out = _out_grad_run(inputs, kwargs)
+    assert out.transpose(1, 2).is_contiguous() and out.dtype == dtype
+    upstream = (grad_out, torch.zeros(out.shape[:3]))
+    oracle = reference_results(inputs, kwargs, upstream, torch.float64)
+    same_precision = reference_results(inputs, kwargs, upstream, dtype)
+    assert_close_to_reference("out", out, oracle[0], same_precision[0], dtype)
+    for name, grad, leaf, want, pt in zip(["dq", "dk", "dv", "dprefix_k", "dprefix_v"], grads, inputs, oracle[2],
+                                          same_precision[2]):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
+        assert_close_to_reference(name, grad, want, pt, min(dtype, grad.dtype, key=lambda d: torch.finfo(d).bits))
+
+
+@needs_compiled_path
+@pytest.mark.parametrize("case, dtype", WITHOUT_LSE_GRAD)
+def test_compiled_path_equals_the_python_path(case, dtype, monkeypatch):
+    """The C++ forward and backward compute the Python path's formulas: the same fused calls, the same merge
+    (its weight in float32, float64 for float64, once rounded), so they agree to the rounding of the merge's last
+    operations; the lse bit for bit where both parts' lse are exact."""
+    inputs, kwargs = make_inputs(case, dtype)
+    compiled = _out_grad_run(inputs, kwargs)
+    compiled_lse = prefix_attention(*inputs, **kwargs, backend="native", return_lse=True)[1]
+    monkeypatch.setattr(native, "_compiled", None)
+    python = _out_grad_run(inputs, kwargs)
+    python_lse = prefix_attention(*inputs, **kwargs, backend="native", return_lse=True)[1]
+    assert torch.equal(torch.isneginf(compiled_lse), torch.isneginf(python_lse))
+    torch.testing.assert_close(compiled_lse, python_lse, rtol=4 * torch.finfo(torch.float32).eps, atol=1e-6)
+    # A merge rounds o_s + w (o_p - o_s) once in q's dtype (float32 inside for half types): the two formulas for
+    # it differ by an ulp or two of q's dtype, which the gradients (through the saved out) see once more.
+    ulps = 4 * torch.finfo(dtype).eps
+    for name, got, want in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], [compiled[0], *compiled[1]],
+                               [python[0], *python[1]]):
+        scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+        torch.testing.assert_close(got, want, rtol=ulps, atol=ulps * scale, msg=name)
+
+
+@needs_compiled_path
+def test_compiled_path_is_what_the_common_call_runs(monkeypatch):
+    """A model's call (no dropout, out's gradient alone) runs the C++ forward and backward; dropout and an lse
+    gradient run the Python path."""
+    calls = []
+    monkeypatch.setattr(native, "_compiled", _Recording(native._compiled, calls))
+    inputs, kwargs = make_inputs(Case(num_prefixes=2, lengths=True, mask="padding"), torch.float32)
+    out, _, _ = _out_grad_run(inputs, kwargs)
+    assert calls == ["forward", "backward"]
+    calls.clear()
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    out, lse = prefix_attention(*leaves, **kwargs, backend="native", return_lse=True)
+    (out.sum() + lse.sum()).backward()
+    assert calls == ["forward"]  # the lse's gradient: the Python backward
+    calls.clear()
+    prefix_attention(*leaves, **kwargs, backend="native", dropout_p=0.3).sum().backward()
+    assert calls == []
+    monkeypatch.undo()
+    assert native.host_path() == "C++ (ptv2_kernels._native)"
+
+
+class _Recording:
+    """The compiled module, recording which of its functions run."""
+
+    def __init__(self, module, calls):
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name):
+        function = getattr(self._module, name)
+
+        def recorded(*args):
+            self._calls.append(name)
+            return function(*args)
+        return recorded
 
 
 @pytest.mark.parametrize("mask", ["sdpa_bool", "sdpa_float", "padding_dense", "dense_heads"])

@@ -1,0 +1,220 @@
+// The native backend's common calls in C++ (the extension ptv2_kernels._native, built for CPU and CUDA torch
+// alike): prefix attention as two calls of torch's fused CPU attention, one over the prefix and one over the
+// sequence, merged by log-sum-exp. ptv2_kernels/native.py holds the formulas and every other case; this file only
+// saves the per-call Python work of the case a model runs at every layer: both parts have keys, no dropout, no
+// bias gradient, no lse gradient. Arguments arrive checked and normalized by ptv2_kernels/ops.py, the parts'
+// masks derived (and remembered) by native.py.
+//
+//   forward(q, k, v, prefix_k, prefix_v, prefix_index?, prefix_mask?, prefix_rows?, sequence_mask?,
+//           sequence_causal, sequence_rows?, scale) -> (out [B, Hq, Nq, Dv] in [B, Nq, Hq, Dv] memory, lse float32)
+//   backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index?, prefix_mask?, prefix_rows?, sequence_mask?,
+//            sequence_causal, sequence_rows?, out, lse, scale) -> (dq, dk, dv, d_prefix_k, d_prefix_v)
+//
+// prefix_k/prefix_v are the bank [T, Hkv, P, D]; prefix_index [B] (contiguous int) picks each sample's entry (None:
+// T = 1, read through a stride-0 view). The masks are additive float masks the fused kernel takes; *_rows are bool
+// tensors broadcastable to [B, Hq, Nq], false where a row sees no key of that part (the fused kernel then gives
+// lse 0, not -inf), None where every row sees one.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+// Rows of the merge handled per task: below this much work a second thread costs more than it saves.
+constexpr int64_t kMergeGrain = 1 << 15;
+
+// The softmax statistics are computed in float64 for float64 inputs, float32 otherwise (the fused kernel's lse).
+at::ScalarType accumulate_type(const Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor as_type(const Tensor& t, at::ScalarType type) { return t.scalar_type() == type ? t : t.to(type); }
+
+// The sample's prefix keys or values in q's dtype: [B, Hkv, P, D], gathered per sample or a stride-0 view.
+Tensor prefix_part(const Tensor& bank, const OptionalTensor& prefix_index, const Tensor& q) {
+  Tensor part = prefix_index.has_value() ? at::index_select(bank, 0, *prefix_index)
+                                         : bank.expand({q.size(0), -1, -1, -1});
+  return as_type(part, q.scalar_type());
+}
+
+// The rows-seeing tensor as a [B, Hq, Nq] view (stride 0 where it broadcasts), or an undefined tensor.
+Tensor rows_view(const OptionalTensor& rows, const Tensor& q) {
+  if (!rows.has_value()) return Tensor();
+  TORCH_CHECK(rows->scalar_type() == at::kBool, "ptv2_kernels._native: rows tensors are bool, got ",
+              rows->scalar_type());
+  return rows->expand({q.size(0), q.size(1), q.size(2)});
+}
+
+struct Part {
+  Tensor out, lse;  // [B, Hq, Nq, Dv] (the kernel's [B, Nq, Hq, Dv] memory) and [B, Hq, Nq]
+  Tensor rows;      // [B, Hq, Nq] bool view, or undefined: every row sees a key of this part
+};
+
+Part fused_part(const Tensor& q, const Tensor& keys, const Tensor& values, const OptionalTensor& mask, bool causal,
+                const OptionalTensor& rows, double scale) {
+  auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, causal, mask, scale);
+  return {out, lse, rows_view(rows, q)};
+}
+
+// The merge of the two parts into out (q's dtype) and lse (float32, or `lse_type`): with per-part lse l_p, l_s,
+// l = logaddexp(l_p, l_s) and out = o_s + w (o_p - o_s) with the prefix weight w = exp(l_p - l) = sigmoid(l_p - l_s),
+// the formula native.py's lerp computes. A part whose row sees no key is left out of that row (its output is not
+// read); a row that sees no key of either part gets out 0 and lse -inf.
+template <typename scalar_t>
+void merge_rows(const Part& prefix, const Part& sequence, Tensor& out, Tensor& lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = out.size(0), heads = out.size(1), q_len = out.size(2), dim = out.size(3);
+  const scalar_t* po = prefix.out.const_data_ptr<scalar_t>();
+  const scalar_t* so = sequence.out.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const auto* pl = prefix.lse.const_data_ptr<acc_t>();
+  const auto* sl = sequence.lse.const_data_ptr<acc_t>();
+  float* l_out = lse.scalar_type() == at::kFloat ? lse.mutable_data_ptr<float>() : nullptr;
+  double* l_out64 = l_out == nullptr ? lse.mutable_data_ptr<double>() : nullptr;
+  const bool* prows = prefix.rows.defined() ? prefix.rows.const_data_ptr<bool>() : nullptr;
+  const bool* srows = sequence.rows.defined() ? sequence.rows.const_data_ptr<bool>() : nullptr;
+  // strides in elements, [b, h, i, d] for the outputs and [b, h, i] for the lse and rows
+  const auto pos = prefix.out.strides(), sos = sequence.out.strides(), os = out.strides();
+  const auto pls = prefix.lse.strides(), sls = sequence.lse.strides(), ls = lse.strides();
+  const auto prs = prefix.rows.defined() ? prefix.rows.strides() : at::IntArrayRef();
+  const auto srs = sequence.rows.defined() ? sequence.rows.strides() : at::IntArrayRef();
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t rows = batch * heads * q_len;
+  const int64_t grain = std::max<int64_t>(1, kMergeGrain / std::max<int64_t>(dim, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / (heads * q_len), h = (row / q_len) % heads, i = row % q_len;
+      const bool prefix_seen = prows == nullptr || prows[b * prs[0] + h * prs[1] + i * prs[2]];
+      const bool sequence_seen = srows == nullptr || srows[b * srs[0] + h * srs[1] + i * srs[2]];
+      const acc_t lp = prefix_seen ? pl[b * pls[0] + h * pls[1] + i * pls[2]] : neg_inf;
+      const acc_t lsq = sequence_seen ? sl[b * sls[0] + h * sls[1] + i * sls[2]] : neg_inf;
+      const scalar_t* p_row = po + b * pos[0] + h * pos[1] + i * pos[2];
+      const scalar_t* s_row = so + b * sos[0] + h * sos[1] + i * sos[2];
+      scalar_t* o_row = o + b * os[0] + h * os[1] + i * os[2];
+      acc_t merged;
+      if (prefix_seen && sequence_seen) {
+        const acc_t weight = acc_t(1) / (acc_t(1) + std::exp(lsq - lp));
+        const acc_t high = std::max(lp, lsq);
+        merged = high + std::log1p(std::exp(std::min(lp, lsq) - high));
+        for (int64_t d = 0; d < dim; ++d) {
+          const acc_t s = static_cast<acc_t>(s_row[d]);
+          o_row[d] = static_cast<scalar_t>(s + weight * (static_cast<acc_t>(p_row[d]) - s));
+        }
+      } else if (prefix_seen || sequence_seen) {
+        merged = prefix_seen ? lp : lsq;
+        const scalar_t* seen = prefix_seen ? p_row : s_row;
+        for (int64_t d = 0; d < dim; ++d) o_row[d] = seen[d];
+      } else {
+        merged = neg_inf;
+        for (int64_t d = 0; d < dim; ++d) o_row[d] = scalar_t(0);
+      }
+      const int64_t at = b * ls[0] + h * ls[1] + i * ls[2];
+      if (l_out != nullptr) {
+        l_out[at] = static_cast<float>(merged);
+      } else {
+        l_out64[at] = static_cast<double>(merged);
+      }
+    }
+  });
+}
+
+void check_common(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k, const Tensor& prefix_v) {
+  for (const Tensor* t : {&q, &k, &v, &prefix_k, &prefix_v}) {
+    TORCH_CHECK(t->device().is_cpu(), "ptv2_kernels._native: CPU tensors only, got ", t->device());
+    TORCH_CHECK(t->dim() == 4, "ptv2_kernels._native: 4-D tensors, got ", t->dim(), "-D");
+  }
+  TORCH_CHECK(k.size(2) > 0 && prefix_k.size(2) > 0 && q.numel() > 0,
+              "ptv2_kernels._native: both parts must have keys and q must be non-empty (native.py serves the rest)");
+}
+
+// (out in q's dtype in [B, Nq, Hq, Dv] memory, lse in `lse_type`) over both parts.
+std::tuple<Tensor, Tensor> merged_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
+                                          const Tensor& prefix_v, const OptionalTensor& prefix_index,
+                                          const OptionalTensor& prefix_mask, const OptionalTensor& prefix_rows,
+                                          const OptionalTensor& sequence_mask, bool sequence_causal,
+                                          const OptionalTensor& sequence_rows, double scale, at::ScalarType lse_type) {
+  check_common(q, k, v, prefix_k, prefix_v);
+  const Part prefix = fused_part(q, prefix_part(prefix_k, prefix_index, q), prefix_part(prefix_v, prefix_index, q),
+                                 prefix_mask, false, prefix_rows, scale);
+  const Part sequence = fused_part(q, k, v, sequence_mask, sequence_causal, sequence_rows, scale);
+  const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2), dim = v.size(3);
+  Tensor out = at::empty_strided({batch, heads, q_len, dim}, {q_len * heads * dim, dim, heads * dim, 1}, q.options());
+  Tensor lse = at::empty({batch, heads, q_len}, q.options().dtype(lse_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "ptv2_native_merge",
+                                  [&] { merge_rows<scalar_t>(prefix, sequence, out, lse); });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
+                                   const Tensor& prefix_v, const OptionalTensor& prefix_index,
+                                   const OptionalTensor& prefix_mask, const OptionalTensor& prefix_rows,
+                                   const OptionalTensor& sequence_mask, bool sequence_causal,
+                                   const OptionalTensor& sequence_rows, double scale) {
+  return merged_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mask, prefix_rows, sequence_mask,
+                        sequence_causal, sequence_rows, scale, at::kFloat);
+}
+
+// The bank's gradient: each entry's per-sample gradient summed over the samples that used it, in float32 (float64
+// for a float64 bank), then in the bank's dtype.
+Tensor reduced_prefix_grad(const Tensor& per_sample, const OptionalTensor& prefix_index, const Tensor& bank) {
+  const at::ScalarType accumulate = at::promote_types(at::kFloat, bank.scalar_type());
+  Tensor total;
+  if (!prefix_index.has_value()) {
+    total = as_type(per_sample, accumulate).sum(0, /*keepdim=*/true);
+  } else {
+    total = at::zeros(bank.sizes(), bank.options().dtype(accumulate));
+    total.index_add_(0, as_type(*prefix_index, at::kLong), as_type(per_sample, accumulate));
+  }
+  return as_type(total, bank.scalar_type());
+}
+
+// Each part's fused backward, called with the merged output and lse, gives that part's exact share of the
+// gradients (its probabilities are exp(s - lse), its row term rowsum(dO * out) the merged one).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
+    const Tensor& prefix_v, const OptionalTensor& prefix_index, const OptionalTensor& prefix_mask,
+    const OptionalTensor& prefix_rows, const OptionalTensor& sequence_mask, bool sequence_causal,
+    const OptionalTensor& sequence_rows, const Tensor& out, const Tensor& lse, double scale) {
+  check_common(q, k, v, prefix_k, prefix_v);
+  const at::ScalarType accumulate = accumulate_type(q);
+  Tensor merged_out = as_type(out, q.scalar_type()), merged_lse = as_type(lse, accumulate);
+  if (q.scalar_type() == at::kDouble) {  // the saved lse is float32: recompute both in full precision
+    std::tie(merged_out, merged_lse) = merged_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_mask,
+                                                      prefix_rows, sequence_mask, sequence_causal, sequence_rows,
+                                                      scale, at::kDouble);
+  }
+  if (prefix_rows.has_value() || sequence_rows.has_value()) {
+    // a row that sees no key has lse -inf: exp(s - lse) would be NaN; with +inf its probabilities are 0
+    merged_lse = merged_lse.masked_fill(merged_lse.isneginf(), std::numeric_limits<double>::infinity());
+  }
+  // grad_out in the kernel's [B, Nq, Hq, Dv] memory: the fused backward copies it there otherwise, once per part
+  Tensor upstream = as_type(grad_out, q.scalar_type());
+  if (!upstream.transpose(1, 2).is_contiguous()) upstream = upstream.transpose(1, 2).contiguous().transpose(1, 2);
+  const Tensor prefix_keys = prefix_part(prefix_k, prefix_index, q), prefix_values = prefix_part(prefix_v, prefix_index, q);
+  auto [dq_prefix, dk_prefix, dv_prefix] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      upstream, q, prefix_keys, prefix_values, merged_out, merged_lse, 0.0, false, prefix_mask, scale);
+  auto [dq_sequence, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      upstream, q, k, v, merged_out, merged_lse, 0.0, sequence_causal, sequence_mask, scale);
+  Tensor dq = as_type(dq_prefix, accumulate);  // a fresh tensor either way: summed into in place
+  dq.add_(dq_sequence);
+  return {as_type(dq, q.scalar_type()), as_type(dk, k.scalar_type()), as_type(dv, v.scalar_type()),
+          reduced_prefix_grad(dk_prefix, prefix_index, prefix_k), reduced_prefix_grad(dv_prefix, prefix_index, prefix_v)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ptv2_kernels' native backend host path: prefix and sequence fused parts merged by log-sum-exp, in C++";
+  m.def("forward", &forward, "(out, lse) of prefix attention over both parts (see csrc/native/native.cpp)");
+  m.def("backward", &backward, "(dq, dk, dv, d_prefix_k, d_prefix_v) of prefix attention over both parts");
+}
