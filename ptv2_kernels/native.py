@@ -92,9 +92,16 @@ def _compiled_serves(q: Tensor, k: Tensor, prefix_k: Tensor) -> bool:
 def _compiled_masks(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, window_size):
     """The compiled path's mask arguments: the prefix part's (mask, rows seeing) and the sequence part's (mask,
     kernel causal flag, rows seeing), derived as for the Python path."""
-    prefix = (None, None) if prefix_lengths is None else _remembered(
-        _prefix_length_part, (prefix_lengths, prefix_index), _mask_dtype(q), q.shape[0], prefix_k.shape[2])
-    return (*prefix, *_sequence_mask(q, k, attn_mask, attn_bias, causal, window_size))
+    return (*_prefix_masks(q, prefix_k, prefix_index, prefix_lengths),
+            *_sequence_mask(q, k, attn_mask, attn_bias, causal, window_size))
+
+
+def _prefix_masks(q, prefix_k, prefix_index, prefix_lengths):
+    """The prefix part's (additive mask, rows seeing), as :func:`_prefix_part` derives them."""
+    if prefix_lengths is None:
+        return None, None
+    return _remembered(_prefix_length_part, (prefix_lengths, prefix_index), _mask_dtype(q), q.shape[0],
+                       prefix_k.shape[2])
 
 
 def unsupported_reasons(q: Tensor, prefix_k: Tensor, dropout_p: float, attn_bias: Optional[Tensor],
@@ -266,6 +273,12 @@ def _part_lse(lse: Tensor, rows_seeing: Optional[Tensor]) -> Tensor:
 def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
             attn_bias=None, window_size=None):
     if dropout_p == 0.0 and _compiled_serves(q, k, prefix_k):
+        if attn_mask is not None and attn_mask.dim() == 2 and attn_bias is None and window_size is None and (
+                not causal or q.shape[2] == 1):
+            # key padding alone (a model's, new each step): the extension reads it as it is
+            return _compiled.forward(q, k, v, prefix_k, prefix_v, prefix_index,
+                                     *_prefix_masks(q, prefix_k, prefix_index, prefix_lengths), None, False, None,
+                                     scale, attn_mask)
         return _compiled.forward(q, k, v, prefix_k, prefix_v, prefix_index,
                                  *_compiled_masks(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
                                                   causal, window_size), scale)
