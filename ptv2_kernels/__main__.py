@@ -337,6 +337,12 @@ def _device_line() -> str:
            "visible"
 
 
+def _native_host_line() -> str:
+    from . import native
+
+    return native.host_path()
+
+
 def _extension_line() -> str:
     try:
         from ptv2_kernels import cuda_backend
@@ -347,7 +353,7 @@ def _extension_line() -> str:
             present = importlib.util.find_spec("ptv2_kernels._C") is not None
         except (ImportError, ValueError):
             present = False
-        return "built" if present else "not built (pure-Python installation)"
+        return "built" if present else "not built"
 
 
 def check_dtypes(name: str, device: str) -> tuple:
@@ -378,6 +384,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"  Python  {platform.python_version()} ({sys.executable})")
     print(f"  device  {_device_line()}")
     print(f"  _C      {_extension_line()}")
+    print(f"  _native the native backend's common calls run in {_native_host_line()}")
     if interpreter_note:
         print(f"  note    {interpreter_note}")
 

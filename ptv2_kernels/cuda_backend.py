@@ -38,7 +38,7 @@ def _extension():
     """(module, None) when ``ptv2_kernels._C`` imports, else (None, why not)."""
     try:
         if importlib.util.find_spec("ptv2_kernels._C") is None:
-            return None, "the CUDA extension ptv2_kernels._C is not built (pure-Python installation)"
+            return None, "the CUDA extension ptv2_kernels._C is not built"
     except (ImportError, ValueError) as error:
         return None, f"the CUDA extension ptv2_kernels._C cannot be found ({error})"
     try:
