@@ -11,6 +11,7 @@ an element a kernel forgets to write shows up as NaN. The backward's reduction m
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import pytest
@@ -124,6 +125,31 @@ def test_additive_bias(case, dtype, multiprocessors, monkeypatch):
     monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device: multiprocessors)
     monkeypatch.setattr(triton_backend, "MIN_KEYS_PER_SPLIT", 16)
     check_against_reference(case, dtype)
+
+
+def test_launch_plans_are_made_once_per_problem(monkeypatch):
+    """The launchers plan a padded problem once (constants, flags, GQA packing, splits, grids) and every later call
+    of the same problem (every layer, every decode step) reuses the plan; other strides of the same shapes share
+    it (strides are passed at each launch) and still match the reference; another flag, dtype or split rule makes a
+    plan of its own."""
+    from ptv2_kernels._memo import Memo
+    from ptv2_kernels.triton import prefix_attention as triton_backend
+
+    plans = Memo(capacity=128)
+    monkeypatch.setattr(triton_backend, "_PLANS", plans)
+    case = Case(q_len=1, k_len=40, q_heads=4, kv_heads=2, prefix_len=24, mask="padding", causal=True)
+    check_against_reference(case, torch.float32)
+    assert len(plans) == 2  # one forward plan, one backward plan
+    check_against_reference(dataclasses.replace(case, layout="bnhd"), torch.float32)
+    assert len(plans) == 2
+    check_against_reference(dataclasses.replace(case, causal=False), torch.float32)
+    assert len(plans) == 4
+    (forward_plan,) = [plan for key, plan in plans._entries.items() if key[0] == "forward" and plan.flags["CAUSAL"]]
+    assert forward_plan.splits == 1 and forward_plan.pack  # no multiprocessors to fill here; GQA rows packed
+    force_kv_splits(monkeypatch, case)  # the split rule's inputs change: the case plans again, and splits
+    check_against_reference(case, torch.float32)
+    assert len(plans) == 6
+    assert any(key[0] == "forward" and plan.splits > 1 for key, plan in plans._entries.items())
 
 
 def test_kv_split_heuristic():

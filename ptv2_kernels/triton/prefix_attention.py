@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 import triton
 
+from .._memo import Memo
 from ..backends import triton_interpreting
 from .kernels import (  # noqa: F401 - the kernels are also reached as attributes of this module (static report)
     LOG2E, _backward_key_kernel, _backward_preprocess_kernel, _backward_query_kernel, _combine_splits_kernel,
@@ -311,6 +312,82 @@ def _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, 
     return sizes, classes, flags
 
 
+class _ForwardPlan(NamedTuple):
+    """What a padded forward derives from its problem alone: every layer of a model's forward and every decode step
+    hands the launcher the same shapes and flags again, so the plan is made once per distinct problem."""
+
+    sizes: tuple
+    classes: tuple
+    flags: dict
+    pack: bool  # GQA packing: a program per key/value head, its query heads' rows stacked
+    splits: int  # key/value splits (1: none, no merge)
+    grid: object  # the launch grid, a function of the chosen block shape
+
+
+class _BackwardPlan(NamedTuple):
+    sizes: tuple
+    classes: tuple
+    flags: dict
+    query_grid: object
+    key_grid: object
+
+
+# Plans of padded launches, by _plan_key. Variable-length launches are not memoized: their grids follow the
+# packing's token totals, which change from batch to batch.
+_PLANS = Memo(capacity=128)
+
+
+def _plan_key(kind, q, k, v, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p,
+              softcap, prefix_bias, window_size) -> tuple:
+    """Everything a plan depends on: shapes (strides are passed at every launch, never planned), which optional
+    operands are present, the flags, the dtype (with tf32 for float32), the device, and the split-KV rule's inputs
+    (multiprocessors to fill, keys per split), so that a plan never outlives what it was made from."""
+    tf32 = q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    return (kind, tuple(q.shape), k.shape[1], k.shape[2], v.shape[-1], prefix_k.shape[0], prefix_k.shape[2],
+            prefix_index is None, prefix_lengths is None, 0 if attn_mask is None else attn_mask.dim(),
+            attn_bias is None, bool(causal), dropout_p > 0, softcap is None, prefix_bias is None,
+            None if window_size is None else tuple(window_size), q.dtype, tf32, q.device,
+            _multiprocessors(q.device), MIN_KEYS_PER_SPLIT)
+
+
+def _launch_plan(kind: str, q, k, v, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
+                 dropout_p, softcap, prefix_bias, window_size):
+    """The :class:`_ForwardPlan` (``kind`` "forward") or :class:`_BackwardPlan` of a padded launch, from the memo
+    or made now."""
+    key = _plan_key(kind, q, k, v, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p,
+                    softcap, prefix_bias, window_size)
+    plan = _PLANS.get(key)
+    if plan is None:
+        constants = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
+                                       dropout_p, None, softcap, v.shape[-1], prefix_bias, window_size)
+        make = _make_forward_plan if kind == "forward" else _make_backward_plan
+        plan = make(q, k, prefix_k, constants, multiprocessors=key[-2])
+        _PLANS.put(key, plan)
+    return plan
+
+
+def _make_forward_plan(q, k, prefix_k, constants, multiprocessors: int) -> _ForwardPlan:
+    sizes, classes, flags = constants
+    batch, q_heads, q_len = q.shape[:3]
+    kv_heads = k.shape[1]
+    pack = packs_query_heads(q_len, q_heads, kv_heads)
+    if pack:
+        rows, programs_per_sample = q_len * (q_heads // kv_heads), kv_heads
+        classes = (_next_power_of_2(rows), classes[1])
+    else:
+        rows, programs_per_sample = q_len, q_heads
+    splits = kv_splits(q_len, batch * programs_per_sample, prefix_k.shape[2] + k.shape[2], multiprocessors)
+    per_split = _query_block_grid(rows, programs_per_sample, batch)
+    return _ForwardPlan(sizes, classes, flags, pack, splits,
+                        lambda meta: (per_split(meta)[0] * splits, *per_split(meta)[1:]))
+
+
+def _make_backward_plan(q, k, prefix_k, constants, multiprocessors: int) -> _BackwardPlan:
+    batch, q_heads, q_len = q.shape[:3]
+    return _BackwardPlan(*constants, _query_block_grid(q_len, q_heads, batch),
+                         _key_block_grid(prefix_k.shape[2], k.shape[2], k.shape[1], batch))
+
+
 def _window_sides(window_size, causal: bool, unbounded: int) -> tuple[int, int]:
     """(window_left, window_right) as the kernels read them: both sides bounded, an unbounded side (-1) as
     ``unbounded`` (Nq + Nk: past every key, so the kernels need no case for it), the right side 0 under causal (the
@@ -387,6 +464,11 @@ def _multiprocessors(device: torch.device) -> int:
     """Streaming multiprocessors of a GPU; 0 elsewhere (the interpreter runs programs one by one: never split)."""
     if device.type != "cuda":
         return 0
+    return _device_multiprocessors(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -425,28 +507,21 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
                     window_size=None):
     """Write ``out`` and ``lse`` of a forward on 4-D operands (``[1, H, total, D]`` views for packed sequences)."""
     batch, q_heads, q_len = q.shape[:3]
-    kv_heads, value_dim = k.shape[1], v.shape[-1]
-    sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing, softcap, value_dim, prefix_bias,
-                                               window_size)
+    value_dim = v.shape[-1]
     sinks = _sinks_arg(sinks)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
     if packing is not None:
+        sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask,
+                                                   attn_bias, causal, dropout_p, packing, softcap, value_dim,
+                                                   prefix_bias, window_size)
         # no GQA packing nor split-KV: programs follow the packed query blocks
         pack, splits = False, 1
         grid = (lambda meta: (packing.total_q // meta["BLOCK_M"] + packing.num_seqs, q_heads, 1))
         cu_seqlens, varlen_sizes = packing.kernel_args()
     else:
-        pack = packs_query_heads(q_len, q_heads, kv_heads)
-        if pack:
-            rows, programs_per_sample = q_len * (q_heads // kv_heads), kv_heads
-            classes = (_next_power_of_2(rows), classes[1])
-        else:
-            rows, programs_per_sample = q_len, q_heads
-        splits = kv_splits(q_len, batch * programs_per_sample, prefix_k.shape[2] + k.shape[2],
-                           _multiprocessors(q.device))
-        per_split = _query_block_grid(rows, programs_per_sample, batch)
-        grid = (lambda meta: (per_split(meta)[0] * splits, *per_split(meta)[1:]))
+        sizes, classes, flags, pack, splits, grid = _launch_plan(
+            "forward", q, k, v, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias, causal, dropout_p,
+            softcap, prefix_bias, window_size)
         cu_seqlens, varlen_sizes = _NOT_PACKED
     # With splits, each writes a float32 partial output and lse of its own; the merge writes out and lse.
     dest, dest_lse = out, lse
@@ -512,11 +587,16 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
     ``grad_prefix_bias`` when they are non-empty tensors, and the sinks' into ``grad_sinks`` when there are sinks
     (the kernels need no sink: the lse includes it)."""
     batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len, value_dim = k.shape[1], k.shape[2], v.shape[-1]
+    kv_heads, value_dim = k.shape[1], v.shape[-1]
     num_prefixes, prefix_len = prefix_k.shape[0], prefix_k.shape[2]
-    sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
-                                               causal, dropout_p, packing, softcap, value_dim, prefix_bias,
-                                               window_size)
+    if packing is None:
+        plan = _launch_plan("backward", q, k, v, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,
+                            causal, dropout_p, softcap, prefix_bias, window_size)
+        sizes, classes, flags = plan.sizes, plan.classes, plan.flags
+    else:
+        sizes, classes, flags = _problem_constants(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask,
+                                                   attn_bias, causal, dropout_p, packing, softcap, value_dim,
+                                                   prefix_bias, window_size)
     qk_scale, cap_log2 = _score_scales(scale, softcap)
     key_pad, dense, mask_strides = _mask_args(attn_mask)
 
@@ -531,8 +611,7 @@ def _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_ind
 
     if packing is None:
         samples, cu_seqlens, varlen_sizes = batch, *_NOT_PACKED
-        query_grid = _query_block_grid(q_len, q_heads, batch)
-        key_grid = _key_block_grid(prefix_len, k_len, kv_heads, batch)
+        query_grid, key_grid = plan.query_grid, plan.key_grid
     else:
         samples, (cu_seqlens, varlen_sizes) = packing.num_seqs, packing.kernel_args()
         query_grid = (lambda meta: (packing.total_q // meta["BLOCK_M"] + samples, q_heads, 1))
