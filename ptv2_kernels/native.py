@@ -301,6 +301,25 @@ def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask
     return out, lse
 
 
+def common_inference_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> Optional[Tensor]:
+    """``out`` of the call a model makes at every layer of inference, in one step, or None where the op's full path
+    must serve it: the op's arguments as given (ops.py has not checked them), no index, no lengths, no option but a
+    key-padding mask, nothing needing a gradient. The extension checks what ops.py would and hands the call to this
+    backend's compiled forward as :func:`forward` would; every call it declines (an invalid argument among them)
+    takes the full path, which checks, raises or computes it. Plain tensors outside torch.compile, functorch
+    transforms and dispatch modes only: those see the registered custom op."""
+    compiled = _compiled
+    if compiled is None or not (causal is True or causal is False) or not (scale is None or type(scale) is float):
+        return None
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor or type(prefix_k) is not Tensor \
+            or type(prefix_v) is not Tensor or (key_padding_mask is not None and type(key_padding_mask) is not Tensor):
+        return None
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() \
+            or torch._C._len_torch_dispatch_stack() > 0:
+        return None
+    return compiled.common_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+
+
 def differentiable_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
                            dropout_p, *, attn_bias=None, bias_grad=False, window_size=None, need_lse=True):
     """(out, lse) as :func:`forward` gives them, made of differentiable torch operations for autograd to record,

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, native
 from ._memo import Memo
 
 __all__ = ["prefix_attention", "BACKENDS"]
@@ -103,6 +103,15 @@ def prefix_attention(
         ``out`` ``[B, Hq, Nq, Dv]`` in q's dtype, laid out in memory as ``[B, Nq, Hq, Dv]`` (so
         ``out.transpose(1, 2)`` is contiguous), or ``(out, lse)`` with ``return_lse``.
     """
+    if (prefix_index is None and prefix_lengths is None and attn_mask is None and attn_bias is None
+            and softcap is None and sinks is None and prefix_bias is None and window_size is None and not return_lse
+            and type(dropout_p) in (float, int) and dropout_p == 0 and (backend == "auto" or backend == "native")
+            and EAGER_PATH):
+        # The call a model makes at every layer of inference: checked and computed in one step of the native
+        # backend's extension where it serves it (a CPU call auto would send there), else the full path below.
+        out = native.common_inference_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+        if out is not None:
+            return out
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias = _checked(

@@ -352,6 +352,69 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tenso
                         rows, scale, at::kFloat);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The common inference call in one step: a call of the op with no index, no lengths, at most a key-padding mask
+// and no other option, where nothing needs a gradient. Its checks and its choice of backend and masks are the ones
+// ops.py and native.py would make, done here on the tensors' metadata; where any of them would come out otherwise
+// (an argument ops.py would reject, a case native.py derives masks for, a gradient) it returns None and the caller
+// takes the full path, which raises the error or computes the case. What it computes is native.forward's call.
+// ---------------------------------------------------------------------------------------------------------------
+
+bool native_dtype(const Tensor& t) {
+  const at::ScalarType type = t.scalar_type();
+  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
+}
+
+bool last_dim_contiguous(const Tensor& t) { return t.stride(-1) == 1 || t.size(-1) <= 1; }
+
+std::optional<Tensor> common_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prefix_k,
+                                     const Tensor& prefix_v, const OptionalTensor& key_padding_mask, bool causal,
+                                     std::optional<double> scale) {
+  const std::optional<Tensor> none;
+  for (const Tensor* t : {&q, &k, &v, &prefix_k, &prefix_v}) {
+    if (!t->defined() || !t->device().is_cpu() || !native_dtype(*t)) return none;
+  }
+  if (at::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad() ||
+                                     prefix_k.requires_grad() || prefix_v.requires_grad())) {
+    return none;  // the autograd path records the call
+  }
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.scalar_type() != k.scalar_type() ||
+      q.scalar_type() != v.scalar_type() || !last_dim_contiguous(q) || !last_dim_contiguous(k) ||
+      !last_dim_contiguous(v)) {
+    return none;
+  }
+  const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), k_len = k.size(2);
+  if (k.size(0) != batch || k.size(3) != dim || v.sizes() != k.sizes() || dim == 0 || kv_heads == 0 ||
+      q_heads % kv_heads != 0 || k_len == 0 || q.numel() == 0) {
+    return none;  // Dv != Dk (the native backend does not serve it), no sequence keys or no queries: the full path
+  }
+  if ((prefix_k.dim() != 3 && prefix_k.dim() != 4) || prefix_v.sizes() != prefix_k.sizes() ||
+      prefix_k.scalar_type() != prefix_v.scalar_type()) {
+    return none;
+  }
+  const Tensor bank_k = prefix_k.dim() == 3 ? prefix_k.unsqueeze(0) : prefix_k;
+  const Tensor bank_v = prefix_v.dim() == 3 ? prefix_v.unsqueeze(0) : prefix_v;
+  if (bank_k.size(0) != 1 || bank_k.size(1) != kv_heads || bank_k.size(2) == 0 || bank_k.size(3) != dim) {
+    return none;  // several entries need an index; an empty prefix is the full path's case
+  }
+  if (key_padding_mask.has_value()) {
+    const Tensor& mask = *key_padding_mask;
+    if (!mask.defined() || !mask.device().is_cpu() || mask.scalar_type() != at::kBool || mask.dim() != 2 ||
+        mask.size(0) != batch || mask.size(1) != k_len || (causal && q_len != 1)) {
+      return none;
+    }
+  } else if (causal && q_len != 1 && q_len != k_len) {
+    return none;  // native.py derives the bottom-right causal mask
+  }
+  if (scale.has_value() && !std::isfinite(*scale)) return none;
+  const double score_scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(dim));
+  // a single query sees every key under the bottom-right causal rule; the kernel's own rule serves Nq == Nk
+  const bool kernel_causal = causal && q_len != 1 && !key_padding_mask.has_value();
+  return std::get<0>(forward(q, k, v, bank_k, bank_v, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                             kernel_causal, std::nullopt, score_scale, key_padding_mask));
+}
+
 // The bank's gradient: each entry's per-sample gradient summed over the samples that used it, in float32 (float64
 // for a float64 bank), then in the bank's dtype.
 Tensor reduced_prefix_grad(const Tensor& per_sample, const OptionalTensor& prefix_index, const Tensor& bank) {
@@ -408,6 +471,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("prefix_v"), pybind11::arg("prefix_index"), pybind11::arg("prefix_mask"),
         pybind11::arg("prefix_rows"), pybind11::arg("sequence_mask"), pybind11::arg("sequence_causal"),
         pybind11::arg("sequence_rows"), pybind11::arg("scale"), pybind11::arg("sequence_padding") = pybind11::none());
+  m.def("common_forward", &common_forward,
+        "out of the common inference call (no index, lengths or option but a key-padding mask; nothing needing a "
+        "gradient), or None where the full path must serve it",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("prefix_k"),
+        pybind11::arg("prefix_v"), pybind11::arg("key_padding_mask"), pybind11::arg("causal"), pybind11::arg("scale"));
   m.def("direct_work_limit", []() { return direct_work_limit; },
         "Multiply-adds up to which the forward makes one direct pass over both key sets instead of two fused calls");
   m.def("set_direct_work_limit", [](int64_t limit) { direct_work_limit = limit; },
