@@ -193,7 +193,7 @@ class PrefixEncoder(nn.Module):
                     and not torch.compiler.is_compiling())
         if not reusable:
             return self._views()
-        state = tuple((id(p), p._version, p.data_ptr(), p.dtype, p.device) for p in self.parameters())
+        state = _parameter_state(self)
         cached = self.__dict__.get("_reused_views")
         if cached is None or cached[0] != state:
             cached = self.__dict__["_reused_views"] = (state, self._views())
@@ -240,6 +240,19 @@ def _to_device(ids: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda" and not torch.compiler.is_compiling():
         return ids.pin_memory().to(device, non_blocking=True)
     return ids.to(device)
+
+
+def _parameter_state(module: nn.Module) -> tuple:
+    """What identifies the values of ``module``'s parameters (each one's identity, version, memory, dtype and
+    device) without reading them: ``module.parameters()`` walked by hand, as a decode step asks it once."""
+    state, pending = [], [module]
+    while pending:
+        current = pending.pop()
+        for p in current._parameters.values():
+            if p is not None:
+                state.append((id(p), p._version, p.data_ptr(), p.dtype, p.device))
+        pending.extend(child for child in current._modules.values() if child is not None)
+    return tuple(state)
 
 
 def _tensor_key(t: Tensor):

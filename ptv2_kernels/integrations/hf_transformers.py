@@ -367,7 +367,7 @@ class PrefixContext:
     """What one forward of a patched model hands every attention call: the bank's per-slot (key, value) views
     (computed once), the samples' task selection, and the entries' lengths."""
 
-    __slots__ = ("state", "kv", "tasks", "lengths", "shift", "packing", "past", "windows")
+    __slots__ = ("state", "kv", "tasks", "lengths", "shift", "packing", "past", "windows", "op_mask")
 
     def __init__(self, state, kv, tasks: _TaskSelection, lengths, shift, packing: Optional[Packing] = None,
                  past=0):
@@ -377,6 +377,9 @@ class PrefixContext:
         # The sliding windows of the masks that the mask function handed over in their key-padding form, by
         # causality: {causal: (left, right)} (see integrations/windows.py).
         self.windows: dict = {}
+        # (the mask a model handed its attentions, is_causal, Nk, what _op_mask made of it): every layer of a
+        # forward gets the same mask, so the op's form of it is made once.
+        self.op_mask: Optional[tuple] = None
 
     @property
     def index(self) -> Optional[Tensor]:
@@ -500,6 +503,18 @@ def _empty_prefix(key: Tensor) -> Tensor:
     return _EMPTY_PREFIXES[cache_key]
 
 
+def _op_mask_of_forward(attention_mask, is_causal: bool, key: Tensor, context: Optional[PrefixContext]):
+    """:func:`_op_mask`, made once per forward for the mask all its layers get (eagerly: a trace makes it once)."""
+    if context is None or attention_mask is None or torch.compiler.is_compiling():
+        return _op_mask(attention_mask, is_causal, key, context)
+    made, k_len = context.op_mask, key.shape[-2]
+    if made is not None and made[0] is attention_mask and made[1] == is_causal and made[2] == k_len:
+        return made[3]
+    forms = _op_mask(attention_mask, is_causal, key, context)
+    context.op_mask = (attention_mask, is_causal, k_len, forms)
+    return forms
+
+
 def _op_mask(attention_mask, is_causal: bool, key: Tensor, context: Optional[PrefixContext]):
     """The op's (key_padding_mask, attn_mask, causal, window_size) for the mask a model hands the attention
     function.
@@ -545,7 +560,7 @@ def prefix_attention_forward(module: nn.Module, query: Tensor, key: Tensor, valu
     context = _module_context(module, kwargs)
     if context is not None and context.packing is not None:
         return _packed_attention(module, query, key, value, context, is_causal, scaling, dropout, kwargs)
-    key_padding_mask, mask, causal, window = _op_mask(attention_mask, is_causal, key, context)
+    key_padding_mask, mask, causal, window = _op_mask_of_forward(attention_mask, is_causal, key, context)
     prefix_k, prefix_v, index, lengths, backend = _module_prefix(module, query, key, kwargs, context)
     # T5's relative position bias: on the sequence keys' scores; the prefix keys get none (zero bias columns), or,
     # for a bank placed where a cache would hold it, the bias of their cache positions.
@@ -929,7 +944,7 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
         return
     if "position_ids" in names and names.index("position_ids") < len(args):
         raise ValueError("give position_ids by keyword to a patched model with positions='shifted'")
-    past = _past_length(names, args, kwargs)
+    past = context.past
     position_ids = _argument("position_ids", names, args, kwargs)
     _check_position_room(context, past, length, position_ids,
                          offset=roberta.padding_idx + 1 if roberta is not None else 0)
@@ -954,9 +969,12 @@ def _shift_positions(context: PrefixContext, names, args, kwargs, roberta):
             real = input_ids.ne(roberta.padding_idx).long()
             position_ids = (torch.cumsum(real, dim=-1) + past + shift) * real + roberta.padding_idx
         else:
-            start = roberta.padding_idx + 1 if roberta is not None else 0
-            position_ids = torch.arange(length, device=device) + (start + past)
-            position_ids = (position_ids + shift).expand(*lead, length).contiguous()
+            start = (roberta.padding_idx + 1 if roberta is not None else 0) + past
+            if type(shift) is int and type(start) is int:  # one arange (a traced cache's length is symbolic)
+                position_ids = torch.arange(start + shift, start + shift + length, device=device)
+            else:
+                position_ids = torch.arange(length, device=device) + start + shift
+            position_ids = position_ids.expand(*lead, length).contiguous()
     else:
         position_ids = position_ids + shift
     kwargs["position_ids"] = position_ids
