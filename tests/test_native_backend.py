@@ -45,6 +45,11 @@ WITHOUT_LSE_GRAD = GRID + [
     pytest.param(Case(num_prefixes=3, lengths=True, mask="padding", causal=True), torch.float64, id="float64"),
     pytest.param(Case(num_prefixes=3, lengths=True, mask="dense", q_len=1), torch.bfloat16, id="bfloat16-decode"),
     pytest.param(Case(mask="sdpa_float", causal=True, q_len=9, k_len=13), torch.float32, id="float-mask"),
+    # a shared prefix over queries laid out as a model's projections ([B, N, H, D]): the batch's rows in one call
+    pytest.param(Case(batch=3, layout="bnhd", mask="padding", q_len=24, k_len=24, head_dim=16, prefix_len=8),
+                 torch.float32, id="shared-prefix-batch-rows"),
+    pytest.param(Case(batch=3, q_heads=8, kv_heads=2, layout="bnhd", causal=True, q_len=1, k_len=30,
+                      prefix_layout="shared3d"), torch.float64, id="shared-prefix-batch-rows-decode-gqa"),
     pytest.param(Case(layout="packed", prefix_layout="strided", num_prefixes=2, index_layout="expanded", q_len=24,
                       k_len=24),
                  torch.float32, id="packed-strided"),

@@ -70,6 +70,51 @@ Part fused_part(const Tensor& q, const Tensor& keys, const Tensor& values, const
   return {out, lse, rows_view(rows, q)};
 }
 
+// A prefix shared by the whole batch (one bank entry, no lengths) is attended alike by every sample's rows: the
+// batch's queries as the rows of one sample make one fused call over B * Nq rows (and its backward returns the
+// prefix gradient summed over the batch) instead of B calls' worth of small blocks over P keys. measured on the
+// suite's key-padding shape (B4 H8 N256 P32 D64, float32, 2 threads): the prefix part's forward 1.03 -> 0.79 ms,
+// its backward 2.0 -> 1.65 ms.
+//
+// x [B, H, N, D] as [1, H, B * N, D], a view where its samples follow one another along N (a model's [B, N, H, D]
+// projections); undefined where they do not.
+Tensor batch_as_rows(const Tensor& x) {
+  const int64_t batch = x.size(0), len = x.size(2);
+  const int64_t row_stride = len == 1 ? x.stride(0) : x.stride(2);
+  if (batch > 1 && len > 1 && x.stride(0) != len * x.stride(2)) return Tensor();
+  return x.as_strided({1, x.size(1), batch * len, x.size(3)}, {batch * len * row_stride, x.stride(1), row_stride,
+                                                               x.stride(3)}, x.storage_offset());
+}
+
+// [1, H, B * N, D] (any strides) back as [B, H, N, D].
+Tensor rows_as_batch(const Tensor& x, int64_t batch) {
+  return x.transpose(1, 2).reshape({batch, x.size(2) / batch, x.size(1), x.size(3)}).transpose(1, 2);
+}
+
+bool shares_prefix_rows(const Tensor& q, const OptionalTensor& prefix_index, const OptionalTensor& prefix_mask,
+                        const OptionalTensor& prefix_rows) {
+  return q.size(0) > 1 && !prefix_index.has_value() && !prefix_mask.has_value() && !prefix_rows.has_value();
+}
+
+// The prefix part: the batch as rows where it shares one prefix, else each sample's prefix (a stride-0 view or a
+// gather) in one fused call.
+Part prefix_fused_part(const Tensor& q, const Tensor& prefix_k, const Tensor& prefix_v,
+                       const OptionalTensor& prefix_index, const OptionalTensor& prefix_mask,
+                       const OptionalTensor& prefix_rows, double scale) {
+  if (shares_prefix_rows(q, prefix_index, prefix_mask, prefix_rows)) {
+    const Tensor rows = batch_as_rows(q);
+    if (rows.defined()) {
+      auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
+          rows, as_type(prefix_k, q.scalar_type()), as_type(prefix_v, q.scalar_type()), 0.0, false, std::nullopt,
+          scale);
+      const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2);
+      return {rows_as_batch(out, batch), lse.reshape({heads, batch, q_len}).permute({1, 0, 2}), Tensor()};
+    }
+  }
+  return fused_part(q, prefix_part(prefix_k, prefix_index, q), prefix_part(prefix_v, prefix_index, q), prefix_mask,
+                    false, prefix_rows, scale);
+}
+
 // The merge of the two parts into out (q's dtype) and lse (float32, or `lse_type`): with per-part lse l_p, l_s,
 // l = logaddexp(l_p, l_s) and out = o_s + w (o_p - o_s) with the prefix weight w = exp(l_p - l) = sigmoid(l_p - l_s),
 // the formula native.py's lerp computes. A part whose row sees no key is left out of that row (its output is not
@@ -311,8 +356,7 @@ std::tuple<Tensor, Tensor> merged_forward(const Tensor& q, const Tensor& k, cons
                                           const OptionalTensor& sequence_mask, bool sequence_causal,
                                           const OptionalTensor& sequence_rows, double scale, at::ScalarType lse_type) {
   check_common(q, k, v, prefix_k, prefix_v);
-  const Part prefix = fused_part(q, prefix_part(prefix_k, prefix_index, q), prefix_part(prefix_v, prefix_index, q),
-                                 prefix_mask, false, prefix_rows, scale);
+  const Part prefix = prefix_fused_part(q, prefix_k, prefix_v, prefix_index, prefix_mask, prefix_rows, scale);
   const Part sequence = fused_part(q, k, v, sequence_mask, sequence_causal, sequence_rows, scale);
   const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2), dim = v.size(3);
   Tensor out = at::empty_strided({batch, heads, q_len, dim}, {q_len * heads * dim, dim, heads * dim, 1}, q.options());
@@ -451,9 +495,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward(
   // grad_out in the kernel's [B, Nq, Hq, Dv] memory: the fused backward copies it there otherwise, once per part
   Tensor upstream = as_type(grad_out, q.scalar_type());
   if (!upstream.transpose(1, 2).is_contiguous()) upstream = upstream.transpose(1, 2).contiguous().transpose(1, 2);
-  const Tensor prefix_keys = prefix_part(prefix_k, prefix_index, q), prefix_values = prefix_part(prefix_v, prefix_index, q);
-  auto [dq_prefix, dk_prefix, dv_prefix] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
-      upstream, q, prefix_keys, prefix_values, merged_out, merged_lse, 0.0, false, prefix_mask, scale);
+  Tensor dq_prefix, dk_prefix, dv_prefix;
+  const Tensor q_rows = shares_prefix_rows(q, prefix_index, prefix_mask, prefix_rows) ? batch_as_rows(q) : Tensor();
+  const Tensor upstream_rows = q_rows.defined() ? batch_as_rows(upstream) : Tensor();
+  const Tensor out_rows = upstream_rows.defined() ? batch_as_rows(merged_out) : Tensor();
+  if (out_rows.defined()) {  // the batch as the rows of one sample, as in the forward (prefix_fused_part)
+    const int64_t batch = q.size(0), heads = q.size(1), q_len = q.size(2);
+    const Tensor lse_rows = merged_lse.permute({1, 0, 2}).reshape({1, heads, batch * q_len});
+    std::tie(dq_prefix, dk_prefix, dv_prefix) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        upstream_rows, q_rows, as_type(prefix_k, q.scalar_type()), as_type(prefix_v, q.scalar_type()), out_rows,
+        lse_rows, 0.0, false, std::nullopt, scale);
+    dq_prefix = rows_as_batch(dq_prefix, batch);
+  } else {
+    const Tensor prefix_keys = prefix_part(prefix_k, prefix_index, q);
+    const Tensor prefix_values = prefix_part(prefix_v, prefix_index, q);
+    std::tie(dq_prefix, dk_prefix, dv_prefix) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+        upstream, q, prefix_keys, prefix_values, merged_out, merged_lse, 0.0, false, prefix_mask, scale);
+  }
   auto [dq_sequence, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
       upstream, q, k, v, merged_out, merged_lse, 0.0, sequence_causal, sequence_mask, scale);
   Tensor dq = as_type(dq_prefix, accumulate);  // a fresh tensor either way: summed into in place
