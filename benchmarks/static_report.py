@@ -158,6 +158,7 @@ class _Recorder:
 def recorded_launches(capability: int) -> tuple:
     """Every Triton launch of the backend at the target shapes, on an ``ARCHS[capability]`` GPU."""
     from ptv2_kernels import ops
+    from ptv2_kernels.call import Call
     from ptv2_kernels.triton import prefix_attention as kernels
 
     sink: list = []
@@ -179,11 +180,10 @@ def recorded_launches(capability: int) -> tuple:
             q, k, v, prefix_k, prefix_v, index, lengths, mask, bias = ops._checked(
                 q, k, v, prefix_k, prefix_v, index, None, padding, None, None, w.causal, None, 0.0)
             scale = 1.0 / math.sqrt(w.head_dim)
-            out, lse = kernels.forward(q, k, v, prefix_k, prefix_v, index, lengths, mask, None, w.causal, scale, 0.0,
-                                       attn_bias=bias)
+            call = Call(q, k, v, prefix_k, prefix_v, index, lengths, mask, bias, causal=w.causal, scale=scale)
+            out, lse = kernels.forward(call)
             if grad_out is not None:
-                kernels.backward(grad_out, None, q, k, v, prefix_k, prefix_v, index, lengths, mask, None, out, lse,
-                                 w.causal, scale, 0.0, False, attn_bias=bias, grad_bias=None)
+                kernels.backward(grad_out, None, call, out, lse)
     finally:
         for name, value in saved.items():
             setattr(kernels, name, value)

@@ -5,27 +5,20 @@ what it serves (score options, values of another head dim, packed sequences) and
 reason it cannot serve a problem (:meth:`Backend.unsupported_reasons`); :func:`choose_for` picks by those reasons,
 and an explicit backend that cannot serve raises with all of them.
 
-Every backend implements the same two functions on arguments that :func:`ptv2_kernels.prefix_attention` checked
-and normalized (a 4-D prefix bank; contiguous index tensors; one bool mask, either a 2-D key-padding mask or a dense
-mask expanded, as a view, to ``[B, Hq, Nq, Nk]``; every additive term folded into one bias):
+Every backend implements the same two functions on one :class:`~ptv2_kernels.call.Call`, the call's arguments
+that :func:`ptv2_kernels.prefix_attention` checked and normalized once (a 4-D prefix bank; contiguous index tensors;
+one bool mask, either a 2-D key-padding mask or a dense mask viewed as ``[B, Hq, Nq, Nk]``; every additive term
+folded into one bias expanded, as a view, to the scores' shape; the score options; the dropout seed):
 
-* ``forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-  dropout_p, *, attn_bias=None) -> (out, lse)``
-* ``backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
-  out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None)
+* ``forward(call) -> (out, lse)``
+* ``backward(grad_out, grad_lse, call, out, lse, *, grad_bias=None, grad_sinks=None, grad_prefix_bias=None)
   -> (dq, dk, dv, dprefix_k, dprefix_v)``, writing the bias gradient into ``grad_bias`` (float32
-  ``[B, Hq, Nq, Nk]`` zeros) when it is a non-empty tensor
+  ``[B, Hq, Nq, Nk]`` zeros) when it is a non-empty tensor, the sinks' gradient summed over the rows it was given
+  into ``grad_sinks`` (float32 ``[Hq]`` zeros) and the prefix columns' score gradients into ``grad_prefix_bias``
+  (float32 ``[B, Hq, Nq, P]`` zeros) when they are given
 
-``attn_bias``, when given, is a float view expanded to ``[B, Hq, Nq, Nk]``. A backend that serves the score
-options (:data:`SCORE_OPTIONS`) also takes them as keywords, given only when a call uses them: ``softcap`` (a
-positive float), ``sinks`` (``[Hq]``), ``prefix_bias`` (a float view expanded to ``[B, Hq, Nq, P]``) and
-``window_size`` (``(left, right)`` ints, -1 unbounded; not both -1, and right -1 with ``causal``) in both
-passes, and in the backward ``grad_sinks``, float32 ``[Hq]`` zeros into which it writes the sinks' gradient summed
-over the rows it was given, and ``grad_prefix_bias`` (float32 ``[B, Hq, Nq, P]`` zeros, when the prefix bias needs
-a gradient) into which it writes the prefix columns' score gradients.
-
-``seed`` is a 0-d int64 tensor on the inputs' device when ``dropout_p > 0`` (else None): both passes regenerate
-the same dropout mask from it.
+A backend computes only the score options (:data:`SCORE_OPTIONS`) it states it serves, and raises for the others
+(:meth:`~ptv2_kernels.call.Call.require_only`): the choice never sends it such a call.
 """
 
 from __future__ import annotations
@@ -42,6 +35,7 @@ from torch import Tensor
 
 from . import native, reference
 from ._memo import Memo
+from .call import SCORE_OPTIONS, Call
 
 NAMES = ("triton", "cuda", "native", "reference")
 
@@ -69,8 +63,7 @@ class KernelLimits:
 
 TRITON_LIMITS = KernelLimits()
 NO_BIAS_REASON = "its kernels take no additive score bias (attn_bias or a float attn_mask); the triton backend does"
-# The score options (docs/design.md §4), as Problem names them, and what each is in a reason.
-SCORE_OPTIONS = ("softcap", "sinks", "prefix_bias", "window_size")
+# What each score option (call.SCORE_OPTIONS, docs/design.md §4) is in a reason.
 _SCORE_OPTION_WHAT = {"softcap": "score softcapping (softcap)", "sinks": "attention sinks (sinks)",
                       "prefix_bias": "a bias on the prefix keys' scores (prefix_bias)",
                       "window_size": "sliding-window attention (window_size)"}
@@ -313,7 +306,7 @@ class CudaBackend(Backend):
 
 class NativeBackend(Backend):
     name = "native"
-    score_options = ("window_size",)
+    score_options = native.SCORE_OPTIONS
     score_option_why = {"softcap": "torch's fused CPU attention cannot cap the scores inside its softmax",
                         "sinks": "the merge of torch's fused CPU attention parts has no sink term",
                         "prefix_bias": "its prefix part runs torch's fused CPU attention without a mask"}
@@ -495,31 +488,29 @@ class ReferenceBackend:
     """The oracle as a backend: forward through :func:`attention_ref`, backward by autograd through a recompute."""
 
     @staticmethod
-    def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                dropout_p, *, attn_bias=None, softcap=None, sinks=None, prefix_bias=None, window_size=None):
-        out, lse = reference.attention_ref(
-            q, k, v, prefix_k, prefix_v, prefix_index=prefix_index, prefix_lengths=prefix_lengths,
-            **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal, scale=scale, softcap=softcap,
-            sinks=sinks, prefix_bias=prefix_bias, window_size=window_size, dropout_p=dropout_p,
-            generator=_generator(seed, q))
-        return _in_output_layout(out.to(q.dtype)), lse.float()
+    def forward(call: Call):
+        out, lse = reference.attention_ref(*call[:5], **_reference_arguments(call))
+        return _in_output_layout(out.to(call.q.dtype)), lse.float()
 
     @staticmethod
-    def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
-                 out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, softcap=None,
-                 sinks=None, grad_sinks=None, prefix_bias=None, grad_prefix_bias=None, window_size=None):
-        grads = reference.attention_ref_backward(
-            grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index=prefix_index,
-            prefix_lengths=prefix_lengths, **_reference_masks(attn_mask), attn_bias=attn_bias, causal=causal,
-            scale=scale, softcap=softcap, sinks=sinks, prefix_bias=prefix_bias, window_size=window_size,
-            dropout_p=dropout_p, generator=_generator(seed, q))
+    def backward(grad_out, grad_lse, call: Call, out, lse, *, grad_bias=None, grad_sinks=None,
+                 grad_prefix_bias=None):
+        grads = reference.attention_ref_backward(grad_out, grad_lse, *call[:5], **_reference_arguments(call))
         if grad_bias is not None and grad_bias.numel():
             grad_bias.copy_(grads[5])
         if grad_prefix_bias is not None and grad_prefix_bias.numel():
-            grad_prefix_bias.copy_(grads[5 + (attn_bias is not None)])
+            grad_prefix_bias.copy_(grads[5 + (call.attn_bias is not None)])
         if grad_sinks is not None:
             grad_sinks.copy_(grads[-1])
         return grads[:5]
+
+
+def _reference_arguments(call: Call) -> dict:
+    """attention_ref's keyword arguments for ``call`` (the dropout generator made again from the seed)."""
+    return dict(prefix_index=call.prefix_index, prefix_lengths=call.prefix_lengths,
+                **_reference_masks(call.attn_mask), attn_bias=call.attn_bias, causal=call.causal, scale=call.scale,
+                softcap=call.softcap, sinks=call.sinks, prefix_bias=call.prefix_bias, window_size=call.window_size,
+                dropout_p=call.dropout_p, generator=_generator(call.seed, call.q))
 
 
 def _reference_masks(attn_mask) -> dict:

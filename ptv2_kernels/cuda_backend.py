@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .call import Call
+
 __all__ = ["forward", "backward", "dropout_keep_mask", "unavailable_reason", "unsupported_reason",
            "unsupported_reasons", "limits", "compiled_archs",
            "extension_status"]
@@ -156,26 +158,25 @@ def _ops():
     return torch.ops.ptv2_kernels_cuda
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
-            algo: int = ALGO_AUTO, *, attn_bias=None):
-    reject_bias(attn_bias)
-    reject_value_head_dim(q, v)
+def forward(call: Call, algo: int = ALGO_AUTO):
+    reject_unserved(call)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, _, seed, causal, scale, dropout_p = call[:13]
     return _ops().fwd(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, bool(causal),
                       float(scale), float(dropout_p), int(algo))
 
 
-def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out, lse,
-             causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
-    reject_bias(attn_bias)
-    reject_value_head_dim(q, v)
+def backward(grad_out, grad_lse, call: Call, out, lse, *, grad_bias=None):
+    reject_unserved(call)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, _, seed, causal, scale, dropout_p = call[:13]
     return _ops().bwd(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
-                      out, lse, bool(causal), float(scale), float(dropout_p), bool(deterministic))
+                      out, lse, bool(causal), float(scale), float(dropout_p), bool(call.deterministic))
 
 
-def reject_bias(attn_bias):
-    # backends.choose never sends a bias here (see backends.unsupported_reason); a direct caller learns why.
-    if attn_bias is not None:
-        raise ValueError("the cuda backend's kernels take no attn_bias")
+def reject_unserved(call: Call):
+    # backends.choose never sends a bias, a score option or values of another head dim here (see
+    # backends.unsupported_reasons); a direct caller learns why.
+    call.require_only("cuda", bias=False)
+    reject_value_head_dim(call.q, call.v)
 
 
 def reject_value_head_dim(q, v):

@@ -50,9 +50,13 @@ import torch
 from torch import Tensor
 
 from ._memo import Memo
+from .call import Call
 from .reference import seeded_generator
 
 __all__ = ["forward", "backward", "unsupported_reasons", "host_path", "DTYPES"]
+
+# The score options it computes (backends.NativeBackend states why not the others).
+SCORE_OPTIONS = ("window_size",)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -270,8 +274,11 @@ def _part_lse(lse: Tensor, rows_seeing: Optional[Tensor]) -> Tensor:
 # The backend interface
 # ----------------------------------------------------------------------------------------------------------------
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
-            attn_bias=None, window_size=None):
+def forward(call: Call):
+    call.require_only("native", SCORE_OPTIONS)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale, \
+        dropout_p = call[:13]
+    window_size = call.window_size
     if dropout_p == 0.0 and _compiled_serves(q, k, prefix_k):
         if attn_mask is not None and attn_mask.dim() == 2 and attn_bias is None and window_size is None and (
                 not causal or q.shape[2] == 1):
@@ -320,8 +327,7 @@ def common_inference_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, caus
     return compiled.common_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
 
-def differentiable_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                           dropout_p, *, attn_bias=None, bias_grad=False, window_size=None, need_lse=True):
+def differentiable_forward(call: Call, bias_grad: bool = False, need_lse: bool = True):
     """(out, lse) as :func:`forward` gives them, made of differentiable torch operations for autograd to record,
     or None where the fused parts serve the call better.
 
@@ -331,6 +337,10 @@ def differentiable_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_len
     backward then runs in autograd's engine on what the forward kept (the probabilities and the dropout mask, as
     torch's SDPA keeps them on a CPU). The formulas and the dropout mask (drawn from ``seed``) are the same; the
     rounding of the gradients may differ in the last bits. ``need_lse`` False: the lse comes back as None."""
+    call.require_only("native", SCORE_OPTIONS)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale, \
+        dropout_p = call[:13]
+    window_size = call.window_size
     if (dropout_p == 0.0 and not bias_grad) or q.numel() == 0 or k.shape[2] == 0 or prefix_k.shape[2] == 0:
         return None  # (without one of the parts an input would get no gradient at all, not zeros)
     parts = _parts(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, causal,
@@ -413,8 +423,11 @@ def _merge_weights(lses):
     return merged, [torch.exp(part - shift).masked_fill(~finite, 0.0) for part in lses]
 
 
-def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
-             lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, window_size=None):
+def backward(grad_out, grad_lse, call: Call, out, lse, *, grad_bias=None):
+    call.require_only("native", SCORE_OPTIONS)
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale, \
+        dropout_p = call[:13]
+    window_size = call.window_size
     if dropout_p == 0.0 and grad_bias is None and grad_lse is None and _compiled_serves(q, k, prefix_k):
         return _compiled.backward(grad_out, q, k, v, prefix_k, prefix_v, prefix_index,
                                   *_compiled_masks(q, k, prefix_k, prefix_index, prefix_lengths, attn_mask, attn_bias,

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import backends, native
 from ._memo import Memo
+from .call import Call
 
 __all__ = ["prefix_attention", "BACKENDS"]
 
@@ -434,16 +435,22 @@ def _forward_body(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, att
                   window_left=-1, window_right=-1):
     """(out, lse): the forward, shared by the custom op and the eager path."""
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
-    return backends.implementation(backend).forward(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p,
-        attn_bias=_expanded_bias(attn_bias, q, k.shape[2]),
-        **_score_options(softcap, sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2]),
-                         _window_or_none(window_left, window_right)))
+    return backends.implementation(backend).forward(_call(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
+        dropout_p, deterministic, sinks, softcap, prefix_bias, window_left, window_right))
+
+
+def _call(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal, scale,
+          dropout_p, deterministic, sinks, softcap, prefix_bias, window_left, window_right) -> Call:
+    """The custom op's flat arguments as the :class:`~ptv2_kernels.call.Call` the backends receive (the additive
+    terms expanded, as views, to the scores' shape; the window as a pair or None)."""
+    return Call(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
+                _expanded_bias(attn_bias, q, k.shape[2]), seed, causal, scale, dropout_p, deterministic, softcap,
+                sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2]), _window_or_none(window_left, window_right))
 
 
 def _score_options(softcap, sinks, prefix_bias=None, window_size=None) -> dict:
-    """The backends' keyword arguments for the score options a call uses (none: backends that take none of them
-    are called as before)."""
+    """The variable-length backends' keyword arguments for the score options a call uses."""
     options = {}
     if softcap is not None:
         options["softcap"] = softcap
@@ -515,27 +522,26 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
     are given; the batch chunks of a bias gradient add theirs in order."""
     impl = backends.implementation(backend)
     inputs = (q, k, v, prefix_k, prefix_v)
-    options = _score_options(softcap, sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2]),
-                             _window_or_none(window_left, window_right))
-    options["attn_bias"] = _expanded_bias(attn_bias, q, k.shape[2])
+    call = _call(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed, causal,
+                 scale, dropout_p, deterministic, sinks, softcap, prefix_bias, window_left, window_right)
+    buffers = {}
     grad_sinks = q.new_empty(0, dtype=torch.float32)
     if sinks is not None:
         grad_sinks = torch.zeros(sinks.shape, dtype=torch.promote_types(torch.float32, sinks.dtype),
                                  device=q.device)
-        options["grad_sinks"] = grad_sinks
+        buffers["grad_sinks"] = grad_sinks
     # The additive terms whose gradient is asked for: (compact term, the backends' expanded view of it, the
     # backends' keyword for its dense gradient buffer).
     biases = []
     if bias_grad and attn_bias is not None:
-        biases.append((attn_bias, options["attn_bias"], "grad_bias"))
+        biases.append((attn_bias, call.attn_bias, "grad_bias"))
     if prefix_bias_grad and prefix_bias is not None:
-        biases.append((prefix_bias, options["prefix_bias"], "grad_prefix_bias"))
+        biases.append((prefix_bias, call.prefix_bias, "grad_prefix_bias"))
     def no_grad():  # a fresh empty tensor each: a custom op's outputs may not alias each other
         return q.new_empty(0, dtype=torch.float32)
 
     if not biases:
-        grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, **options)
+        grads = impl.backward(grad_out, grad_lse, call, out, lse, **buffers)
         return (*(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs)), no_grad(),
                 _sinks_grad_out(grad_sinks, sinks), no_grad())
 
@@ -557,8 +563,7 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
     if chunk >= batch:
         dense = [torch.zeros(view.shape, dtype=dtype, device=q.device)
                  for (_, view, _), dtype in zip(biases, accumulate)]
-        grads = impl.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
-                              attn_mask, seed, out, lse, causal, scale, dropout_p, deterministic, **options,
+        grads = impl.backward(grad_out, grad_lse, call, out, lse, **buffers,
                               **{key: buffer for (_, _, key), buffer in zip(biases, dense)})
         grads = tuple(_laid_out_like(g, x, exact_layout) for g, x in zip(grads, inputs))
         bias_grads = [buffer.sum(dims, keepdim=True) if dims else buffer for buffer, dims in zip(dense, reduced)]
@@ -572,19 +577,12 @@ def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index
             rows = slice(start, min(batch, start + chunk))
             dense = [torch.zeros((rows.stop - rows.start, *view.shape[1:]), dtype=dtype, device=q.device)
                      for (_, view, _), dtype in zip(biases, accumulate)]
-            chunk_options = dict(options)
-            for key in ("attn_bias", "prefix_bias"):
-                if chunk_options.get(key) is not None:
-                    chunk_options[key] = chunk_options[key][rows]
-            if sinks is not None:
-                chunk_options["grad_sinks"] = torch.zeros_like(grad_sinks)
+            chunk_buffers = {} if sinks is None else {"grad_sinks": torch.zeros_like(grad_sinks)}
             part = impl.backward(
-                grad_out[rows], None if grad_lse is None else grad_lse[rows], q[rows], k[rows], v[rows], prefix_k,
-                prefix_v, None if prefix_index is None else prefix_index[rows], prefix_lengths,
-                None if attn_mask is None else attn_mask[rows], seed, out[rows], lse[rows], causal, scale, dropout_p,
-                deterministic, **chunk_options, **{key: buffer for (_, _, key), buffer in zip(biases, dense)})
+                grad_out[rows], None if grad_lse is None else grad_lse[rows], call.samples(rows), out[rows],
+                lse[rows], **chunk_buffers, **{key: buffer for (_, _, key), buffer in zip(biases, dense)})
             if sinks is not None:
-                grad_sinks += chunk_options["grad_sinks"]
+                grad_sinks += chunk_buffers["grad_sinks"]
             for whole, piece in zip(grads, part[:3]):
                 whole[rows].copy_(piece)
             for whole, piece in zip(prefix_grads, part[3:]):
@@ -774,9 +772,9 @@ def _recorded_forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths,
     if dropout_p == 0.0 and not bias_grad:
         return None
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
-    return recorded(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                    dropout_p, attn_bias=_expanded_bias(attn_bias, q, k.shape[2]), bias_grad=bias_grad,
-                    window_size=_window_or_none(window_left, window_right), need_lse=need_lse)
+    return recorded(_call(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
+                          causal, scale, dropout_p, deterministic, sinks, softcap, prefix_bias, window_left,
+                          window_right), bias_grad=bias_grad, need_lse=need_lse)
 
 
 def _deterministic(grad_needed: bool) -> bool:

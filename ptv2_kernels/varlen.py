@@ -23,6 +23,7 @@ from torch import Tensor
 
 from . import backends, ops
 from ._memo import Memo
+from .call import Call
 from .ops import (_check_index_values, _checked_bank, _checked_options, _checked_qkv, _checked_score_options,
                   _checked_window_size, _eager_path_serves, _scale_or_default, _score_options, _window_ints,
                   _window_or_none)
@@ -247,10 +248,10 @@ class SequenceLoop:
         for s, (q_start, q_end, k_start, k_end) in enumerate(self._spans(cu_seqlens_q, cu_seqlens_k)):
             if q_end == q_start:
                 continue
-            part, part_lse = self.padded.forward(
+            part, part_lse = self.padded.forward(Call(
                 self._sequence(q, q_start, q_end), self._sequence(k, k_start, k_end),
                 self._sequence(v, k_start, k_end), prefix_k, prefix_v, self._entry(prefix_index, s), prefix_lengths,
-                None, None if seed is None else seed + s, causal, scale, dropout_p, **score_options)
+                None, None, None if seed is None else seed + s, causal, scale, dropout_p, **score_options))
             out[q_start:q_end] = part[0].transpose(0, 1)
             lse[:, q_start:q_end] = part_lse[0]
         return out, lse
@@ -266,11 +267,12 @@ class SequenceLoop:
                 continue  # no query: its keys and its prefix get no gradient
             sequence_grad_sinks = None if grad_sinks is None else torch.zeros_like(grad_sinks)
             rows = lambda x: self._sequence(x, q_start, q_end)  # noqa: E731
+            call = Call(rows(q), self._sequence(k, k_start, k_end), self._sequence(v, k_start, k_end), prefix_k,
+                        prefix_v, self._entry(prefix_index, s), prefix_lengths, None, None,
+                        None if seed is None else seed + s, causal, scale, dropout_p, deterministic, **score_options)
             part = self.padded.backward(
-                rows(grad_out), None if grad_lse is None else grad_lse[:, q_start:q_end].unsqueeze(0), rows(q),
-                self._sequence(k, k_start, k_end), self._sequence(v, k_start, k_end), prefix_k, prefix_v,
-                self._entry(prefix_index, s), prefix_lengths, None, None if seed is None else seed + s, rows(out),
-                lse[:, q_start:q_end].unsqueeze(0), causal, scale, dropout_p, deterministic, **score_options,
+                rows(grad_out), None if grad_lse is None else grad_lse[:, q_start:q_end].unsqueeze(0), call,
+                rows(out), lse[:, q_start:q_end].unsqueeze(0),
                 **({} if grad_sinks is None else {"grad_sinks": sequence_grad_sinks}))
             if grad_sinks is not None:  # summed over the sequences in order
                 grad_sinks += sequence_grad_sinks

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import ptv2_kernels
 from ptv2_kernels import backends
+from ptv2_kernels.call import Call
 from ptv2_kernels.reference import attention_ref
 
 from . import cuda_sim
@@ -302,15 +303,15 @@ def test_decode_and_tiled_kernels_agree(impl):
     inputs, kwargs = make_inputs(case, torch.float16)
     args = [t.detach() for t in inputs]
     scale = 1.0 / math.sqrt(case.head_dim)
+    call = Call(*args, kwargs["prefix_index"], kwargs["prefix_lengths"], backend_mask(kwargs), causal=True,
+                scale=scale)
     outs = []
     for algo in (1, 2):
         if impl is cuda_sim.SimBackend:
             impl.algo, impl.num_sms = algo, 64  # many splits
-            out, lse = impl.forward(*args, kwargs["prefix_index"], kwargs["prefix_lengths"], backend_mask(kwargs),
-                                    None, True, scale, 0.0)
+            out, lse = impl.forward(call)
         else:
-            out, lse = impl.forward(*args, kwargs["prefix_index"], kwargs["prefix_lengths"], backend_mask(kwargs),
-                                    None, True, scale, 0.0, algo=algo)
+            out, lse = impl.forward(call, algo=algo)
         outs.append((out, lse))
     oracle_out, oracle_lse = attention_ref(*[t.double() for t in args], **kwargs)
     pt_out, _ = attention_ref(*args, **kwargs, compute_dtype=torch.float16)
@@ -351,13 +352,13 @@ def test_dropout_matches_reference_given_the_kernel_mask(impl, case, dtype):
     if mask is not None and mask.dim() == 4:
         mask = mask.expand(case.batch, case.q_heads, case.q_len, case.k_len)
     scale = 1.0 / math.sqrt(case.head_dim)
-    out, lse = impl.forward(*args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, seed, case.causal,
-                            scale, dropout_p)
+    call = Call(*args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, None, seed, case.causal, scale,
+                dropout_p)
+    out, lse = impl.forward(call)
     keep = impl.dropout_keep_mask(seed, case.batch, case.q_heads, case.q_len, case.prefix_len, case.k_len, dropout_p)
     gen = torch.Generator(device="cpu").manual_seed(7)
     grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
-    grads = impl.backward(grad_out, None, *args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, seed,
-                          out, lse, case.causal, scale, dropout_p, False)
+    grads = impl.backward(grad_out, None, call, out, lse)
     upstream = (grad_out, None)
     oracle = reference_results(args, kwargs, upstream, torch.float64, keep, dropout_p)
     same_precision = reference_results(args, kwargs, upstream, dtype, keep, dropout_p)
@@ -390,8 +391,7 @@ def test_out_of_range_index_never_reads_out_of_bounds(impl, q_len):
     case = Case(num_prefixes=2, batch=3, lengths=True, q_len=q_len)
     inputs, kwargs = make_inputs(case, torch.float16)
     bad_index = torch.tensor([0, 1 << 30, -7], device=DEVICE)
-    out, _ = impl.forward(*inputs, bad_index, kwargs["prefix_lengths"], None, None, False,
-                          1.0 / math.sqrt(case.head_dim), 0.0)
+    out, _ = impl.forward(Call(*inputs, bad_index, kwargs["prefix_lengths"], scale=1.0 / math.sqrt(case.head_dim)))
     assert torch.isnan(out[1:]).all()
     good = dict(kwargs, prefix_index=torch.tensor([0, 0, 0], device=DEVICE))
     want = ptv2_kernels.prefix_attention(*inputs, **good, backend="reference")

@@ -121,18 +121,18 @@ def _wrong_forward(change):
 
 
 def _wrong_backward(change):
-    def backward(*args):
-        return change(list(Reference.backward(*args)))
+    def backward(*args, **buffers):
+        return change(list(Reference.backward(*args, **buffers)))
 
     return backward
 
 
-def _without_lengths_forward(q, k, v, pk, pv, index, lengths, *rest):
-    return Reference.forward(q, k, v, pk, pv, index, None, *rest)
+def _without_lengths_forward(call):
+    return Reference.forward(call._replace(prefix_lengths=None))
 
 
-def _without_lengths_backward(go, gl, q, k, v, pk, pv, index, lengths, *rest):
-    return Reference.backward(go, gl, q, k, v, pk, pv, index, None, *rest)
+def _without_lengths_backward(go, gl, call, *rest, **buffers):
+    return Reference.backward(go, gl, call._replace(prefix_lengths=None), *rest, **buffers)
 
 
 def _halve_prefix_k_grad(grads):

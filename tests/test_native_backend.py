@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ptv2_kernels import backends, native, prefix_attention
+from ptv2_kernels.call import Call
 
 from . import kernel_cases
 from .hf_models import (ShapeRecorder, decoder_model, encoder_model, logits_of, loss_of, patch_with_random_bank,
@@ -233,11 +234,12 @@ def _native_dropout_run(case, dropout_p, seed_value, grad_lse=False):
         args[3], args[4] = args[3].unsqueeze(0), args[4].unsqueeze(0)
     seed = torch.tensor(seed_value, dtype=torch.int64)
     mask, scale = backend_mask(kwargs), 1.0 / math.sqrt(case.head_dim)
-    extra = (kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, seed)
-    out, lse = native.forward(*args, *extra, case.causal, scale, dropout_p)
+    call = Call(*args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, None, seed, case.causal, scale,
+                dropout_p)
+    out, lse = native.forward(call)
     gen = torch.Generator().manual_seed(7)
     upstream = (torch.randn(out.shape, generator=gen), torch.randn(lse.shape, generator=gen) if grad_lse else None)
-    grads = native.backward(*upstream, *args, *extra, out, lse, case.causal, scale, dropout_p, False)
+    grads = native.backward(*upstream, call, out, lse)
     drawn = torch.Generator().manual_seed(seed_value)
     keep = torch.rand(case.batch, case.q_heads, case.q_len, case.prefix_len + case.k_len, generator=drawn) >= dropout_p
     return args, kwargs, upstream, (out, lse), grads, keep
@@ -389,9 +391,9 @@ def test_writes_nothing_of_the_concatenated_size():
     # The backend's own functions, so that the mode sees every op inside them (it would see the op as one call).
     for dropout_p, seed in ((0.0, None), (0.1, torch.tensor(3))):
         with ShapeRecorder() as shapes:
-            out, lse = native.forward(q, k, v, prefix_k, prefix_v, None, None, None, seed, True, scale, dropout_p)
-            native.backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, None, None, None, seed, out, lse, True,
-                            scale, dropout_p, False)
+            call = Call(q, k, v, prefix_k, prefix_v, seed=seed, causal=True, scale=scale, dropout_p=dropout_p)
+            out, lse = native.forward(call)
+            native.backward(grad_out, grad_lse, call, out, lse)
         assert len(shapes.seen) > 10  # the backend's ops were seen
         assert all(shape[-2:] != (P + N, D) for shape in shapes.seen)
 

@@ -166,8 +166,8 @@ def test_deterministic_default_follows_torch_and_the_environment(monkeypatch, ea
     original = impl.backward
 
     def spy(*args, **kwargs):
-        seen.append(args[16])  # backward(grad_out, grad_lse, q, k, v, pk, pv, index, lengths, mask, seed, out,
-        return original(*args, **kwargs)  # lse, causal, scale, dropout_p, deterministic, ...)
+        seen.append(args[2].deterministic)  # backward(grad_out, grad_lse, call, out, lse, ...)
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(impl, "backward", spy)
     monkeypatch.setattr(ops, "EAGER_PATH", eager)

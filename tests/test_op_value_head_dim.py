@@ -18,6 +18,7 @@ import torch
 
 import ptv2_kernels
 from ptv2_kernels import backends, prefix_attention, prefix_attention_varlen
+from ptv2_kernels.call import Call
 from ptv2_kernels.reference import attention_ref, attention_ref_backward, attention_ref_varlen
 
 from .kernel_cases import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
@@ -127,7 +128,7 @@ def test_cuda_states_it_cannot_serve():
 
     q, k, v, prefix_k, prefix_v = _small_inputs()
     with pytest.raises(ValueError, match="the cuda backend cannot serve this call: it does not serve values"):
-        cuda_backend.forward(q, k, v, prefix_k[None], prefix_v[None], None, None, None, None, False, 1.0, 0.0)
+        cuda_backend.forward(Call(q, k, v, prefix_k[None], prefix_v[None]))
     with pytest.raises(ValueError, match="backend='cuda' cannot serve this call"):
         prefix_attention(q, k, v, prefix_k, prefix_v, backend="cuda")
 

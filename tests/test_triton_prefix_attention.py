@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import ptv2_kernels
 from ptv2_kernels import backends
+from ptv2_kernels.call import Call
 
 from .kernel_cases import (  # noqa: F401 - poison_uninitialized_memory is an autouse fixture
     DEVICE, GRID, MASKS, ON_GPU, PREFIX_LENS, Case, RecordOps, assert_close_to_reference, backend_mask,
@@ -254,8 +255,8 @@ def _dropout_run(case, dropout_p, seed_value, dtype=torch.float32):
         args[3], args[4] = args[3].unsqueeze(0), args[4].unsqueeze(0)
     mask = backend_mask(kwargs)
     scale = 1.0 / math.sqrt(case.head_dim)
-    out, lse = triton_backend.forward(*args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask, seed,
-                                      case.causal, scale, dropout_p)
+    out, lse = triton_backend.forward(Call(*args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), mask,
+                                           None, seed, case.causal, scale, dropout_p))
     keep = triton_backend.dropout_keep_mask(seed, case.batch, case.q_heads, case.q_len, case.prefix_len,
                                             case.k_len, dropout_p)
     return inputs, kwargs, args, seed, (out, lse), keep, scale
@@ -278,8 +279,9 @@ def test_dropout_matches_reference_given_the_kernel_mask(case, monkeypatch):
     inputs, kwargs, args, seed, (out, lse), keep, scale = _dropout_run(case, dropout_p, 1234)
     gen = torch.Generator(device="cpu").manual_seed(7)
     grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
-    grads = triton_backend.backward(grad_out, None, *args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"),
-                                    backend_mask(kwargs), seed, out, lse, case.causal, scale, dropout_p, False)
+    call = Call(*args, kwargs.get("prefix_index"), kwargs.get("prefix_lengths"), backend_mask(kwargs), None, seed,
+                case.causal, scale, dropout_p)
+    grads = triton_backend.backward(grad_out, None, call, out, lse)
     upstream = (grad_out, None)
     oracle = reference_results(args, kwargs, upstream, torch.float64, keep, dropout_p)
     same_precision = reference_results(args, kwargs, upstream, torch.float32, keep, dropout_p)
@@ -343,11 +345,10 @@ def test_triton_path_makes_no_copies(dropout_p, deterministic):
     seed = torch.tensor(3, dtype=torch.int64, device=DEVICE) if dropout_p else None
     scale = 1.0 / math.sqrt(case.head_dim)
     with RecordOps() as inner:
-        out, lse = triton_backend.forward(*inputs, kwargs["prefix_index"], kwargs["prefix_lengths"], mask, seed,
-                                          True, scale, dropout_p)
-        triton_backend.backward(torch.ones_like(out), torch.ones_like(lse), *inputs, kwargs["prefix_index"],
-                                kwargs["prefix_lengths"], mask, seed, out, lse, True, scale, dropout_p,
-                                deterministic)
+        call = Call(*inputs, kwargs["prefix_index"], kwargs["prefix_lengths"], mask, None, seed, True, scale,
+                    dropout_p, deterministic)
+        out, lse = triton_backend.forward(call)
+        triton_backend.backward(torch.ones_like(out), torch.ones_like(lse), call, out, lse)
     assert inner.materializing == []
 
 
@@ -362,8 +363,8 @@ def test_out_of_range_index_never_reads_out_of_bounds():
         ptv2_kernels.prefix_attention(*inputs, **dict(kwargs, prefix_index=torch.tensor([0, 5, 1], device=DEVICE)),
                                       backend="triton")
     bad_index = torch.tensor([0, 1 << 30, -7], device=DEVICE)
-    out, _ = triton_backend.forward(*inputs, bad_index, kwargs["prefix_lengths"], None, None, False,
-                                    1.0 / math.sqrt(case.head_dim), 0.0)
+    out, _ = triton_backend.forward(Call(*inputs, bad_index, kwargs["prefix_lengths"],
+                                         scale=1.0 / math.sqrt(case.head_dim)))
     assert torch.isnan(out[1:]).all()
     good = dict(kwargs, prefix_index=torch.tensor([0, 0, 0], device=DEVICE))
     want = ptv2_kernels.prefix_attention(*inputs, **good, backend="reference")

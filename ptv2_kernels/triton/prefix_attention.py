@@ -15,6 +15,7 @@ import torch
 import triton
 
 from .._memo import Memo
+from ..call import Call
 from ..backends import triton_interpreting
 from .kernels import (  # noqa: F401 - the kernels are also reached as attributes of this module (static report)
     LOG2E, _backward_key_kernel, _backward_preprocess_kernel, _backward_query_kernel, _combine_splits_kernel,
@@ -472,16 +473,17 @@ def _device_multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def forward(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale, dropout_p, *,
-            attn_bias=None, softcap=None, sinks=None, prefix_bias=None, window_size=None):
+def forward(call: Call):
+    q, v = call.q, call.v
     batch, q_heads, q_len = q.shape[:3]
     out = q.new_empty(batch, q_len, q_heads, v.shape[-1]).transpose(1, 2)
     lse = q.new_empty(batch, q_heads, q_len, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_lengths, attn_mask, attn_bias, seed,
-                    causal, scale, dropout_p, softcap=softcap, sinks=sinks, prefix_bias=prefix_bias,
-                    window_size=window_size)
+    _launch_forward(q, call.k, v, call.prefix_k, call.prefix_v, out, lse, call.prefix_index, call.prefix_lengths,
+                    call.attn_mask, call.attn_bias, call.seed, call.causal, call.scale, call.dropout_p,
+                    softcap=call.softcap, sinks=call.sinks, prefix_bias=call.prefix_bias,
+                    window_size=call.window_size)
     return out, lse
 
 
@@ -546,17 +548,17 @@ def _launch_forward(q, k, v, prefix_k, prefix_v, out, lse, prefix_index, prefix_
             BLOCK_M=_ROW_BLOCK)
 
 
-def backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, out,
-             lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None, softcap=None,
-             sinks=None, grad_sinks=None, prefix_bias=None, grad_prefix_bias=None, window_size=None):
+def backward(grad_out, grad_lse, call: Call, out, lse, *, grad_bias=None, grad_sinks=None, grad_prefix_bias=None):
+    q, k, v, prefix_k, prefix_v = call[:5]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_(), d_prefix_k.zero_(), d_prefix_v.zero_()
-    _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed,
-                     out, lse, causal, scale, dropout_p, deterministic, attn_bias, grad_bias,
-                     dq, dk, dv, d_prefix_k, d_prefix_v, softcap=softcap, sinks=sinks, grad_sinks=grad_sinks,
-                     prefix_bias=prefix_bias, grad_prefix_bias=grad_prefix_bias, window_size=window_size)
+    _launch_backward(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, call.prefix_index, call.prefix_lengths,
+                     call.attn_mask, call.seed, out, lse, call.causal, call.scale, call.dropout_p, call.deterministic,
+                     call.attn_bias, grad_bias, dq, dk, dv, d_prefix_k, d_prefix_v, softcap=call.softcap,
+                     sinks=call.sinks, grad_sinks=grad_sinks, prefix_bias=call.prefix_bias,
+                     grad_prefix_bias=grad_prefix_bias, window_size=call.window_size)
     return dq, dk, dv, d_prefix_k, d_prefix_v
 
 

@@ -175,9 +175,10 @@ class SimBackend:
     max_shared_memory = 227 * 1024
 
     @classmethod
-    def forward(cls, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed, causal, scale,
-                dropout_p, *, attn_bias=None):
-        cuda_backend.reject_bias(attn_bias)
+    def forward(cls, call):
+        cuda_backend.reject_unserved(call)
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, _, seed, causal, scale, dropout_p = \
+            call[:13]
         batch, heads, length, dim = q.shape
         out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
         lse = q.new_empty(batch, heads, length, dtype=torch.float32)
@@ -188,9 +189,11 @@ class SimBackend:
         return out, lse
 
     @classmethod
-    def backward(cls, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask,
-                 seed, out, lse, causal, scale, dropout_p, deterministic, *, attn_bias=None, grad_bias=None):
-        cuda_backend.reject_bias(attn_bias)
+    def backward(cls, grad_out, grad_lse, call, out, lse, *, grad_bias=None):
+        cuda_backend.reject_unserved(call)
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, _, seed, causal, scale, dropout_p = \
+            call[:13]
+        deterministic = call.deterministic
         grads = dict(dq=torch.empty_like(q), dk=torch.empty_like(k), dv=torch.empty_like(v),
                      dprefix_k=torch.empty_like(prefix_k), dprefix_v=torch.empty_like(prefix_v))
         tensors = _inputs(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, seed)
