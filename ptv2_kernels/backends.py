@@ -17,6 +17,11 @@ folded into one bias expanded, as a view, to the scores' shape; the score option
   into ``grad_sinks`` (float32 ``[Hq]`` zeros) and the prefix columns' score gradients into ``grad_prefix_bias``
   (float32 ``[B, Hq, Nq, P]`` zeros) when they are given
 
+A backend with variable-length kernels (:data:`VARLEN_KERNELS`) also implements ``forward_varlen(packed)`` and
+``backward_varlen(grad_out, grad_lse, packed, out, lse, *, grad_sinks=None)`` on one
+:class:`~ptv2_kernels.call.PackedCall`; the others serve packed sequences one at a time through their padded
+functions (``varlen.SequenceLoop``).
+
 A backend computes only the score options (:data:`SCORE_OPTIONS`) it states it serves, and raises for the others
 (:meth:`~ptv2_kernels.call.Call.require_only`): the choice never sends it such a call.
 """

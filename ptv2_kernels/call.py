@@ -77,3 +77,17 @@ class Call(NamedTuple):
         return self._replace(q=self.q[rows], k=self.k[rows], v=self.v[rows], prefix_index=part(self.prefix_index),
                              attn_mask=part(self.attn_mask), attn_bias=part(self.attn_bias),
                              prefix_bias=part(self.prefix_bias))
+
+
+class PackedCall(NamedTuple):
+    """The checked, normalized arguments of one call of the variable-length op, as a backend's ``forward_varlen``
+    and ``backward_varlen`` receive them: ``call`` as in :class:`Call` but for the shapes, ``q``
+    ``[total_q, Hq, Dk]`` and ``k`` / ``v`` ``[total_k, Hkv, Dk|Dv]``, with ``prefix_index`` ``[S]``, no mask and no
+    bias; the sequences delimited by ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 ``[S + 1]``), of at most
+    ``max_seqlen_q`` / ``max_seqlen_k`` tokens."""
+
+    call: Call
+    cu_seqlens_q: Tensor
+    cu_seqlens_k: Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int

@@ -449,20 +449,6 @@ def _call(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, attn_mask, 
                 sinks, _expanded_bias(prefix_bias, q, prefix_k.shape[2]), _window_or_none(window_left, window_right))
 
 
-def _score_options(softcap, sinks, prefix_bias=None, window_size=None) -> dict:
-    """The variable-length backends' keyword arguments for the score options a call uses."""
-    options = {}
-    if softcap is not None:
-        options["softcap"] = softcap
-    if sinks is not None:
-        options["sinks"] = sinks
-    if prefix_bias is not None:
-        options["prefix_bias"] = prefix_bias
-    if window_size is not None:
-        options["window_size"] = window_size
-    return options
-
-
 # sinks, softcap, prefix_bias and the window come last, with defaults: calls without them keep the schema's earlier
 # positions.
 @torch.library.custom_op("ptv2_kernels::prefix_attention", mutates_args=())

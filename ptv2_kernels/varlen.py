@@ -23,9 +23,9 @@ from torch import Tensor
 
 from . import backends, ops
 from ._memo import Memo
-from .call import Call
+from .call import Call, PackedCall
 from .ops import (_check_index_values, _checked_bank, _checked_options, _checked_qkv, _checked_score_options,
-                  _checked_window_size, _eager_path_serves, _scale_or_default, _score_options, _window_ints,
+                  _checked_window_size, _eager_path_serves, _scale_or_default, _window_ints,
                   _window_or_none)
 
 __all__ = ["prefix_attention_varlen"]
@@ -241,24 +241,27 @@ class SequenceLoop:
     def _entry(prefix_index, s):
         return None if prefix_index is None else prefix_index[s:s + 1]
 
-    def forward_varlen(self, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       prefix_index, prefix_lengths, seed, causal, scale, dropout_p, **score_options):
+    def _padded_call(self, packed: PackedCall, s: int, q_start: int, q_end: int, k_start: int, k_end: int) -> Call:
+        """Sequence ``s`` of ``packed`` as a padded call of one sample (its dropout drawn from ``seed + s``)."""
+        call = packed.call
+        return call._replace(q=self._sequence(call.q, q_start, q_end), k=self._sequence(call.k, k_start, k_end),
+                             v=self._sequence(call.v, k_start, k_end), prefix_index=self._entry(call.prefix_index, s),
+                             seed=None if call.seed is None else call.seed + s)
+
+    def forward_varlen(self, packed: PackedCall):
+        q, v, (cu_seqlens_q, cu_seqlens_k) = packed.call.q, packed.call.v, packed[1:3]
         out = q.new_zeros(*q.shape[:2], v.shape[-1])
         lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
         for s, (q_start, q_end, k_start, k_end) in enumerate(self._spans(cu_seqlens_q, cu_seqlens_k)):
             if q_end == q_start:
                 continue
-            part, part_lse = self.padded.forward(Call(
-                self._sequence(q, q_start, q_end), self._sequence(k, k_start, k_end),
-                self._sequence(v, k_start, k_end), prefix_k, prefix_v, self._entry(prefix_index, s), prefix_lengths,
-                None, None, None if seed is None else seed + s, causal, scale, dropout_p, **score_options))
+            part, part_lse = self.padded.forward(self._padded_call(packed, s, q_start, q_end, k_start, k_end))
             out[q_start:q_end] = part[0].transpose(0, 1)
             lse[:, q_start:q_end] = part_lse[0]
         return out, lse
 
-    def backward_varlen(self, grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, prefix_index, prefix_lengths, seed, out, lse, causal, scale,
-                        dropout_p, deterministic, grad_sinks=None, **score_options):
+    def backward_varlen(self, grad_out, grad_lse, packed: PackedCall, out, lse, grad_sinks=None):
+        (q, k, v, prefix_k, prefix_v), (cu_seqlens_q, cu_seqlens_k) = packed.call[:5], packed[1:3]
         grads = [torch.zeros_like(x) for x in (q, k, v)]
         prefix_grads = [torch.zeros(x.shape, dtype=torch.promote_types(torch.float32, x.dtype), device=x.device)
                         for x in (prefix_k, prefix_v)]
@@ -267,11 +270,9 @@ class SequenceLoop:
                 continue  # no query: its keys and its prefix get no gradient
             sequence_grad_sinks = None if grad_sinks is None else torch.zeros_like(grad_sinks)
             rows = lambda x: self._sequence(x, q_start, q_end)  # noqa: E731
-            call = Call(rows(q), self._sequence(k, k_start, k_end), self._sequence(v, k_start, k_end), prefix_k,
-                        prefix_v, self._entry(prefix_index, s), prefix_lengths, None, None,
-                        None if seed is None else seed + s, causal, scale, dropout_p, deterministic, **score_options)
             part = self.padded.backward(
-                rows(grad_out), None if grad_lse is None else grad_lse[:, q_start:q_end].unsqueeze(0), call,
+                rows(grad_out), None if grad_lse is None else grad_lse[:, q_start:q_end].unsqueeze(0),
+                self._padded_call(packed, s, q_start, q_end, k_start, k_end),
                 rows(out), lse[:, q_start:q_end].unsqueeze(0),
                 **({} if grad_sinks is None else {"grad_sinks": sequence_grad_sinks}))
             if grad_sinks is not None:  # summed over the sequences in order
@@ -300,23 +301,33 @@ def _forward_body(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefi
                   softcap=None, window_left=-1, window_right=-1):
     _check_cu_seqlens_values(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     _check_index_values(prefix_index, prefix_k.shape[0], prefix_lengths, prefix_k.shape[2])
-    return implementation(backend).forward_varlen(
-        q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, prefix_index,
-        prefix_lengths, seed, causal, scale, dropout_p,
-        **_score_options(softcap, sinks, window_size=_window_or_none(window_left, window_right)))
+    return implementation(backend).forward_varlen(_packed_call(
+        q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed, max_seqlen_q,
+        max_seqlen_k, causal, scale, dropout_p, deterministic, sinks, softcap, window_left, window_right))
+
+
+def _packed_call(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths, seed,
+                 max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, deterministic, sinks, softcap, window_left,
+                 window_right) -> PackedCall:
+    """The custom op's flat arguments as the :class:`~ptv2_kernels.call.PackedCall` the backends receive."""
+    call = Call(q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, seed=seed, causal=causal, scale=scale,
+                dropout_p=dropout_p, deterministic=deterministic, softcap=softcap, sinks=sinks,
+                window_size=_window_or_none(window_left, window_right))
+    return PackedCall(call, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def _backward_body(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index,
                    prefix_lengths, seed, out, lse, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, backend,
                    deterministic, sinks=None, softcap=None, window_left=-1, window_right=-1):
     """The five input gradients and the sinks' (in their dtype; empty without sinks)."""
-    options = _score_options(softcap, sinks, window_size=_window_or_none(window_left, window_right))
+    packed = _packed_call(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, prefix_index, prefix_lengths,
+                          seed, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, deterministic, sinks, softcap,
+                          window_left, window_right)
+    buffers = {}
     grad_sinks = q.new_empty(0, dtype=torch.float32)
     if sinks is not None:
-        grad_sinks = options["grad_sinks"] = q.new_zeros(sinks.shape, dtype=torch.float32)
-    grads = implementation(backend).backward_varlen(
-        grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        prefix_index, prefix_lengths, seed, out, lse, causal, scale, dropout_p, deterministic, **options)
+        grad_sinks = buffers["grad_sinks"] = q.new_zeros(sinks.shape, dtype=torch.float32)
+    grads = implementation(backend).backward_varlen(grad_out, grad_lse, packed, out, lse, **buffers)
     return (*grads, grad_sinks if sinks is None else grad_sinks.to(sinks.dtype))
 
 

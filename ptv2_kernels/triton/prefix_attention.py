@@ -15,7 +15,7 @@ import torch
 import triton
 
 from .._memo import Memo
-from ..call import Call
+from ..call import Call, PackedCall
 from ..backends import triton_interpreting
 from .kernels import (  # noqa: F401 - the kernels are also reached as attributes of this module (static report)
     LOG2E, _backward_key_kernel, _backward_preprocess_kernel, _backward_query_kernel, _combine_splits_kernel,
@@ -487,11 +487,13 @@ def forward(call: Call):
     return out, lse
 
 
-def forward_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                   prefix_index, prefix_lengths, seed, causal, scale, dropout_p, *, softcap=None, sinks=None,
-                   window_size=None):
+def forward_varlen(packed: PackedCall):
     """The variable-length forward (see :func:`ptv2_kernels.prefix_attention_varlen`): ``out [total_q, Hq, D]``
     and ``lse [Hq, total_q]``, one program per query block of each packed sequence."""
+    call, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = packed
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths = call[:7]
+    seed, causal, scale, dropout_p = call.seed, call.causal, call.scale, call.dropout_p
+    softcap, sinks, window_size = call.softcap, call.sinks, call.window_size
     total_q, q_heads = q.shape[:2]
     out = q.new_empty(total_q, q_heads, v.shape[-1])
     lse = q.new_empty(q_heads, total_q, dtype=torch.float32)
@@ -562,11 +564,14 @@ def backward(grad_out, grad_lse, call: Call, out, lse, *, grad_bias=None, grad_s
     return dq, dk, dv, d_prefix_k, d_prefix_v
 
 
-def backward_varlen(grad_out, grad_lse, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                    max_seqlen_k, prefix_index, prefix_lengths, seed, out, lse, causal, scale, dropout_p,
-                    deterministic, *, softcap=None, sinks=None, grad_sinks=None, window_size=None):
+def backward_varlen(grad_out, grad_lse, packed: PackedCall, out, lse, *, grad_sinks=None):
     """The variable-length backward: (dq, dk, dv, dprefix_k, dprefix_v), the prefix gradients summed over the
     sequences in the kernels (atomics, or per sequence then in order when ``deterministic``)."""
+    call, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = packed
+    q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths = call[:7]
+    seed, causal, scale, dropout_p, deterministic = call.seed, call.causal, call.scale, call.dropout_p, \
+        call.deterministic
+    softcap, sinks, window_size = call.softcap, call.sinks, call.window_size
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_prefix_k, d_prefix_v = torch.empty_like(prefix_k), torch.empty_like(prefix_v)
     if q.numel() == 0:
